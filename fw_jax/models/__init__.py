@@ -1,0 +1,72 @@
+"""Flax models of the GPT families fw_jax prunes, their checkpoint loaders, and converters.
+
+- Models (Flax NNX): :class:`LlamaForCausalLM` (LLaMA 1/2/3, Mistral, Qwen2, SmolLM2) and
+  :class:`GPT2LMHeadModel`; parameters sit at their Hugging Face names.
+- Checkpoints: :func:`load_model` (HF folders, sharded safetensors, GGUF, Flax msgpack,
+  ``"smollm2-135m"``), :func:`save_hf_folder`, :func:`save_flax_folder`.
+- Calibration, block by block: :func:`embed`, :func:`block_linears`, :func:`block_grams`,
+  :func:`set_linear_weights`, :func:`run_block`, :func:`head` (see ``_calibration.py``).
+- Any Flax linen model: :func:`linen_linears`, :func:`linen_grams`, :func:`set_linen_linears`.
+"""
+
+from ._calibration import (
+    LinearLayer,
+    block_grams,
+    block_inputs,
+    block_linears,
+    embed,
+    head,
+    logits,
+    num_blocks,
+    run_block,
+)
+from ._eval import perplexity
+from ._errors import CheckpointError, UnsupportedModelError
+from ._gguf import load_gguf
+from ._gpt2 import GPT2LMHeadModel, GPT2Spec
+from ._hf import load_hf_folder, save_hf_folder
+from ._llama import LlamaForCausalLM, LlamaSpec
+from ._loaded import LoadedModel
+from ._loading import SMOLLM2_NAME, load_model, smollm2_gguf_path
+from ._params import (
+    get_linear_weight,
+    get_param,
+    linear_names,
+    param_names,
+    set_linear_weight,
+    set_linear_weights,
+    set_param,
+)
+
+__all__ = [
+    "CheckpointError",
+    "GPT2LMHeadModel",
+    "GPT2Spec",
+    "LinearLayer",
+    "LlamaForCausalLM",
+    "LlamaSpec",
+    "LoadedModel",
+    "SMOLLM2_NAME",
+    "UnsupportedModelError",
+    "block_grams",
+    "block_inputs",
+    "block_linears",
+    "embed",
+    "get_linear_weight",
+    "get_param",
+    "head",
+    "linear_names",
+    "load_gguf",
+    "load_hf_folder",
+    "load_model",
+    "logits",
+    "num_blocks",
+    "param_names",
+    "perplexity",
+    "run_block",
+    "save_hf_folder",
+    "set_linear_weight",
+    "set_linear_weights",
+    "set_param",
+    "smollm2_gguf_path",
+]

@@ -1,0 +1,21 @@
+"""Errors raised when a checkpoint cannot be read or does not fit the model."""
+
+from __future__ import annotations
+
+import os
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, incomplete, or does not match the model.
+
+    The message always names the file and what was wrong with it.
+    """
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class UnsupportedModelError(CheckpointError):
+    """The checkpoint is readable but describes an architecture fw_jax has no model for."""

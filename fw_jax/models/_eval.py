@@ -1,0 +1,53 @@
+"""Perplexity of a model on a token stream (the protocol of DESIGN.md §9)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ._calibration import logits
+
+
+@jax.jit
+def _window_nll(logits_, targets):
+    logp = jax.nn.log_softmax(logits_.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return -jnp.sum(picked, dtype=jnp.float32), picked.size
+
+
+def perplexity(
+    model: nnx.Module,
+    token_ids,
+    seqlen: int,
+    *,
+    bos_per_window: bool = False,
+    bos_id: int | None = None,
+    batch_size: int = 4,
+) -> float:
+    """``exp(mean NLL)`` over non-overlapping windows of ``seqlen`` tokens (tail dropped).
+
+    Each window predicts its tokens 2..seqlen from the previous ones. With ``bos_per_window``
+    every window starts with ``bos_id`` followed by ``seqlen - 1`` text tokens (Gemma needs it).
+    """
+    ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
+    body = seqlen - 1 if bos_per_window else seqlen
+    if bos_per_window and bos_id is None:
+        raise ValueError("bos_per_window=True needs bos_id")
+    n = len(ids) // body
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens is less than one window of {body}")
+    windows = ids[: n * body].reshape(n, body)
+    if bos_per_window:
+        windows = np.concatenate([np.full((n, 1), bos_id, np.int32), windows], axis=1)
+    total, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        batch = jnp.asarray(windows[i : i + batch_size])
+        out = logits(model, batch)
+        nll, c = _window_nll(out[:, :-1], batch[:, 1:])
+        total += float(nll)
+        count += int(c)
+    return math.exp(total / count)

@@ -1,0 +1,168 @@
+"""GGUF files (llama.cpp) into our LLaMA-family model, dequantized to float32.
+
+The config is rebuilt from the GGUF metadata (``{arch}.block_count``, ``...embedding_length``,
+``...rope.freq_base``, ...). Tensors are renamed from llama.cpp names (``blk.3.attn_q.weight``)
+to Hugging Face names and dequantized one at a time with ``gguf.quants.dequantize``.
+
+llama.cpp's converter permutes the rows of LLaMA's q/k projections so that RoPE rotates
+adjacent pairs ``(2i, 2i+1)``; Hugging Face rotates halves ``(i, i + d/2)``. Within each head,
+GGUF row ``2i + s`` holds HF row ``s·d/2 + i``; :func:`unpermute_rope_rows` undoes it. Qwen2
+GGUF files are not permuted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from ._errors import CheckpointError, UnsupportedModelError
+from ._loaded import LoadedModel, build_abstract_model, fill_model
+
+_ARCH_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
+_PERMUTED_ARCHS = ("llama",)
+
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """Hugging Face name of a llama.cpp tensor name; ``None`` for tensors we do not use."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _BLOCK_RE.match(name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        block, kind, suffix = match.groups()
+        return f"model.layers.{block}.{_BLOCK_NAMES[kind]}.{suffix}"
+    return None
+
+
+def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (adjacent-pair RoPE → rotate-half RoPE).
+
+    ``weight`` is ``(n_heads·head_dim, ...)`` (a weight or a bias); returns the same shape.
+    """
+    head_dim = weight.shape[0] // n_heads
+    rest = weight.shape[1:]
+    w = weight.reshape(n_heads, head_dim // 2, 2, *rest)
+    return np.swapaxes(w, 1, 2).reshape(weight.shape)
+
+
+def _open(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises whatever numpy/struct raise on bad bytes
+        raise CheckpointError(path, f"corrupted or truncated GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _field(reader, path: str, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise CheckpointError(path, f"GGUF metadata {key!r} is missing")
+        return default
+    return field.contents()
+
+
+def gguf_config(reader, path: str):
+    """A ``transformers`` config built from the GGUF metadata."""
+    import transformers
+
+    arch = _field(reader, path, "general.architecture")
+    if arch not in _ARCH_MODEL_TYPE:
+        raise UnsupportedModelError(path, f"unsupported GGUF architecture {arch!r} (supported: llama, qwen2)")
+    tensor_names = {t.name for t in reader.tensors}
+    heads = int(_field(reader, path, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, path, f"{arch}.embedding_length"))
+    rope = {"rope_type": "default", "rope_theta": float(_field(reader, path, f"{arch}.rope.freq_base", 10000.0))}
+    scaling = _field(reader, path, f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=float(_field(reader, path, f"{arch}.rope.scaling.factor")))
+    elif scaling != "none" or "rope_freqs.weight" in tensor_names:
+        raise UnsupportedModelError(path, f"GGUF rope scaling {scaling!r} / rope_freqs is not supported")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise CheckpointError(path, "missing tensors: token_embd.weight")
+    vocab = int(_field(reader, path, f"{arch}.vocab_size", int(embd.shape[-1])))
+    kwargs = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, path, f"{arch}.feed_forward_length")),
+        num_hidden_layers=int(_field(reader, path, f"{arch}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_field(reader, path, f"{arch}.attention.head_count_kv", heads)),
+        rms_norm_eps=float(_field(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=int(_field(reader, path, f"{arch}.context_length", 2048)),
+        rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=int(_field(reader, path, "tokenizer.ggml.bos_token_id", -1)),
+        eos_token_id=int(_field(reader, path, "tokenizer.ggml.eos_token_id", -1)),
+    )
+    kwargs = {k: v for k, v in kwargs.items() if v != -1}
+    if arch == "llama":
+        head_dim = int(_field(reader, path, "llama.attention.key_length", hidden // heads))
+        return transformers.LlamaConfig(head_dim=head_dim, **kwargs)
+    return transformers.Qwen2Config(**kwargs)
+
+
+def _gguf_tensors(reader, path: str, config, permuted: bool):
+    import gguf
+
+    for tensor in reader.tensors:
+        name = gguf_to_hf_name(tensor.name)
+        if name is None:
+            continue
+        try:
+            value = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        except Exception as e:
+            raise CheckpointError(path, f"cannot dequantize {tensor.name!r} ({type(e).__name__}: {e})") from e
+        expected = tuple(int(s) for s in reversed(tensor.shape))  # GGUF lists dims fastest-first
+        if value.size != int(np.prod(expected)):
+            raise CheckpointError(path, f"tensor {tensor.name!r} has {value.size} values for shape {expected}")
+        value = value.reshape(expected)
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            value = unpermute_rope_rows(value, config.num_attention_heads)
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            value = unpermute_rope_rows(value, config.num_key_value_heads)
+        yield name, value, path
+
+
+def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
+    """Load a llama.cpp GGUF file (LLaMA or Qwen2 architecture) into our Flax model.
+
+    The tokenizer comes from the GGUF metadata via ``AutoTokenizer.from_pretrained(folder,
+    gguf_file=name)``; pass ``tokenizer=False`` to skip it (it takes a few seconds).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "no such GGUF file")
+    reader = _open(path)
+    config = gguf_config(reader, path)
+    model, family = build_abstract_model(config, path)
+    permuted = _field(reader, path, "general.architecture") in _PERMUTED_ARCHS
+    fill_model(model, family, _gguf_tensors(reader, path, config, permuted), path)
+    del reader
+    tok = None
+    if tokenizer:
+        from ._hf import load_tokenizer
+
+        tok = load_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    return LoadedModel(model=model, config=config, tokenizer=tok, family=family, source=path)

@@ -1,0 +1,176 @@
+"""Hugging Face folders: ``config.json`` + safetensors (single or sharded) in and out.
+
+Loading accepts float32, float16 and bfloat16 tensors and computes in float32. Saving writes
+float32 ``model.safetensors`` that ``transformers.AutoModelForCausalLM.from_pretrained`` loads;
+the folder is built next to the target under a temporary name and renamed into place, so a
+failed save never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import numpy as np
+
+from ._errors import CheckpointError, UnsupportedModelError
+from ._loaded import (
+    HF_ARCHITECTURES,
+    LoadedModel,
+    build_abstract_model,
+    fill_model,
+    is_transposed_in_hf,
+)
+from ._params import get_param, param_names
+from ._safetensors import SafetensorsFile, write_safetensors
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def read_hf_config(folder: str | os.PathLike):
+    """The ``transformers`` config of a folder, with errors that name the file."""
+    import transformers
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "no config.json in the checkpoint folder")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"unreadable config ({e})") from e
+    model_type = raw.get("model_type")
+    try:
+        config_cls = transformers.AutoConfig.for_model(model_type).__class__
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModelError(path, f"unknown architecture model_type={model_type!r}") from e
+    return config_cls.from_pretrained(folder)
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[SafetensorsFile]:
+    """The weight files of a folder: ``model.safetensors`` or the shards of its index."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(index, f"unreadable shard index ({e})") from e
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            shard_path = os.path.join(folder, shard)
+            if not os.path.isfile(shard_path):
+                raise CheckpointError(index, f"shard {shard!r} is missing")
+            files.append(SafetensorsFile(shard_path))
+        found = {k: f.path for f in files for k in f.keys()}
+        for name, shard in weight_map.items():
+            if name not in found:
+                raise CheckpointError(os.path.join(folder, shard), f"missing tensor {name!r} listed in the index")
+        return files
+    if os.path.isfile(single):
+        return [SafetensorsFile(single)]
+    raise CheckpointError(folder, "no model.safetensors or model.safetensors.index.json")
+
+
+def load_tokenizer(folder: str | os.PathLike, **kwargs):
+    """``AutoTokenizer`` of a folder, or ``None`` (with a warning) when it has none or fails."""
+    if not kwargs and not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+        return None
+    try:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    except Exception as e:  # a model without a usable tokenizer is still a model
+        warnings.warn(f"{folder}: tokenizer not loaded ({e})", stacklevel=2)
+        return None
+
+
+def load_hf_folder(folder: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
+    """Load a Hugging Face checkpoint folder into our Flax model.
+
+    Tensors are read through a memory map and converted to float32 one at a time, so the peak
+    host memory is about one float32 model plus one tensor.
+    """
+    folder = os.fspath(folder)
+    config = read_hf_config(folder)
+    model, family = build_abstract_model(config, os.path.join(folder, "config.json"))
+    files = safetensors_files(folder)
+
+    def tensors():
+        for f in files:
+            for name in f.keys():
+                yield name, f.get(name), f.path
+
+    fill_model(model, family, tensors(), folder)
+    tok = load_tokenizer(folder) if tokenizer else None
+    return LoadedModel(model=model, config=config, tokenizer=tok, family=family, source=folder)
+
+
+def hf_state_items(loaded: LoadedModel):
+    """``(hf_name, shape, dtype, get_array)`` of every tensor in Hugging Face layout (lazy)."""
+    items = []
+    for name in param_names(loaded.model):
+        shape = tuple(get_param(loaded.model, name).shape)
+        transposed = is_transposed_in_hf(loaded.family, name)
+        if transposed:
+            shape = shape[::-1]
+
+        def get(name=name, transposed=transposed):
+            value = np.asarray(get_param(loaded.model, name), dtype=np.float32)
+            return value.T if transposed else value
+
+        items.append((name, shape, np.float32, get))
+    return items
+
+
+def hf_config_for_saving(loaded: LoadedModel):
+    """A copy of the config with what ``AutoModelForCausalLM`` needs to find the class."""
+    config = copy.deepcopy(loaded.config)
+    config.architectures = [HF_ARCHITECTURES[config.model_type]]
+    config.dtype = "float32"
+    return config
+
+
+def atomic_folder_write(out_dir: str | os.PathLike, write, *, overwrite: bool = False) -> str:
+    """Run ``write(tmp_dir)`` on a fresh folder next to ``out_dir``, then rename it into place."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_hf_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Write ``config.json``, ``model.safetensors`` (float32) and tokenizer files to ``out_dir``.
+
+    The result loads with ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)``. Tensors
+    are streamed one at a time (never a second copy of the model), into a temporary folder that is
+    renamed to ``out_dir`` only when complete. Returns the absolute path written.
+    """
+
+    def write(tmp):
+        hf_config_for_saving(loaded).save_pretrained(tmp)
+        write_safetensors(os.path.join(tmp, "model.safetensors"), hf_state_items(loaded), {"format": "pt"})
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+
+    return atomic_folder_write(out_dir, write, overwrite=overwrite)

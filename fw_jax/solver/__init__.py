@@ -1,0 +1,31 @@
+"""Layer solvers: the Frank-Wolfe mask solver and its parts, and the greedy baselines.
+
+Where things live:
+  * ``_frank_wolfe.py``  the Frank-Wolfe loop (one GEMM per iteration, per-unit steps/stopping)
+  * ``_lmo.py``          linear minimization oracles (capped simplex, n:m)
+  * ``_steps.py``        step rules (open loop, exact line search, short step)
+  * ``_rounding.py``     relaxed → binary masks; ``_swaps.py`` 1-swap refinement
+  * ``_saliency.py``     magnitude / Wanda / RIA scores and masks
+  * ``_solve.py``        ``solve_layer``: warm start → fix → FW → round → swaps → certificate
+"""
+
+from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow, as_budget
+from fw_jax.solver._frank_wolfe import FWHistory, FWResult, frank_wolfe
+from fw_jax.solver._lmo import NMLMO, TopKLMO
+from fw_jax.solver._objective import layer_error, row_errors, weights_error
+from fw_jax.solver._rounding import round_to_budget
+from fw_jax.solver._saliency import (
+    magnitude_mask,
+    magnitude_scores,
+    ria_mask,
+    ria_scores,
+    saliency_mask,
+    saliency_scores,
+    wanda_mask,
+    wanda_scores,
+)
+from fw_jax.solver._solve import LayerSolution, Status, solve_layer
+from fw_jax.solver._steps import ExactLineSearch, OpenLoop, ShortStep, StepInfo
+from fw_jax.solver._swaps import SwapResult, swap_refine
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,32 @@
+"""The layer objective ``L(M) = ‖WX − (M⊙W)X‖²_F = tr(R G Rᵀ)`` with ``R = W ⊙ (1 − M)``."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import Array
+
+
+def row_errors(weight: Array, gram: Array, mask: Array) -> Array:
+    """Per-row error ``r_i G r_iᵀ`` of keeping ``mask ⊙ weight``.
+
+    Args:
+      weight: ``(d_out, d_in)`` weights.
+      gram: ``(d_in, d_in)`` Gram matrix ``X Xᵀ`` of the layer's inputs.
+      mask: ``(d_out, d_in)`` mask (binary or relaxed), 1 = kept.
+
+    Returns:
+      ``(d_out,)`` errors, in the promoted dtype of the inputs.
+    """
+    residual = weight * (1 - mask)
+    return jnp.sum((residual @ gram) * residual, axis=-1)
+
+
+def layer_error(weight: Array, gram: Array, mask: Array) -> Array:
+    """Total error ``tr(R G Rᵀ)`` of keeping ``mask ⊙ weight`` (see :func:`row_errors`)."""
+    return jnp.sum(row_errors(weight, gram, mask))
+
+
+def weights_error(weight: Array, gram: Array, new_weight: Array) -> Array:
+    """Error ``tr((W − Ŵ) G (W − Ŵ)ᵀ)`` of replacing ``weight`` by ``new_weight``."""
+    diff = weight - new_weight
+    return jnp.sum((diff @ gram) * diff)

@@ -1,0 +1,149 @@
+"""Exact, deterministic "pick the best ``count`` entries" primitives shared by LMOs, rounding and
+saliency masks.
+
+Tie-breaking everywhere: among equal keys the entry with the lower flat index wins. Dequantized
+weights have many exact ties, so this rule is what makes masks reproducible.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+
+
+def _int_type(dtype) -> tuple:
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64:
+        return jnp.int64, 64
+    if dtype == jnp.float32:
+        return jnp.int32, 32
+    raise ValueError(f"selection keys must be float32 or float64, got {dtype}")
+
+
+def sortable_keys(values: Array) -> Array:
+    """Map floats to signed integers with the same order (``a < b ⇔ key(a) < key(b)``)."""
+    int_dtype, bits = _int_type(values.dtype)
+    raw = lax.bitcast_convert_type(values, int_dtype)
+    magnitude_bits = jnp.array((1 << (bits - 1)) - 1, int_dtype)
+    # Negative floats have the sign bit set and order reversed in their magnitude bits.
+    return jnp.where(raw < 0, raw ^ magnitude_bits, raw)
+
+
+def _floor_mean(lo: Array, hi: Array) -> Array:
+    # (lo + hi) // 2 without overflow.
+    return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+
+
+def smallest_mask_bisect(values: Array, count: Array, eligible: Array) -> Array:
+    """The ``count`` smallest eligible entries of ``values`` (any shape), by threshold bisection.
+
+    Finds the smallest integer key ``τ`` with ``#{key ≤ τ} ≥ count`` by bisection on the
+    order-preserving integer image of the floats (32 passes in float32, 64 in float64, each a
+    compare-and-count), then keeps every key ``< τ`` and the lowest-index keys equal to ``τ``.
+    Unlike a sort, every pass is a streaming reduction, which is what CPUs and GPUs do best.
+
+    Args:
+      values: float32/float64 array (one budget unit).
+      count: integer scalar, how many to select (clipped to the number of eligible entries).
+      eligible: boolean array like ``values``; only these may be selected.
+
+    Returns:
+      Boolean array like ``values`` with exactly ``min(count, #eligible)`` entries set.
+    """
+    int_dtype, bits = _int_type(values.dtype)
+    info = jnp.iinfo(int_dtype)
+    keys = jnp.where(eligible, sortable_keys(values), jnp.array(info.max, int_dtype))
+    count = jnp.minimum(jnp.asarray(count, int_dtype), jnp.sum(eligible, dtype=int_dtype))
+    # Invariant: #{key ≤ lo} < count ≤ #{key ≤ hi}. Finite floats never map to info.min.
+    lo = jnp.min(keys) - 1
+    hi = jnp.max(jnp.where(eligible, keys, jnp.array(info.min, int_dtype)))
+
+    def halve(_, bracket):
+        lo, hi = bracket
+        mid = _floor_mean(lo, hi)
+        enough = jnp.sum(keys <= mid, dtype=int_dtype) >= count
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    _, threshold = lax.fori_loop(0, bits, halve, (lo, hi))
+    below = keys < threshold
+    at = keys == threshold
+    room = count - jnp.sum(below, dtype=int_dtype)
+    flat_at = at.reshape(-1)
+    first_ties = (jnp.cumsum(flat_at, dtype=int_dtype) <= room).reshape(at.shape) & at
+    return (below | first_ties) & (count > 0)
+
+
+def smallest_mask_topk(values: Array, count: Array, eligible: Array, max_count: int) -> Array:
+    """Same result as :func:`smallest_mask_bisect`, through ``lax.top_k`` (a partial sort).
+
+    ``max_count`` is a static upper bound on ``count``. Fast on accelerators, slow on CPU.
+    """
+    flat = jnp.where(eligible, values, jnp.inf).reshape(-1)
+    _, index = lax.top_k(-flat, max_count)
+    count = jnp.minimum(count, jnp.sum(eligible))
+    take = jnp.arange(max_count) < count
+    chosen = jnp.zeros(flat.shape, bool).at[index].set(take, mode="drop", unique_indices=True)
+    return chosen.reshape(values.shape)
+
+
+def group_ranks(better: Array) -> Array:
+    """Rank of each entry within its group, given the pairwise relation.
+
+    Args:
+      better: ``(..., m, m)`` boolean, ``better[..., a, b]`` = entry ``a`` beats entry ``b``;
+        must be a strict total order within each group.
+
+    Returns:
+      ``(..., m)`` integer ranks, 0 for the best entry of each group.
+    """
+    return jnp.sum(better, axis=-2)
+
+
+def lexicographic_better(keys: tuple[Array, ...]) -> Array:
+    """Pairwise "beats" relation within groups for descending lexicographic keys, index last.
+
+    Args:
+      keys: arrays of shape ``(..., m)``, most important first; larger is better. Ties on all
+        keys are broken by the lower position within the group.
+
+    Returns:
+      ``(..., m, m)`` boolean, ``out[..., a, b]`` = entry ``a`` ranks before entry ``b``.
+    """
+    m = keys[0].shape[-1]
+    position = jnp.arange(m)
+    result = position[:, None] < position[None, :]
+    for key in reversed(keys):
+        a = key[..., :, None]
+        b = key[..., None, :]
+        result = (a > b) | ((a == b) & result)
+    return result
+
+
+def top_count_lexsort(keys: tuple[Array, ...], count: Array) -> Array:
+    """The ``count`` best entries of one unit under descending lexicographic keys, index last.
+
+    Args:
+      keys: same-shape arrays, most important first; larger is better.
+      count: integer scalar.
+
+    Returns:
+      Boolean array of the keys' shape with ``count`` entries set.
+    """
+    shape = keys[0].shape
+    # jnp.lexsort sorts ascending with the last key primary, and is stable (lower index first).
+    order = jnp.lexsort(tuple(-k.reshape(-1) for k in reversed(keys)))
+    rank = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
+    return (rank < count).reshape(shape)
+
+
+__all__ = [
+    "sortable_keys",
+    "smallest_mask_bisect",
+    "smallest_mask_topk",
+    "group_ranks",
+    "lexicographic_better",
+    "top_count_lexsort",
+]
+
+del jax

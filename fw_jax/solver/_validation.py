@@ -1,0 +1,116 @@
+"""Input checks done before tracing: each failure is a ``ValueError`` naming what was wrong and
+what was expected. Value checks (finiteness, symmetry, budgets of a given mask) run only on
+concrete arrays; under an outer ``jit`` the shapes are still checked."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow
+
+__all__ = ["check_layer_inputs", "check_alpha", "check_warm_mask", "compute_dtype"]
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def compute_dtype(*dtypes) -> jnp.dtype:
+    """float64 if any input is float64 (and x64 is on), else float32 (bf16/f16 promote)."""
+    if any(jnp.dtype(d) == jnp.float64 for d in dtypes) and jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def check_layer_inputs(weight, gram, budget: Budget) -> tuple[Array, Array]:
+    """Validate ``weight (d_out, d_in)``, ``gram (d_in, d_in)`` and the budget; cast to the
+    compute dtype. Returns the cast arrays."""
+    for name, x in (("weight", weight), ("gram", gram)):
+        dtype = getattr(x, "dtype", None)
+        if dtype is None:
+            x = np.asarray(x)
+            dtype = x.dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"{name} has dtype {dtype}; a floating dtype (float32, float64, bfloat16, float16) "
+                "is expected."
+            )
+    if jnp.ndim(weight) != 2:
+        raise ValueError(f"weight must be 2-D (d_out, d_in), got shape {jnp.shape(weight)}.")
+    d_out, d_in = jnp.shape(weight)
+    if jnp.ndim(gram) != 2 or jnp.shape(gram)[0] != jnp.shape(gram)[1]:
+        raise ValueError(f"gram must be square (d_in, d_in), got shape {jnp.shape(gram)}.")
+    if jnp.shape(gram)[0] != d_in:
+        raise ValueError(
+            f"gram is {jnp.shape(gram)} but weight is ({d_out}, {d_in}): gram must be "
+            f"({d_in}, {d_in}), the Gram matrix of the layer's {d_in} inputs."
+        )
+    budget.check(d_out, d_in)
+    dtype = compute_dtype(weight.dtype, gram.dtype)
+    weight = jnp.asarray(weight, dtype)
+    gram = jnp.asarray(gram, dtype)
+    if _is_concrete(weight) and not bool(jnp.all(jnp.isfinite(weight))):
+        raise ValueError("weight contains non-finite values (NaN or inf); finite weights are expected.")
+    if _is_concrete(gram):
+        if not bool(jnp.all(jnp.isfinite(gram))):
+            raise ValueError("gram contains non-finite values (NaN or inf); a finite PSD matrix is expected.")
+        asym = float(jnp.max(jnp.abs(gram - gram.T)))
+        scale = float(jnp.max(jnp.abs(gram)))
+        if asym > 1e-3 * max(scale, 1e-30):
+            raise ValueError(
+                f"gram is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g}); "
+                "G = X Xᵀ is symmetric positive semidefinite."
+            )
+    return weight, gram
+
+
+def check_alpha(alpha) -> None:
+    if _is_concrete(alpha):
+        value = float(alpha)
+        if not 0.0 <= value <= 1.0 or not np.isfinite(value):
+            raise ValueError(f"alpha = {alpha!r} is outside [0, 1]: it is the fixed fraction of each budget.")
+
+
+def check_warm_mask(mask, shape: tuple[int, int], budget: Budget) -> Array:
+    """A given warm mask must have the layer's shape and keep exactly the budget per unit."""
+    if jnp.shape(mask) != tuple(shape):
+        raise ValueError(f"warm_start mask has shape {jnp.shape(mask)}, expected {tuple(shape)}.")
+    dtype = getattr(mask, "dtype", np.asarray(mask).dtype)
+    if dtype != jnp.bool_:
+        if not _is_concrete(mask):
+            raise ValueError("warm_start mask must be boolean under jit.")
+        values = np.asarray(mask)
+        if not np.all((values == 0) | (values == 1)):
+            raise ValueError("warm_start mask must be boolean (or 0/1 values).")
+    mask = jnp.asarray(mask).astype(bool)
+    if not _is_concrete(mask):
+        return mask
+    kept = np.asarray(mask)
+    d_out, d_in = shape
+    if isinstance(budget, PerRow):
+        counts = kept.sum(axis=1)
+        bad = np.flatnonzero(counts != budget.k)
+        if bad.size:
+            raise ValueError(
+                f"warm_start mask breaks the budget: row {bad[0]} keeps {counts[bad[0]]}, "
+                f"expected exactly k = {budget.k} per row ({bad.size} rows differ)."
+            )
+    elif isinstance(budget, NM):
+        counts = kept.reshape(d_out, d_in // budget.m, budget.m).sum(axis=-1)
+        bad = np.argwhere(counts != budget.n)
+        if bad.size:
+            row, block = bad[0]
+            raise ValueError(
+                f"warm_start mask breaks the budget: row {row}, block {block} keeps "
+                f"{counts[row, block]}, expected exactly n = {budget.n} of every m = {budget.m}."
+            )
+    elif isinstance(budget, LayerBudget):
+        if int(kept.sum()) != budget.k:
+            raise ValueError(
+                f"warm_start mask breaks the budget: it keeps {int(kept.sum())}, "
+                f"expected exactly K = {budget.k} in the layer."
+            )
+    return mask

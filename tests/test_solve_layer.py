@@ -1,0 +1,260 @@
+"""solve_layer: budgets, guarantees, certificates, the QP optimum, compilation and bad input."""
+
+import clarabel
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fw_jax
+from fw_jax.solver._solve import trace_count
+from solver_problems import (
+    best_layer_error,
+    best_nm_row_error,
+    best_row_error,
+    correlated_problem,
+    row_error,
+)
+
+BUDGETS = [fw_jax.PerRow(6), fw_jax.NM(2, 4), fw_jax.LayerBudget(40)]
+
+
+def budget_counts_ok(mask, budget):
+    mask = np.asarray(mask)
+    if isinstance(budget, fw_jax.PerRow):
+        return np.all(mask.sum(1) == budget.k)
+    if isinstance(budget, fw_jax.NM):
+        d_out, d_in = mask.shape
+        return np.all(mask.reshape(d_out, -1, budget.m).sum(-1) == budget.n)
+    return mask.sum() == budget.k
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=str)
+@pytest.mark.parametrize("alpha", [0.0, 0.9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mask_meets_budget_keeps_fixed_and_beats_warm(budget, alpha, dtype):
+    rng = np.random.default_rng(0)
+    weight, gram = correlated_problem(rng, 8, 12, dtype=dtype)
+    sol = fw_jax.solve_layer(weight, gram, budget, alpha=alpha, max_iter=100)
+    mask = np.asarray(sol.mask)
+    assert mask.dtype == bool and mask.shape == weight.shape
+    assert budget_counts_ok(mask, budget)
+    assert np.all(mask[np.asarray(sol.fixed)])
+    if alpha > 0:
+        assert np.asarray(sol.fixed).sum() > 0
+    assert float(sol.loss) <= float(sol.warm_loss) * (1 + 1e-6)
+    assert float(sol.lower_bound) <= float(sol.loss) * (1 + 1e-6)
+    # The reported error is the true error of the returned mask.
+    true = sum(row_error(weight[i].astype(np.float64), gram.astype(np.float64), mask[i]) for i in range(8))
+    np.testing.assert_allclose(float(sol.loss), true, rtol=1e-4 if dtype == np.float32 else 1e-10)
+    assert sol.mask.dtype == jnp.bool_
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    warm=st.sampled_from(["magnitude", "wanda", "ria"]),
+    alpha=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+    ties=st.booleans(),
+    dead=st.booleans(),
+)
+def test_never_worse_than_warm_start_on_any_input(seed, warm, alpha, ties, dead):
+    rng = np.random.default_rng(seed)
+    weight, gram = correlated_problem(rng, 6, 8)
+    if ties:  # dequantized weights: few distinct magnitudes
+        weight = np.round(weight * 2) / 2
+    if dead:  # an input channel that never fires
+        gram[:, 3] = 0
+        gram[3, :] = 0
+    for budget in (fw_jax.PerRow(3), fw_jax.NM(1, 2)):
+        sol = fw_jax.solve_layer(weight, gram, budget, warm_start=warm, alpha=alpha, max_iter=30)
+        assert budget_counts_ok(sol.mask, budget)
+        assert float(sol.loss) <= float(sol.warm_loss) * (1 + 1e-9) + 1e-9
+        assert np.all(np.asarray(sol.row_loss) >= -1e-9)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_lower_bound_below_exhaustive_best_per_row_and_nm(alpha):
+    rng = np.random.default_rng(1)
+    weight, gram = correlated_problem(rng, 4, 12)
+    sol = fw_jax.solve_layer(weight, gram, 5, alpha=alpha, max_iter=300)
+    best = sum(best_row_error(weight[i], gram, 5) for i in range(4))
+    assert float(sol.lower_bound) <= best * (1 + 1e-9)
+    assert float(sol.loss) >= best * (1 - 1e-9)
+    assert float(sol.lower_bound) > 0.3 * best  # the bound says something
+
+    sol = fw_jax.solve_layer(weight, gram, fw_jax.NM(2, 4), alpha=alpha, max_iter=300)
+    best = sum(best_nm_row_error(weight[i], gram, 2, 4) for i in range(4))
+    assert float(sol.lower_bound) <= best * (1 + 1e-9) <= float(sol.loss) * (1 + 1e-9)
+
+
+def test_lower_bound_below_exhaustive_best_layer_budget():
+    rng = np.random.default_rng(2)
+    weight, gram = correlated_problem(rng, 3, 6)
+    budget = fw_jax.LayerBudget(8)
+    sol = fw_jax.solve_layer(weight, gram, budget, max_iter=300)
+    best = best_layer_error(weight, gram, 8)
+    assert float(sol.lower_bound) <= best * (1 + 1e-9) <= float(sol.loss) * (1 + 1e-9)
+
+
+def qp_row_optimum(w, gram, k, fixed):
+    """min (w⊙(1−m))ᵀ G (w⊙(1−m)) over 0 ≤ m ≤ 1, Σm ≤ k, m_F = 1, by Clarabel."""
+    n = w.size
+    dg = np.diag(w) @ gram @ np.diag(w)
+    P = sp.csc_matrix(np.triu(2 * dg))
+    q = -2 * (np.diag(w) @ gram @ w)
+    rows = [-np.eye(n), np.eye(n), np.ones((1, n))]
+    A = np.vstack(rows)
+    b = np.concatenate([np.zeros(n), np.ones(n), [k]])
+    cones = [clarabel.NonnegativeConeT(2 * n + 1)]
+    if fixed.any():
+        A = np.vstack([np.eye(n)[fixed], A])
+        b = np.concatenate([np.ones(fixed.sum()), b])
+        cones = [clarabel.ZeroConeT(int(fixed.sum()))] + cones
+    settings_ = clarabel.DefaultSettings()
+    settings_.verbose = False
+    settings_.tol_gap_abs = settings_.tol_gap_rel = 1e-10
+    solution = clarabel.DefaultSolver(P, q, sp.csc_matrix(A), b, cones, settings_).solve()
+    return float(solution.obj_val + w @ gram @ w)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_relaxed_optimum_matches_independent_qp_solver(alpha):
+    rng = np.random.default_rng(3)
+    weight, gram = correlated_problem(rng, 5, 10)
+    k = 4
+    sol = fw_jax.solve_layer(weight, gram, k, alpha=alpha, max_iter=4000, tol=1e-6)
+    fixed = np.asarray(sol.fixed)
+    qp = sum(qp_row_optimum(weight[i], gram, k, fixed[i]) for i in range(5))
+    np.testing.assert_allclose(float(sol.relaxed_loss), qp, rtol=1e-3)
+    assert float(sol.relaxed_loss) - float(sol.gap) <= qp * (1 + 1e-9)
+    if alpha == 0.0:
+        assert float(sol.lower_bound) <= qp * (1 + 1e-9)
+        np.testing.assert_allclose(float(sol.lower_bound), qp, rtol=1e-3)
+
+
+def test_same_shapes_do_not_recompile_and_traced_options_do_not_either():
+    rng = np.random.default_rng(4)
+    weight, gram = correlated_problem(rng, 8, 12)
+    fw_jax.solve_layer(weight, gram, 6, max_iter=20)
+    before = trace_count()
+    other_weight, other_gram = correlated_problem(rng, 8, 12)
+    fw_jax.solve_layer(other_weight, other_gram, 6, max_iter=20)
+    fw_jax.solve_layer(weight, gram, 6, max_iter=20, alpha=0.7, tol=1e-2)
+    assert trace_count() == before
+    fw_jax.solve_layer(weight, gram, 5, max_iter=20)  # a new budget is a new program
+    assert trace_count() == before + 1
+
+
+def test_works_under_jit_and_vmap():
+    rng = np.random.default_rng(5)
+    problems = [correlated_problem(rng, 6, 8) for _ in range(3)]
+    weights = jnp.stack([p[0] for p in problems])
+    grams = jnp.stack([p[1] for p in problems])
+    solve = lambda w, g: fw_jax.solve_layer(w, g, fw_jax.NM(2, 4), max_iter=40)  # noqa: E731
+    batched = jax.jit(jax.vmap(solve))(weights, grams)
+    for i, (w, g) in enumerate(problems):
+        single = solve(w, g)
+        np.testing.assert_array_equal(np.asarray(batched.mask[i]), np.asarray(single.mask))
+        np.testing.assert_allclose(float(batched.loss[i]), float(single.loss), rtol=1e-10)
+        np.testing.assert_allclose(float(batched.lower_bound[i]), float(single.lower_bound), rtol=1e-8)
+
+
+def test_float32_bfloat16_and_float64_agree():
+    rng = np.random.default_rng(6)
+    weight, gram = correlated_problem(rng, 8, 16)
+    s64 = fw_jax.solve_layer(weight, gram, 8, max_iter=150)
+    s32 = fw_jax.solve_layer(weight.astype(np.float32), gram.astype(np.float32), 8, max_iter=150)
+    sbf = fw_jax.solve_layer(jnp.asarray(weight, jnp.bfloat16), jnp.asarray(gram, jnp.bfloat16), 8, max_iter=150)
+    assert s64.loss.dtype == jnp.float64 and s32.loss.dtype == jnp.float32 and sbf.loss.dtype == jnp.float32
+    np.testing.assert_allclose(float(s32.loss), float(s64.loss), rtol=2e-2)
+    assert float(sbf.loss) <= float(sbf.warm_loss) * (1 + 1e-6)
+
+
+def test_deterministic():
+    rng = np.random.default_rng(7)
+    weight, gram = correlated_problem(rng, 8, 12)
+    weight = np.round(weight)  # many ties
+    a = fw_jax.solve_layer(weight, gram, 6, alpha=0.5)
+    b = fw_jax.solve_layer(weight.copy(), gram.copy(), 6, alpha=0.5)
+    np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
+    assert float(a.loss) == float(b.loss)
+
+
+@pytest.mark.parametrize("rule", ["open_loop", "exact", "short"])
+def test_step_rules_and_history(rule):
+    rng = np.random.default_rng(8)
+    weight, gram = correlated_problem(rng, 6, 12)
+    sol = fw_jax.solve_layer(weight, gram, 6, step_rule=rule, max_iter=50, tol=0.0, history=True)
+    relaxed = np.asarray(sol.history.relaxed_loss)
+    assert np.all(np.isfinite(relaxed[:50]))
+    assert np.all(np.asarray(sol.history.gap)[:50] >= -1e-9)
+    assert np.all(np.asarray(sol.history.rounded_loss)[:50] >= relaxed[:50] - 1e-6 * relaxed[0])
+    if rule != "open_loop":  # monotone rules
+        assert np.all(np.diff(relaxed) <= 1e-9 * relaxed[0])
+    assert float(sol.relaxed_loss) < relaxed[0]
+
+
+def test_exact_line_search_beats_open_loop_at_equal_iterations():
+    rng = np.random.default_rng(9)
+    weight, gram = correlated_problem(rng, 8, 16)
+    exact = fw_jax.solve_layer(weight, gram, 8, step_rule="exact", max_iter=100, tol=0.0, swaps=False)
+    opened = fw_jax.solve_layer(weight, gram, 8, step_rule="open_loop", max_iter=100, tol=0.0, swaps=False)
+    assert float(exact.relaxed_loss) < float(opened.relaxed_loss)
+
+
+def test_explicit_warm_mask_and_alpha_one_returns_warm_without_swaps():
+    rng = np.random.default_rng(10)
+    weight, gram = correlated_problem(rng, 6, 8)
+    warm = np.asarray(fw_jax.magnitude_mask(weight, 4))
+    sol = fw_jax.solve_layer(weight, gram, 4, warm_start=warm, alpha=1.0, swaps=False, max_iter=10)
+    np.testing.assert_array_equal(np.asarray(sol.mask), warm)
+    sol = fw_jax.solve_layer(weight, gram, 4, warm_start=warm, max_iter=50)
+    assert float(sol.loss) <= float(sol.warm_loss)
+
+
+def test_certificate_and_status():
+    rng = np.random.default_rng(11)
+    weight, gram = correlated_problem(rng, 4, 8)
+    sol = fw_jax.solve_layer(weight, gram, 4, max_iter=3, tol=0.0)
+    assert sol.status_name == "max_iterations"
+    assert 0.0 <= float(sol.certificate) <= 1.0
+    with pytest.raises(RuntimeError, match="did not converge"):
+        fw_jax.solve_layer(weight, gram, 4, max_iter=3, tol=0.0, throw=True)
+    sol = fw_jax.solve_layer(weight, gram, 4, max_iter=3000, tol=1e-2)
+    assert sol.status_name == "converged"
+
+
+def test_bad_input_raises_clear_errors():
+    rng = np.random.default_rng(12)
+    weight, gram = correlated_problem(rng, 4, 8)
+    cases = [
+        (dict(weight=np.where(np.eye(4, 8) > 0, np.nan, weight)), "weight contains non-finite"),
+        (dict(gram=np.where(np.eye(8) > 0, np.inf, gram)), "gram contains non-finite"),
+        (dict(gram=gram[:, :7]), "square"),
+        (dict(gram=gram[:6, :6]), "gram is"),
+        (dict(gram=gram + np.triu(np.ones((8, 8))) * gram.max()), "not symmetric"),
+        (dict(budget=0), "outside 1..d_in"),
+        (dict(budget=9), "outside 1..d_in"),
+        (dict(budget=fw_jax.NM(3, 2)), "n > m"),
+        (dict(budget=fw_jax.NM(2, 3)), "does not divide"),
+        (dict(budget=fw_jax.LayerBudget(33)), "outside 1..d_out"),
+        (dict(budget=2.5), "budget must be"),
+        (dict(weight=np.ones((4, 8), np.int32)), "floating dtype"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(alpha=-0.1), "alpha"),
+        (dict(warm_start=np.ones((4, 8), bool)), "breaks the budget"),
+        (dict(warm_start=np.ones((4, 7), bool)), "shape"),
+        (dict(warm_start="bogus"), "saliency must be"),
+        (dict(step_rule="fastest"), "step rule"),
+        (dict(weight=weight[0]), "2-D"),
+    ]
+    for change, message in cases:
+        args = dict(weight=weight, gram=gram, budget=4)
+        args.update(change)
+        kwargs = {k: args.pop(k) for k in ("alpha", "warm_start", "step_rule") if k in args}
+        with pytest.raises(ValueError, match=message):
+            fw_jax.solve_layer(args["weight"], args["gram"], args["budget"], **kwargs)
