@@ -35,6 +35,13 @@ def tiny_config(family: str, **overrides):
         cfg = dict(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=32,
                    bos_token_id=1, eos_token_id=2)
         return transformers.GPT2Config(**{**cfg, **overrides})
+    if family == "gemma3":  # 2 local layers (window 4) then 1 global; logit soft-capping
+        cfg = dict(common, num_hidden_layers=3, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}})
+        return transformers.Gemma3TextConfig(**{**cfg, **overrides})
     raise ValueError(family)
 
 
@@ -44,7 +51,9 @@ def random_torch_model(config, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+            if "gemma" in config.model_type and p.ndim == 1:  # norms scale by (1 + w)
+                p.copy_(0.2 * torch.randn_like(p))
+            elif p.ndim == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
@@ -66,25 +75,40 @@ def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(torch_model, config, path, quantize_mlp: bool = True) -> None:
-    """Write a LLaMA torch model as a llama.cpp-style GGUF (permuted q/k, Q8_0 MLP weights).
+    """Write a LLaMA or Gemma 3 torch model as a llama.cpp-style GGUF.
 
-    The MLP weights of ``torch_model`` are replaced in place by their Q8_0 round trip, so the
-    torch model is the exact reference for the file.
+    LLaMA q/k rows are permuted for adjacent-pair RoPE (Gemma uses rotate-half, no permutation)
+    and Gemma norms are stored as ``1 + w``, as
+    llama.cpp's converter does. MLP weights are stored as Q8_0 and replaced in ``torch_model``
+    by their Q8_0 round trip, so the torch model is the exact reference for the file.
     """
     import gguf
 
+    gemma = config.model_type == "gemma3_text"
+    arch = "gemma3" if gemma else "llama"
     hf_to_gguf = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
                   "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                   "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    writer = gguf.GGUFWriter(str(path), "llama")
+    if gemma:
+        hf_to_gguf.update({"post_attention_layernorm": "post_attention_norm",
+                           "pre_feedforward_layernorm": "ffn_norm",
+                           "post_feedforward_layernorm": "post_ffw_norm",
+                           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    if gemma:
+        writer.add_rope_freq_base(float(config.rope_parameters["full_attention"]["rope_theta"]))
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    else:
+        writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     with torch.no_grad():
@@ -100,9 +124,11 @@ def write_tiny_gguf(torch_model, config, path, quantize_mlp: bool = True) -> Non
                 parts = name.split(".")
                 block, module = parts[2], ".".join(parts[3:-1])
                 gname = f"blk.{block}.{hf_to_gguf[module]}.{parts[-1]}"
-            if ".attn_q." in gname:
+            if gemma and gname.endswith("norm.weight"):
+                w = w + 1.0
+            elif not gemma and ".attn_q." in gname:
                 w = _llama_cpp_permute(w, config.num_attention_heads)
-            elif ".attn_k." in gname:
+            elif not gemma and ".attn_k." in gname:
                 w = _llama_cpp_permute(w, config.num_key_value_heads)
             if quantize_mlp and ".ffn_" in gname and w.ndim == 2:
                 q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)

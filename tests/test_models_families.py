@@ -8,7 +8,7 @@ from models_fixtures import random_torch_model, tiny_config, token_ids, torch_lo
 
 import fw_jax.models as fm
 
-FAMILIES = ["llama", "llama3", "qwen2", "mistral", "gpt2"]
+FAMILIES = ["llama", "llama3", "qwen2", "mistral", "gpt2", "gemma3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -23,7 +23,7 @@ def checkpoint(request, tmp_path_factory):
 def test_logits_match_transformers(checkpoint):
     family, folder, torch_model = checkpoint
     loaded = fm.load_model(folder)
-    assert loaded.family == ("gpt2" if family == "gpt2" else "llama")
+    assert loaded.family == {"gpt2": "gpt2", "gemma3": "gemma3"}.get(family, "llama")
     ids = token_ids()
     ours = np.asarray(fm.logits(loaded.model, ids))
     assert ours.dtype == np.float32
@@ -39,7 +39,7 @@ def test_linear_weights_are_hf_weights_as_d_out_d_in(checkpoint):
     loaded = fm.load_model(folder)
     state = torch_model.state_dict()
     names = fm.linear_names(loaded.model)
-    assert len(names) == 2 * (4 if family == "gpt2" else 7)
+    assert len(names) == torch_model.config.num_hidden_layers * (4 if family == "gpt2" else 7)
     for name in names:
         ref = state[name + ".weight"].numpy()
         if family == "gpt2":  # Conv1D keeps (d_in, d_out)
@@ -87,7 +87,7 @@ def test_half_precision_checkpoints_compute_in_float32(dtype, tmp_path):
     np.testing.assert_allclose(np.asarray(fm.logits(loaded.model, ids)), torch_logits(reference, ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma3"])
 def test_save_round_trip_keeps_zeros_and_logits(family, tmp_path):
     config = tiny_config(family)
     random_torch_model(config, seed=4).save_pretrained(tmp_path / "in")

@@ -34,6 +34,25 @@ def test_tiny_gguf_matches_torch(tied, tmp_path):
     np.testing.assert_allclose(np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0)
 
 
+def test_tiny_gemma3_gguf_matches_torch(tmp_path):
+    # llama.cpp's Gemma 3 layout: 5 local layers then 1 global, query scale 1/sqrt(head_dim).
+    config = tiny_config(
+        "gemma3", hidden_size=64, intermediate_size=96, num_hidden_layers=6, head_dim=32,
+        query_pre_attn_scalar=32, final_logit_softcapping=None, attn_logit_softcapping=None,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
+    )
+    torch_model = random_torch_model(config, seed=6)
+    path = tmp_path / "tiny-gemma3.gguf"
+    write_tiny_gguf(torch_model, config, path)
+    loaded = fm.load_model(path, tokenizer=False)
+    assert loaded.family == "gemma3"
+    assert loaded.config.layer_types == config.layer_types
+    ids = token_ids(length=9)
+    np.testing.assert_allclose(np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+
+
 def test_smollm2_path_error_message(monkeypatch):
     import importlib.util
 
@@ -112,4 +131,45 @@ def test_smollm2_perplexity_austen_matches_torch(smollm2, smollm2_torch, austen_
     ours = fm.perplexity(smollm2.model, austen_ids, 512)
     ref = _torch_perplexity(smollm2_torch, austen_ids, 512)
     print(f"SmolLM2 perplexity on {len(austen_ids) // 512 * 512} Austen tokens: ours {ours:.4f}, torch {ref:.4f}")
+    assert abs(ours - ref) / ref < 0.005, (ours, ref)
+
+
+@pytest.mark.slow
+def test_smollm2_saved_as_hf_folder_runs_in_transformers(smollm2, smollm2_torch, tmp_path):
+    import transformers
+
+    out = fm.save_hf_folder(smollm2, tmp_path / "smollm2")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = np.asarray([tokenizer("It was a truth universally acknowledged")["input_ids"]], dtype=np.int32)
+    ref = torch_logits(smollm2_torch, ids)
+    np.testing.assert_allclose(torch_logits(reloaded, ids), ref, atol=2e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(fm.logits(smollm2.model, ids)), ref, atol=2e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_perplexity_matches_torch():
+    import torch
+    import transformers
+
+    try:
+        path = fm.gemma3_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    loaded = fm.load_model("gemma3-270m")
+    assert loaded.family == "gemma3" and fm.num_blocks(loaded.model) == 18
+    with open(AUSTEN, encoding="utf-8") as f:
+        text = f.read()
+    start = len(text) // 2
+    ids = np.asarray(loaded.tokenizer(text[start : start + 6000], add_special_tokens=False)["input_ids"], np.int32)
+    bos = loaded.tokenizer.bos_token_id
+    ours = fm.perplexity(loaded.model, ids, 256, bos_per_window=True, bos_id=bos)
+    del loaded
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    n = len(ids) // 255
+    windows = np.concatenate([np.full((n, 1), bos, np.int32), ids[: n * 255].reshape(n, 255)], axis=1)
+    ref = _torch_perplexity(reference, windows.reshape(-1), 256)
+    print(f"Gemma 3 270M perplexity on {n * 255} Austen tokens (BOS per window): ours {ours:.4f}, torch {ref:.4f}")
     assert abs(ours - ref) / ref < 0.005, (ours, ref)

@@ -198,10 +198,10 @@ def test_step_rules_and_history(rule):
     assert float(sol.relaxed_loss) < relaxed[0]
 
 
-def test_exact_line_search_beats_open_loop_at_equal_iterations():
+def test_pairwise_exact_beats_open_loop_at_equal_iterations():
     rng = np.random.default_rng(9)
     weight, gram = correlated_problem(rng, 8, 16)
-    exact = fw_jax.solve_layer(weight, gram, 8, step_rule="exact", max_iter=100, tol=0.0, swaps=False)
+    exact = fw_jax.solve_layer(weight, gram, 8, step_rule="exact", pairwise=True, max_iter=100, tol=0.0, swaps=False)
     opened = fw_jax.solve_layer(weight, gram, 8, step_rule="open_loop", max_iter=100, tol=0.0, swaps=False)
     assert float(exact.relaxed_loss) < float(opened.relaxed_loss)
 

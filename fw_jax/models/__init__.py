@@ -1,9 +1,10 @@
 """Flax models of the GPT families fw_jax prunes, their checkpoint loaders, and converters.
 
-- Models (Flax NNX): :class:`LlamaForCausalLM` (LLaMA 1/2/3, Mistral, Qwen2, SmolLM2) and
-  :class:`GPT2LMHeadModel`; parameters sit at their Hugging Face names.
+- Models (Flax NNX): :class:`LlamaForCausalLM` (LLaMA 1/2/3, Mistral, Qwen2, SmolLM2),
+  :class:`GPT2LMHeadModel` and :class:`Gemma3ForCausalLM`; parameters sit at their Hugging Face
+  names.
 - Checkpoints: :func:`load_model` (HF folders, sharded safetensors, GGUF, Flax msgpack,
-  ``"smollm2-135m"``), :func:`save_hf_folder`, :func:`save_flax_folder`.
+  ``"smollm2-135m"``, ``"gemma3-270m"``), :func:`save_hf_folder`, :func:`save_flax_folder`.
 - Calibration, block by block: :func:`embed`, :func:`block_linears`, :func:`block_grams`,
   :func:`set_linear_weights`, :func:`run_block`, :func:`head` (see ``_calibration.py``).
 - Any Flax linen model: :func:`linen_linears`, :func:`linen_grams`, :func:`set_linen_linears`.
@@ -23,11 +24,14 @@ from ._calibration import (
 from ._eval import perplexity
 from ._errors import CheckpointError, UnsupportedModelError
 from ._gguf import load_gguf
+from ._gemma3 import Gemma3ForCausalLM, Gemma3Spec
 from ._gpt2 import GPT2LMHeadModel, GPT2Spec
 from ._hf import load_hf_folder, save_hf_folder
+from ._linen import LinenLinear, linen_grams, linen_linears, set_linen_linears
 from ._llama import LlamaForCausalLM, LlamaSpec
 from ._loaded import LoadedModel
-from ._loading import SMOLLM2_NAME, load_model, smollm2_gguf_path
+from ._loading import GEMMA3_NAME, SMOLLM2_NAME, gemma3_gguf_path, load_model, smollm2_gguf_path
+from ._msgpack import load_flax_folder, save_flax_folder
 from ._params import (
     get_linear_weight,
     get_param,
@@ -40,9 +44,13 @@ from ._params import (
 
 __all__ = [
     "CheckpointError",
+    "GEMMA3_NAME",
     "GPT2LMHeadModel",
+    "Gemma3ForCausalLM",
+    "Gemma3Spec",
     "GPT2Spec",
     "LinearLayer",
+    "LinenLinear",
     "LlamaForCausalLM",
     "LlamaSpec",
     "LoadedModel",
@@ -52,10 +60,14 @@ __all__ = [
     "block_inputs",
     "block_linears",
     "embed",
+    "gemma3_gguf_path",
     "get_linear_weight",
     "get_param",
     "head",
     "linear_names",
+    "linen_grams",
+    "linen_linears",
+    "load_flax_folder",
     "load_gguf",
     "load_hf_folder",
     "load_model",
@@ -64,9 +76,11 @@ __all__ = [
     "param_names",
     "perplexity",
     "run_block",
+    "save_flax_folder",
     "save_hf_folder",
     "set_linear_weight",
     "set_linear_weights",
+    "set_linen_linears",
     "set_param",
     "smollm2_gguf_path",
 ]

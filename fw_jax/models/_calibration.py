@@ -115,8 +115,12 @@ def head(model: nnx.Module, hidden: jax.Array) -> jax.Array:
     return _head(graphdef, state, hidden)
 
 
-def run_block(model: nnx.Module, b: int, hidden, *, batch_size: int | None = None) -> jax.Array:
-    """Outputs of block ``b`` (with its current, possibly pruned, weights) for (N, T, d) inputs."""
+def run_block(model: nnx.Module, b: int, hidden, *, batch_size: int | None = 4) -> jax.Array:
+    """Outputs of block ``b`` (with its current, possibly pruned, weights) for (N, T, d) inputs.
+
+    ``batch_size`` sequences go through the block at a time (attention holds a (B, H, T, T)
+    score tensor, so keep it small for long sequences); ``None``: all at once.
+    """
     graphdef, state = nnx.split(model.blocks[b])
     outs = []
     for h in _batches(hidden, batch_size):
@@ -143,7 +147,7 @@ def block_grams(
     b: int,
     hidden,
     *,
-    batch_size: int | None = 8,
+    batch_size: int | None = 4,
     dtype=jnp.float32,
 ) -> dict[str, jax.Array]:
     """Gram matrix ``G = Σ_tokens x xᵀ`` of each distinct linear input of block ``b``.
@@ -176,7 +180,7 @@ def block_grams(
     return {f"{prefix}.{k}": g for k, g in grams.items()}
 
 
-def logits(model: nnx.Module, tokens, *, batch_size: int | None = None) -> jax.Array:
+def logits(model: nnx.Module, tokens, *, batch_size: int | None = 4) -> jax.Array:
     """Logits (B, T, vocab) float32, computed block by block with one compiled block step."""
     h = embed(model, tokens)
     for b in range(num_blocks(model)):

@@ -7,7 +7,8 @@ to Hugging Face names and dequantized one at a time with ``gguf.quants.dequantiz
 llama.cpp's converter permutes the rows of LLaMA's q/k projections so that RoPE rotates
 adjacent pairs ``(2i, 2i+1)``; Hugging Face rotates halves ``(i, i + d/2)``. Within each head,
 GGUF row ``2i + s`` holds HF row ``s·d/2 + i``; :func:`unpermute_rope_rows` undoes it. Qwen2
-GGUF files are not permuted.
+GGUF files are not permuted. Gemma 3 GGUF files store RMSNorm weights as ``1 + w`` (llama.cpp
+multiplies by the weight directly); loading subtracts the 1 again.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import numpy as np
 from ._errors import CheckpointError, UnsupportedModelError
 from ._loaded import LoadedModel, build_abstract_model, fill_model
 
-_ARCH_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
+_ARCH_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 _PERMUTED_ARCHS = ("llama",)
+# llama.cpp hard-codes Gemma 3's layer pattern: every 6th layer has global attention.
+_GEMMA3_GLOBAL_EVERY = 6
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -34,6 +38,14 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -42,14 +54,15 @@ _GLOBAL_NAMES = {
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """Hugging Face name of a llama.cpp tensor name; ``None`` for tensors we do not use."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    block_names = _GEMMA3_BLOCK_NAMES if arch == "gemma3" else _BLOCK_NAMES
     match = _BLOCK_RE.match(name)
-    if match and match.group(2) in _BLOCK_NAMES:
+    if match and match.group(2) in block_names:
         block, kind, suffix = match.groups()
-        return f"model.layers.{block}.{_BLOCK_NAMES[kind]}.{suffix}"
+        return f"model.layers.{block}.{block_names[kind]}.{suffix}"
     return None
 
 
@@ -88,7 +101,8 @@ def gguf_config(reader, path: str):
 
     arch = _field(reader, path, "general.architecture")
     if arch not in _ARCH_MODEL_TYPE:
-        raise UnsupportedModelError(path, f"unsupported GGUF architecture {arch!r} (supported: llama, qwen2)")
+        supported = ", ".join(_ARCH_MODEL_TYPE)
+        raise UnsupportedModelError(path, f"unsupported GGUF architecture {arch!r} (supported: {supported})")
     tensor_names = {t.name for t in reader.tensors}
     heads = int(_field(reader, path, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, path, f"{arch}.embedding_length"))
@@ -120,14 +134,32 @@ def gguf_config(reader, path: str):
     if arch == "llama":
         head_dim = int(_field(reader, path, "llama.attention.key_length", hidden // heads))
         return transformers.LlamaConfig(head_dim=head_dim, **kwargs)
+    if arch == "gemma3":
+        head_dim = int(_field(reader, path, "gemma3.attention.key_length", hidden // heads))
+        layers = kwargs["num_hidden_layers"]
+        kwargs["rope_parameters"] = {
+            "full_attention": rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_ROPE_BASE},
+        }
+        return transformers.Gemma3TextConfig(
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=int(_field(reader, path, "gemma3.attention.sliding_window")),
+            layer_types=[
+                "full_attention" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
+                for i in range(layers)
+            ],
+            **kwargs,
+        )
     return transformers.Qwen2Config(**kwargs)
 
 
-def _gguf_tensors(reader, path: str, config, permuted: bool):
+def _gguf_tensors(reader, path: str, config, arch: str):
     import gguf
 
+    permuted = arch in _PERMUTED_ARCHS
     for tensor in reader.tensors:
-        name = gguf_to_hf_name(tensor.name)
+        name = gguf_to_hf_name(tensor.name, arch)
         if name is None:
             continue
         try:
@@ -142,23 +174,25 @@ def _gguf_tensors(reader, path: str, config, permuted: bool):
             value = unpermute_rope_rows(value, config.num_attention_heads)
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             value = unpermute_rope_rows(value, config.num_key_value_heads)
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            value = value - np.float32(1.0)
         yield name, value, path
 
 
 def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
-    """Load a llama.cpp GGUF file (LLaMA or Qwen2 architecture) into our Flax model.
+    """Load a llama.cpp GGUF file (LLaMA, Qwen2 or Gemma 3 architecture) into our Flax model.
 
     The tokenizer comes from the GGUF metadata via ``AutoTokenizer.from_pretrained(folder,
     gguf_file=name)``; pass ``tokenizer=False`` to skip it (it takes a few seconds).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(path, "no such GGUF file")
+        raise CheckpointError(path, "no such file")
     reader = _open(path)
     config = gguf_config(reader, path)
     model, family = build_abstract_model(config, path)
-    permuted = _field(reader, path, "general.architecture") in _PERMUTED_ARCHS
-    fill_model(model, family, _gguf_tensors(reader, path, config, permuted), path)
+    arch = _field(reader, path, "general.architecture")
+    fill_model(model, family, _gguf_tensors(reader, path, config, arch), path)
     del reader
     tok = None
     if tokenizer:

@@ -74,9 +74,7 @@ class GPT2Attention(nnx.Module):
         hd = d // self.n_head
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (y.reshape(b, t, self.n_head, hd) for y in (q, k, v))
-        if not self.scale:  # causal_attention divides by sqrt(hd); undo it
-            q = q * jnp.sqrt(jnp.asarray(hd, F32))
-        a = causal_attention(q, k, v).reshape(b, t, d)
+        a = causal_attention(q, k, v, scale=None if self.scale else 1.0).reshape(b, t, d)
         captured["attn_out"] = a
         return self.c_proj(a)
 

@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 
 F32 = jnp.float32
+# Full float32 matmuls everywhere: GPUs would otherwise use TF32 and drift from the reference.
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _empty(shape) -> jax.Array:
@@ -33,7 +35,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(_empty((d_out,))) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...], preferred_element_type=F32)
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...], preferred_element_type=F32, precision=HIGHEST)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -50,7 +52,7 @@ class Embedding(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: logits ``x Eᵀ``."""
-        return jnp.einsum("...d,vd->...v", x, self.weight[...], preferred_element_type=F32)
+        return jnp.einsum("...d,vd->...v", x, self.weight[...], preferred_element_type=F32, precision=HIGHEST)
 
 
 class RMSNorm(nnx.Module):
@@ -129,19 +131,29 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window: int | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    logit_softcap: float | None = None,
 ) -> jax.Array:
     """Softmax attention with a causal mask; ``k``/``v`` may have fewer heads (GQA).
 
     Shapes: ``q`` (B, T, H, D), ``k``/``v`` (B, T, H_kv, D) with ``H`` a multiple of ``H_kv``.
+    Scores are ``scale · q·k`` (default ``1/sqrt(D)``), optionally soft-capped
+    ``c·tanh(s/c)``; position ``i`` sees ``j ≤ i`` (and ``i - j < sliding_window``).
     Returns (B, T, H, D) in float32.
     """
     b, t, h, d = q.shape
     h_kv = k.shape[2]
     group = h // h_kv
     q = q.reshape(b, t, h_kv, group, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=F32)
-    scores = scores / jnp.sqrt(jnp.asarray(d, F32))
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=F32, precision=HIGHEST)
+    scores = scores * jnp.asarray(d**-0.5 if scale is None else scale, F32)
+    if logit_softcap is not None:
+        scores = jnp.tanh(scores / logit_softcap) * jnp.asarray(logit_softcap, F32)
     i = jnp.arange(t)[:, None]
     j = jnp.arange(t)[None, :]
     allowed = j <= i
@@ -149,5 +161,5 @@ def causal_attention(
         allowed = allowed & (i - j < sliding_window)
     scores = jnp.where(allowed, scores, jnp.asarray(-jnp.inf, F32))
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=F32)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=F32, precision=HIGHEST)
     return out.reshape(b, t, h, d)

@@ -9,11 +9,16 @@ from typing import Any
 from flax import nnx
 
 from ._errors import CheckpointError, UnsupportedModelError
+from ._gemma3 import GEMMA3_MODEL_TYPES, Gemma3ForCausalLM, Gemma3Spec
 from ._gpt2 import CONV1D_SUFFIXES, GPT2LMHeadModel, GPT2Spec
 from ._llama import LLAMA_MODEL_TYPES, LlamaForCausalLM, LlamaSpec
 from ._params import param_shapes, set_param
 
-FAMILIES = {"llama": (LlamaSpec, LlamaForCausalLM), "gpt2": (GPT2Spec, GPT2LMHeadModel)}
+FAMILIES = {
+    "llama": (LlamaSpec, LlamaForCausalLM),
+    "gpt2": (GPT2Spec, GPT2LMHeadModel),
+    "gemma3": (Gemma3Spec, Gemma3ForCausalLM),
+}
 
 # transformers class names written to config.json so AutoModelForCausalLM finds the model.
 HF_ARCHITECTURES = {
@@ -21,6 +26,7 @@ HF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 
@@ -32,7 +38,7 @@ class LoadedModel:
       model: the Flax NNX module (``LlamaForCausalLM`` or ``GPT2LMHeadModel``).
       config: the ``transformers`` config it was built from (also used when saving).
       tokenizer: a ``transformers`` tokenizer, or ``None`` when the checkpoint has none.
-      family: ``"llama"`` (LLaMA, Mistral, Qwen2, SmolLM2) or ``"gpt2"``.
+      family: ``"llama"`` (LLaMA, Mistral, Qwen2, SmolLM2), ``"gpt2"`` or ``"gemma3"``.
       source: the path it was loaded from.
     """
 
@@ -50,10 +56,12 @@ def family_of(config, path: str | os.PathLike = "") -> str:
         return "llama"
     if model_type == "gpt2":
         return "gpt2"
+    if model_type in GEMMA3_MODEL_TYPES:
+        return "gemma3"
     raise UnsupportedModelError(
         path,
         f"unsupported architecture model_type={model_type!r}; "
-        f"supported: {', '.join(LLAMA_MODEL_TYPES + ('gpt2',))}",
+        f"supported: {', '.join(LLAMA_MODEL_TYPES + ('gpt2',) + GEMMA3_MODEL_TYPES)}",
     )
 
 

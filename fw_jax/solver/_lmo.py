@@ -35,6 +35,10 @@ class TopKLMO:
     that are ``< 0``, and 1 on ``F``. The unit may be a row (``PerRow``) or a matrix
     (``LayerBudget``).
 
+    With ``exact=True`` the polytope is the hypersimplex ``{0 ≤ m ≤ 1, Σ m = k}`` (the hull of
+    masks keeping exactly ``k``) and the vertex takes the ``k − |F|`` smallest entries whatever
+    their sign; pairwise steps need this form.
+
     Attributes:
       k: budget of the unit.
       method: ``"bisect"`` (threshold bisection on the float bits: streaming passes, the
@@ -43,17 +47,29 @@ class TopKLMO:
 
     k: int
     method: Literal["bisect", "top_k"] = "bisect"
+    exact: bool = False
+
+    def _smallest(self, values: Array, count: Array, eligible: Array) -> Array:
+        if self.method == "bisect":
+            return smallest_mask_bisect(values, count, eligible)
+        if self.method == "top_k":
+            return smallest_mask_topk(values, count, eligible, min(self.k, values.size))
+        raise ValueError(f"TopKLMO.method must be 'bisect' or 'top_k', got {self.method!r}")
 
     def __call__(self, gradient: Array, fixed: Array) -> Array:
         free_budget = self.k - jnp.sum(fixed, dtype=jnp.int32)
-        eligible = (gradient < 0) & ~fixed
-        if self.method == "bisect":
-            chosen = smallest_mask_bisect(gradient, free_budget, eligible)
-        elif self.method == "top_k":
-            chosen = smallest_mask_topk(gradient, free_budget, eligible, min(self.k, gradient.size))
-        else:
-            raise ValueError(f"TopKLMO.method must be 'bisect' or 'top_k', got {self.method!r}")
-        return (chosen | fixed).astype(gradient.dtype)
+        eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
+        return (self._smallest(gradient, free_budget, eligible) | fixed).astype(gradient.dtype)
+
+    def away(self, gradient: Array, mask: Array, fixed: Array) -> Array:
+        """Away vertex of the hypersimplex in decomposition-invariant form: the worst vertex
+        (largest ``⟨g, V⟩``) whose support lies in the face of ``mask``: every entry at 1 is in
+        it, no entry at 0 is, and the ``k − #ones`` largest-gradient fractional entries fill it.
+        """
+        ones = (mask >= 1) | fixed
+        fractional = (mask > 0) & ~ones
+        room = self.k - jnp.sum(ones, dtype=jnp.int32)
+        return (self._smallest(-gradient, room, fractional) | ones).astype(gradient.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +77,28 @@ class NMLMO:
     """Oracle of the n:m polytope: each block of ``m`` consecutive entries has ``Σ ≤ n``.
 
     Per block: 1 on ``F`` and on the ``n − |F ∩ block|`` most negative entries ``< 0`` outside
-    ``F``. Ranks within a block come from ``m × m`` pairwise comparisons (no sort: m is small).
+    ``F`` (with ``exact=True``: ``Σ_block m = n``, the smallest entries whatever their sign). Ranks within a block come from ``m × m`` pairwise comparisons (no sort: m is small).
     """
 
     n: int
     m: int
+    exact: bool = False
+
+    def _best_in_blocks(self, score: Array, eligible: Array, forced: Array) -> Array:
+        """Per block: ``forced`` plus the ``n − |forced|`` eligible entries of largest score."""
+        blocks = score.reshape(*score.shape[:-1], -1, self.m)
+        eligible = eligible.reshape(blocks.shape)
+        forced = forced.reshape(blocks.shape)
+        rank = group_ranks(lexicographic_better((jnp.where(eligible, blocks, -jnp.inf),)))
+        room = self.n - jnp.sum(forced, axis=-1, keepdims=True)
+        chosen = (eligible & (rank < room)) | forced
+        return chosen.reshape(score.shape).astype(score.dtype)
 
     def __call__(self, gradient: Array, fixed: Array) -> Array:
-        blocks = gradient.reshape(*gradient.shape[:-1], -1, self.m)
-        fixed_blocks = fixed.reshape(blocks.shape)
-        eligible = (blocks < 0) & ~fixed_blocks
-        score = jnp.where(eligible, -blocks, -jnp.inf)
-        rank = group_ranks(lexicographic_better((score,)))
-        free_budget = self.n - jnp.sum(fixed_blocks, axis=-1, keepdims=True)
-        chosen = eligible & (rank < free_budget)
-        return (chosen | fixed_blocks).reshape(gradient.shape).astype(gradient.dtype)
+        eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
+        return self._best_in_blocks(-gradient, eligible, fixed)
+
+    def away(self, gradient: Array, mask: Array, fixed: Array) -> Array:
+        """Away vertex per block (see :meth:`TopKLMO.away`), with ``Σ_block m = n``."""
+        ones = (mask >= 1) | fixed
+        return self._best_in_blocks(gradient, (mask > 0) & ~ones, ones)

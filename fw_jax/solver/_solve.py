@@ -90,6 +90,7 @@ class _Config:
     swaps: bool
     max_swaps: int
     history: bool
+    pairwise: bool
 
 
 _TRACES = [0]
@@ -108,10 +109,10 @@ def _from_units(x: Array, budget: Budget) -> Array:
     return x[0] if isinstance(budget, LayerBudget) else x
 
 
-def _lmo_for(budget: Budget, method: str):
+def _lmo_for(budget: Budget, method: str, exact: bool = False):
     if isinstance(budget, NM):
-        return NMLMO(budget.n, budget.m)
-    return TopKLMO(budget.k, method)
+        return NMLMO(budget.n, budget.m, exact)
+    return TopKLMO(budget.k, method, exact)
 
 
 def _fixed_count(budget: Budget, alpha: Array) -> Array:
@@ -148,12 +149,13 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
         gram,
         _units(warm.astype(dtype), budget),
         _units(fixed, budget),
-        lmo,
+        _lmo_for(budget, config.lmo_method, exact=config.pairwise),
         config.step_rule,
         max_iter=config.max_iter,
         tol=tol,
         gram_norm=gram_norm,
         refresh_every=config.refresh_every,
+        pairwise=config.pairwise,
         round_units=round_units,
     )
     relaxed = _from_units(fw.relaxed_mask, budget)
@@ -180,7 +182,8 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
         full_polytope_bound(full_lmo_units, gram, _units(mask.astype(dtype), budget), lmo),
     ]
     unit_has_fixed = jnp.any(_units(fixed, budget).reshape(fw.loss.shape[0], -1), axis=-1)
-    bounds.append(jnp.where(unit_has_fixed, 0, fw.lower_bound))
+    if not config.pairwise:  # FW's running bound is over the same ≤-budget polytope
+        bounds.append(jnp.where(unit_has_fixed, 0, fw.lower_bound))
     lower_bound = jnp.sum(functools.reduce(jnp.maximum, bounds))
 
     loss = jnp.sum(mask_rows)
@@ -223,6 +226,7 @@ def solve_layer(
     max_swaps: int = 512,
     lmo_method: str = "bisect",
     refresh_every: int = 64,
+    pairwise: bool = False,
     history: bool = False,
     throw: bool = False,
 ) -> LayerSolution:
@@ -250,6 +254,9 @@ def solve_layer(
       max_swaps: cap on swap steps (each step swaps at most once per unit).
       lmo_method: ``"bisect"`` (default, fastest on CPU) or ``"top_k"``; same vertices.
       refresh_every: dense recomputation period of the running product.
+      pairwise: pairwise Frank-Wolfe steps (toward the FW vertex, away from the away vertex,
+        in decomposition-invariant form) on the hull of masks keeping exactly the budget;
+        ``False`` gives vanilla Frank-Wolfe on the ``≤`` budget polytope, as published.
       history: record per-iteration relaxed error, rounded error and gap (costs a rounding and
         a GEMM per iteration; for plots).
       throw: raise ``RuntimeError`` unless the status is ``converged``.
@@ -287,6 +294,7 @@ def solve_layer(
         swaps=bool(swaps),
         max_swaps=int(max_swaps),
         history=bool(history),
+        pairwise=bool(pairwise),
     )
     solution = _solve(
         weight,
