@@ -80,8 +80,7 @@ def sparsegpt_reference(weight, gram, *, keep=None, nm=None, layer_kept=None, bl
         (20, 80, 32, 20),  # 75%, last block padded
         (16, 64, 128, 40),  # one block smaller than block_size
         (24, 96, 32, (2, 4)),
-        (20, 80, 32, (1, 4)),  # padded n:m
-        (16, 96, 48, NM(3, 8)),
+        (20, 80, 32, NM(1, 4)),  # padded n:m
     ],
 )
 def test_matches_float64_reference(d_out, d_in, block_size, budget):
@@ -96,6 +95,11 @@ def test_matches_float64_reference(d_out, d_in, block_size, budget):
     np.testing.assert_array_equal(np.asarray(mask), ref_mask)
     np.testing.assert_allclose(np.asarray(new_weight), ref_weight, rtol=0, atol=1e-8 * np.abs(weight).max())
     assert np.all(np.asarray(new_weight)[~ref_mask] == 0)
+    kept = np.asarray(mask).sum()
+    if isinstance(budget, int):
+        assert kept == d_out * budget
+    else:
+        assert kept == d_out * d_in * nm[0] // nm[1]
 
 
 def test_dead_inputs_and_layer_budget():
@@ -110,32 +114,34 @@ def test_dead_inputs_and_layer_budget():
     assert np.all(np.isfinite(np.asarray(new_weight)))
 
 
-@pytest.mark.parametrize("budget", [(2, 4), (1, 4), (4, 8), (5, 8)])
+@pytest.mark.parametrize("budget", [(2, 4), (5, 8)])
 def test_nm_budget_is_exact(budget):
     n, m = budget
-    weight, gram = correlated_layer(12, 64, seed=n * m)
+    weight, gram = correlated_layer(16, 64, seed=n * m)
     mask, new_weight = sparsegpt(weight, gram, budget, block_size=32)
-    kept_per_group = np.asarray(mask).reshape(12, 64 // m, m).sum(-1)
+    kept_per_group = np.asarray(mask).reshape(16, 64 // m, m).sum(-1)
     assert np.all(kept_per_group == n)
     assert np.all(np.asarray(new_weight)[~np.asarray(mask)] == 0)
 
 
-@pytest.mark.parametrize("keep", [1, 17, 32, 63, 64])
+@pytest.mark.parametrize("keep", [1, 17, 63, 64])
 def test_unstructured_total_is_exact(keep):
-    weight, gram = correlated_layer(10, 64, seed=keep)
-    mask, _ = sparsegpt(weight, gram, keep, block_size=24)
-    assert int(mask.sum()) == 10 * keep
+    weight, gram = correlated_layer(16, 64, seed=keep)
+    mask, new_weight = sparsegpt(weight, gram, keep, block_size=32)
+    assert int(mask.sum()) == 16 * keep
+    if keep == 64:
+        np.testing.assert_array_equal(np.asarray(new_weight), weight)  # nothing pruned, nothing moved
 
 
 @pytest.mark.parametrize("budget", [48, (2, 4)])
 def test_error_far_below_magnitude_pruning(budget):
-    weight, gram = correlated_layer(32, 96, seed=11)
+    weight, gram = correlated_layer(24, 96, seed=11)
     mask, new_weight = sparsegpt(weight, gram, budget, block_size=32)
     if isinstance(budget, int):
         threshold = np.sort(np.abs(weight), axis=1)[:, -budget][:, None]
         magnitude = np.abs(weight) >= threshold
     else:
-        groups = np.abs(weight).reshape(32, -1, 4)
+        groups = np.abs(weight).reshape(24, -1, 4)
         rank = np.argsort(np.argsort(-groups, axis=-1, kind="stable"), axis=-1)
         magnitude = (rank < 2).reshape(weight.shape)
     error = float(weights_error(weight, gram, new_weight))
@@ -157,20 +163,20 @@ def test_float32_close_to_float64():
 
 
 def test_damp_and_k_are_traced_no_recompile():
-    weight, gram = correlated_layer(8, 32, seed=2)
-    sparsegpt(weight, gram, 16, block_size=16, damp=0.01)
+    weight, gram = correlated_layer(16, 64, seed=2)
+    sparsegpt(weight, gram, 32, block_size=32, damp=0.01)
     before = _sparsegpt_jit._cache_size()
-    _, w_a = sparsegpt(weight, gram, 16, block_size=16, damp=0.05)
-    mask_b, w_b = sparsegpt(weight + 1.0, gram, 12, block_size=16, damp=0.01)
+    _, w_a = sparsegpt(weight, gram, 32, block_size=32, damp=0.05)
+    mask_b, w_b = sparsegpt(weight + 1.0, gram, 24, block_size=32, damp=0.01)
     assert _sparsegpt_jit._cache_size() == before
-    assert int(mask_b.sum()) == 8 * 12
+    assert int(mask_b.sum()) == 16 * 24
     assert not np.allclose(np.asarray(w_a), np.asarray(w_b))
 
 
 def test_runs_under_jit():
-    weight, gram = correlated_layer(8, 32, seed=4)
-    mask, new_weight = jax.jit(lambda w, g: sparsegpt(w, g, (2, 4), block_size=16))(weight, gram)
-    ref_mask, ref_weight = sparsegpt(weight, gram, (2, 4), block_size=16)
+    weight, gram = correlated_layer(16, 64, seed=4)
+    mask, new_weight = jax.jit(lambda w, g: sparsegpt(w, g, (2, 4), block_size=32))(weight, gram)
+    ref_mask, ref_weight = sparsegpt(weight, gram, (2, 4), block_size=32)
     np.testing.assert_array_equal(np.asarray(mask), np.asarray(ref_mask))
     np.testing.assert_allclose(np.asarray(new_weight), np.asarray(ref_weight), atol=1e-12)
 

@@ -1,7 +1,8 @@
-"""GGUF files (llama.cpp) into our LLaMA-family model, dequantized to float32.
+"""GGUF files (llama.cpp) into our LLaMA-family and Gemma 3 models, dequantized to float32.
 
-The config is rebuilt from the GGUF metadata (``{arch}.block_count``, ``...embedding_length``,
-``...rope.freq_base``, ...). Tensors are renamed from llama.cpp names (``blk.3.attn_q.weight``)
+The file is parsed by :class:`~fw_jax.models._gguf_file.GGUFFile`; the config is rebuilt from
+the GGUF metadata (``{arch}.block_count``, ``...embedding_length``, ``...rope.freq_base``, ...).
+Tensors are renamed from llama.cpp names (``blk.3.attn_q.weight``)
 to Hugging Face names and dequantized one at a time with ``gguf.quants.dequantize``.
 
 llama.cpp's converter permutes the rows of LLaMA's q/k projections so that RoPE rotates
@@ -16,9 +17,11 @@ from __future__ import annotations
 import os
 import re
 
+import jax.numpy as jnp
 import numpy as np
 
 from ._errors import CheckpointError, UnsupportedModelError
+from ._gguf_file import GGUFFile, GGUFTensorInfo
 from ._loaded import LoadedModel, build_abstract_model, fill_model
 
 _ARCH_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
@@ -77,25 +80,11 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return np.swapaxes(w, 1, 2).reshape(weight.shape)
 
 
-def _open(path: str):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises whatever numpy/struct raise on bad bytes
-        raise CheckpointError(path, f"corrupted or truncated GGUF file ({type(e).__name__}: {e})") from e
+def _field(reader: GGUFFile, path: str, key: str, default=None):
+    return reader.field(key, default)
 
 
-def _field(reader, path: str, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        if default is None:
-            raise CheckpointError(path, f"GGUF metadata {key!r} is missing")
-        return default
-    return field.contents()
-
-
-def gguf_config(reader, path: str):
+def gguf_config(reader: GGUFFile, path: str):
     """A ``transformers`` config built from the GGUF metadata."""
     import transformers
 
@@ -115,7 +104,7 @@ def gguf_config(reader, path: str):
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise CheckpointError(path, "missing tensors: token_embd.weight")
-    vocab = int(_field(reader, path, f"{arch}.vocab_size", int(embd.shape[-1])))
+    vocab = int(_field(reader, path, f"{arch}.vocab_size", int(embd.shape[0])))
     kwargs = dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -154,29 +143,48 @@ def gguf_config(reader, path: str):
     return transformers.Qwen2Config(**kwargs)
 
 
-def _gguf_tensors(reader, path: str, config, arch: str):
+def _dequantize(reader: GGUFFile, tensor: GGUFTensorInfo, rows_per_chunk: int = 8192) -> np.ndarray:
+    """Dequantize a GGUF tensor to float32 of its numpy shape, a block of rows at a time.
+
+    Working by rows bounds the temporaries of ``gguf.quants.dequantize`` (several float arrays
+    of the chunk's size) instead of several copies of a whole embedding table.
+    """
     import gguf
 
+    shape, data = tensor.shape, reader.raw(tensor)
+    if len(shape) < 2:
+        return np.asarray(gguf.quants.dequantize(data, tensor.ggml_type), dtype=np.float32).reshape(shape)
+    rows = data.shape[0] if data.ndim == 2 and data.shape[0] == shape[0] else None
+    if rows is None:  # 3-D or more: no chunking
+        out = np.asarray(gguf.quants.dequantize(data, tensor.ggml_type), dtype=np.float32)
+        return out.reshape(shape)
+    out = np.empty(shape, dtype=np.float32)
+    for start in range(0, rows, rows_per_chunk):
+        chunk = gguf.quants.dequantize(data[start : start + rows_per_chunk], tensor.ggml_type)
+        out[start : start + rows_per_chunk] = np.asarray(chunk, dtype=np.float32).reshape(-1, *shape[1:])
+    return out
+
+
+def _gguf_tensors(reader: GGUFFile, path: str, config, arch: str):
     permuted = arch in _PERMUTED_ARCHS
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name, arch)
         if name is None:
             continue
         try:
-            value = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+            value = _dequantize(reader, tensor)
         except Exception as e:
             raise CheckpointError(path, f"cannot dequantize {tensor.name!r} ({type(e).__name__}: {e})") from e
-        expected = tuple(int(s) for s in reversed(tensor.shape))  # GGUF lists dims fastest-first
-        if value.size != int(np.prod(expected)):
-            raise CheckpointError(path, f"tensor {tensor.name!r} has {value.size} values for shape {expected}")
-        value = value.reshape(expected)
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             value = unpermute_rope_rows(value, config.num_attention_heads)
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             value = unpermute_rope_rows(value, config.num_key_value_heads)
         elif arch == "gemma3" and name.endswith("norm.weight"):
             value = value - np.float32(1.0)
+        # Hand over a device array and drop the host copy before the next tensor is made.
+        value = jnp.asarray(value)
         yield name, value, path
+        del value
 
 
 def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
@@ -188,7 +196,7 @@ def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
-    reader = _open(path)
+    reader = GGUFFile(path)
     config = gguf_config(reader, path)
     model, family = build_abstract_model(config, path)
     arch = _field(reader, path, "general.architecture")

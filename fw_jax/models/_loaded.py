@@ -6,6 +6,10 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from flax import nnx
 
 from ._errors import CheckpointError, UnsupportedModelError
@@ -114,10 +118,14 @@ def fill_model(model: nnx.Module, family: str, tensors, source) -> None:
             raise CheckpointError(
                 file, f"shape mismatch for {hf_name!r}: {tuple(array.shape)}, expected {shapes[name]}"
             )
-        value = array.astype("float32")
+        if isinstance(array, jax.Array):  # already on the device: no host round trip
+            value = array.astype(jnp.float32)
+        else:
+            value = np.asarray(array, dtype=np.float32)  # no copy when already float32
         if is_transposed_in_hf(family, name):
             value = value.T
         set_param(model, name, value)
+        del value, array
         seen.add(name)
     missing = [n for n in shapes if n not in seen]
     if missing:

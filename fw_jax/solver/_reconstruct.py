@@ -9,8 +9,8 @@ i.e. solves ``H_SS ŵ_S = (H w)_S = (G w)_S + λ·mean(diag G)·w_S``. At ``λ =
 least-squares fit ``G_SS ŵ_S = (G w)_S``. Keeping the damping on both sides (rather than only on
 the left) shrinks ŵ towards ``w`` instead of towards 0: a full mask reproduces ``w`` exactly,
 and the undamped error can only go down, since
-``E(ŵ) + λμ‖ŵ_S − w_S‖² + λμ‖w_{S^c}‖² ≤ E(M⊙w) + λμ‖w_{S^c}‖²``. It is also the system
-SparseGPT's OBS update solves for its own mask.
+``E(ŵ) + λμ‖ŵ_S − w_S‖² + λμ‖w_{S^c}‖² ≤ E(M⊙w) + λμ‖w_{S^c}‖²``. It is also the objective
+that SparseGPT's OBS updates reduce (greedily, left to right) for their own mask.
 
 Three solvers, all batched over rows without forming per-row submatrices (except ``direct``):
 
@@ -212,6 +212,43 @@ def _reconstruct_jit(weight, gram, mask, damp, max_iter, tol, rho, *, method, ja
     return jnp.where(mask, new_weight, 0), it
 
 
+def _prepare_call(weight, gram, mask, damp, method, max_iter, tol, jacobi, rho):
+    """Validate the inputs of :func:`reconstruct`; return the jitted core's arguments."""
+    weight, gram, damp = check_layer_inputs(weight, gram, damp)
+    mask = _check_mask(mask, weight.shape)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    default_iter, default_tol = _DEFAULTS[method]
+    max_iter = default_iter if max_iter is None else max_iter
+    tol = default_tol if tol is None else tol
+    if _is_concrete(max_iter) and (int(max_iter) != max_iter or max_iter < 0):
+        raise ValueError(f"max_iter must be an int ≥ 0, got {max_iter!r}.")
+    if _is_concrete(tol) and not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number ≥ 0, got {tol!r}.")
+    if _is_concrete(rho) and not (np.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a finite number > 0, got {rho!r}.")
+    support_size = 0
+    if method == "direct":
+        # Static size of the gathered per-row systems: the largest row support, rounded up to a
+        # multiple of 32 so that similar masks share one compilation (d_in under an outer jit).
+        d_in = weight.shape[1]
+        support_size = d_in
+        if _is_concrete(mask):
+            largest = int(jnp.max(jnp.sum(mask, axis=1)))
+            support_size = min(d_in, max(32, -(-largest // 32) * 32))
+    dtype = jnp.result_type(weight.dtype, gram.dtype, jnp.float32)
+    args = (
+        weight.astype(dtype),
+        gram.astype(dtype),
+        mask,
+        jnp.asarray(damp, dtype),
+        jnp.asarray(max_iter, jnp.int32),
+        jnp.asarray(tol, dtype),
+        jnp.asarray(rho, dtype),
+    )
+    return args, dict(method=method, jacobi=bool(jacobi), support_size=support_size)
+
+
 def reconstruct(
     weight: Array,
     gram: Array,
@@ -262,41 +299,7 @@ def reconstruct(
       >>> bool(jnp.all(jnp.where(mask, True, w_hat == 0)))
       True
     """
-    weight, gram, damp = check_layer_inputs(weight, gram, damp)
-    mask = _check_mask(mask, weight.shape)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    default_iter, default_tol = _DEFAULTS[method]
-    max_iter = default_iter if max_iter is None else max_iter
-    tol = default_tol if tol is None else tol
-    if _is_concrete(max_iter) and (int(max_iter) != max_iter or max_iter < 0):
-        raise ValueError(f"max_iter must be an int ≥ 0, got {max_iter!r}.")
-    if _is_concrete(tol) and not (np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number ≥ 0, got {tol!r}.")
-    if _is_concrete(rho) and not (np.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho must be a finite number > 0, got {rho!r}.")
-    support_size = 0
-    if method == "direct":
-        # Static size of the gathered per-row systems: the largest row support, rounded up to a
-        # multiple of 32 so that similar masks share one compilation (d_in under an outer jit).
-        d_in = weight.shape[1]
-        support_size = d_in
-        if _is_concrete(mask):
-            largest = int(jnp.max(jnp.sum(mask, axis=1)))
-            support_size = min(d_in, max(32, -(-largest // 32) * 32))
-    out_dtype = weight.dtype
-    dtype = jnp.result_type(weight.dtype, gram.dtype, jnp.float32)
-    new_weight, iterations = _reconstruct_jit(
-        weight.astype(dtype),
-        gram.astype(dtype),
-        mask,
-        jnp.asarray(damp, dtype),
-        jnp.asarray(max_iter, jnp.int32),
-        jnp.asarray(tol, dtype),
-        jnp.asarray(rho, dtype),
-        method=method,
-        jacobi=bool(jacobi),
-        support_size=support_size,
-    )
-    new_weight = new_weight.astype(out_dtype)
+    args, statics = _prepare_call(weight, gram, mask, damp, method, max_iter, tol, jacobi, rho)
+    new_weight, iterations = _reconstruct_jit(*args, **statics)
+    new_weight = new_weight.astype(jnp.asarray(weight).dtype)
     return (new_weight, iterations) if return_iterations else new_weight

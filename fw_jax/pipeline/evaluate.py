@@ -1,0 +1,152 @@
+"""Perplexity of one or several models on the same text, and a markdown table of the results."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+
+from fw_jax.models import LoadedModel, load_model, perplexity
+
+from .data import evaluation_tokens, needs_bos_per_window
+
+ModelOrPath = Union[LoadedModel, str, os.PathLike]
+
+#: Window length of the perplexity protocol (DESIGN.md §9).
+DEFAULT_SEQLEN = 2048
+
+
+def evaluate_perplexity(
+    models: Mapping[str, ModelOrPath],
+    documents: str | Sequence[str],
+    seqlen: int = DEFAULT_SEQLEN,
+    max_windows: int | None = None,
+    bos_per_window: bool | None = None,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """Perplexity of each model on the same documents (the protocol of DESIGN.md §9).
+
+    The documents are joined with ``"\\n\\n"`` and tokenized once with the model's tokenizer
+    (no special tokens); the stream is cut into non-overlapping windows of ``seqlen`` tokens, the
+    tail is dropped, and perplexity is ``exp(mean token NLL)`` over every predicted token. Where
+    the model needs it (Gemma, see :func:`~fw_jax.pipeline.data.needs_bos_per_window`) every
+    window is BOS followed by ``seqlen - 1`` text tokens.
+
+    Models given as paths are loaded one at a time and released after their evaluation.
+
+    Args:
+      models: ``{name: model}``, each a :class:`fw_jax.models.LoadedModel` or anything
+        :func:`fw_jax.models.load_model` accepts (a folder, a ``.gguf`` file, ``"smollm2-135m"``).
+      documents: evaluation texts (see :func:`~fw_jax.pipeline.data.load_documents`).
+      seqlen: tokens per window.
+      max_windows: evaluate only the first ``max_windows`` windows (all when ``None``).
+      bos_per_window: force BOS at the start of every window on (True) or off (False); ``None``
+        decides per model family.
+      tokenizer: used for models that have no tokenizer of their own.
+      batch_size: windows per forward pass.
+
+    Returns:
+      ``{name: perplexity}`` in the order of ``models``.
+
+    Raises:
+      ValueError: a model without a tokenizer (and no ``tokenizer``), a model without a BOS id
+      that needs one, a ``seqlen`` beyond the model's positions, or text shorter than one window.
+
+    Example:
+      >>> docs = load_documents("pydoc-eval")
+      >>> evaluate_perplexity({"dense": "smollm2-135m", "wanda": "out/wanda"}, docs, max_windows=4)
+      {'dense': 21.3, 'wanda': 27.9}
+    """
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be positive or None, got {max_windows}")
+    stream_of: dict[int, np.ndarray] = {}  # models that share a tokenizer object share its stream
+    results: dict[str, float] = {}
+    for name, model_or_path in models.items():
+        loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path)
+        tok = loaded.tokenizer if loaded.tokenizer is not None else tokenizer
+        if tok is None:
+            raise ValueError(f"model {name!r} ({loaded.source}) has no tokenizer; pass tokenizer=")
+        _check_positions(name, loaded.config, seqlen)
+        if id(tok) not in stream_of:
+            stream_of[id(tok)] = evaluation_tokens(tok, documents)
+        ids = stream_of[id(tok)]
+        bos = needs_bos_per_window(loaded) if bos_per_window is None else bool(bos_per_window)
+        bos_id = _bos_id(tok, loaded.config) if bos else None
+        if bos and bos_id is None:
+            raise ValueError(f"model {name!r} needs a BOS token per window but neither its tokenizer nor config has one")
+        body = seqlen - 1 if bos else seqlen
+        if len(ids) < body:
+            raise ValueError(
+                f"the evaluation text has {len(ids)} tokens for model {name!r}, less than one window of {body}"
+            )
+        if max_windows is not None:
+            ids = ids[: max_windows * body]
+        results[name] = perplexity(
+            loaded.model, ids, seqlen, bos_per_window=bos, bos_id=bos_id, batch_size=batch_size
+        )
+        del loaded  # a model loaded here is released before the next one is loaded
+    return results
+
+
+def _check_positions(name: str, config: Any, seqlen: int) -> None:
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and seqlen > int(limit):
+        raise ValueError(f"seqlen={seqlen} is longer than model {name!r} supports ({limit} positions)")
+
+
+def _bos_id(tokenizer: Any, config: Any) -> int | None:
+    for candidate in (getattr(tokenizer, "bos_token_id", None), getattr(config, "bos_token_id", None)):
+        if isinstance(candidate, (int, np.integer)) and candidate >= 0:
+            return int(candidate)
+    return None
+
+
+def format_table(results: Mapping[str, Mapping[str, float]], *, digits: int = 2) -> str:
+    """A markdown table of perplexities: one row per model, one column per dataset.
+
+    Columns are the datasets in order of first appearance; a model without a value for a dataset
+    shows ``-``.
+
+    Args:
+      results: ``{model: {dataset: perplexity}}``.
+      digits: decimals shown.
+
+    Returns:
+      The table as aligned markdown text (no trailing newline).
+
+    Example:
+      >>> print(format_table({"dense": {"pydoc-eval": 21.3}, "wanda 50%": {"pydoc-eval": 27.91}}))
+      | model     | pydoc-eval |
+      |:----------|-----------:|
+      | dense     |      21.30 |
+      | wanda 50% |      27.91 |
+    """
+    datasets: list[str] = []
+    for row in results.values():
+        datasets += [d for d in row if d not in datasets]
+    header = ["model", *datasets]
+    rows = [[str(model), *(_format_value(row.get(d), digits) for d in datasets)] for model, row in results.items()]
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join([":" + "-" * (widths[0] + 1), *("-" * (w + 1) + ":" for w in widths[1:])]) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def _format_value(value: float | None, digits: int) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    return f"{value:.{digits}f}"
