@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import string
 import sys
 import warnings
@@ -78,7 +79,7 @@ def test_jsonl_gz_and_json_list(tmp_path):
 @pytest.mark.parametrize(
     "name, content, expected",
     [
-        ("missing_text.jsonl", '{"text": "ok"}\n{"body": "no"}\n', r"missing_text\.jsonl:2: .*no 'text' field.*'body'"),
+        ("no_text.jsonl", '{"text": "ok"}\n{"body": "no"}\n', r"no_text\.jsonl:2: .*no 'text' field.*'body'"),
         ("bad.jsonl", '{"text": "ok"}\n\n{"text": oops}\n', r"bad\.jsonl:3: invalid JSON"),
         ("number.jsonl", '{"text": 3}\n', r"number\.jsonl:1: 'text' must be a string"),
         ("array.jsonl", '[1, 2\n', r"array\.jsonl:2: invalid JSON"),
@@ -155,15 +156,19 @@ def test_pydoc_parts_are_disjoint_and_cover_the_topics():
 
 
 def test_calibration_windows_follow_the_protocol(tokenizer):
-    documents = ["short", "a" * 5 + string.ascii_lowercase * 3, "0123456789" * 4]
+    # The first document has exactly seqlen tokens: it is not "longer than seqlen", never drawn.
+    documents = ["ZYXWVUTSRQPO", "a" * 5 + string.ascii_lowercase * 3, "0123456789" * 4]
     ids = calibration_tokens(tokenizer, documents, nsamples=40, seqlen=12, seed=3)
     assert ids.shape == (40, 12) and ids.dtype == np.int32
     streams = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in documents]
+    drawn = set()
     for window in ids.tolist():
         # Every window is consecutive tokens of one document longer than seqlen.
-        owners = [i for i, s in enumerate(streams) if any(s[j : j + 12] == window for j in range(len(s) - 12))]
-        assert owners and 0 not in owners
-    assert {tuple(w) for w in ids.tolist()} - {tuple(w) for w in ids[:1].tolist()}  # not all the same
+        owners = [i for i, s in enumerate(streams) if any(s[j : j + 12] == window for j in range(len(s) - 11))]
+        assert len(owners) == 1 and owners[0] != 0
+        drawn.add(owners[0])
+    assert drawn == {1, 2}
+    assert len({tuple(w) for w in ids.tolist()}) > 10  # windows start at random places
     np.testing.assert_array_equal(ids, calibration_tokens(tokenizer, documents, 40, 12, seed=3))
     assert not np.array_equal(ids, calibration_tokens(tokenizer, documents, 40, 12, seed=4))
 
@@ -229,3 +234,40 @@ def test_needs_bos_per_window():
     assert not needs_bos_per_window("llama")
     assert not needs_bos_per_window(transformers.LlamaConfig())
     assert not needs_bos_per_window(transformers.GPT2Config())
+
+
+# --- the real SmolLM2 tokenizer (slow: loading it from the GGUF takes ~20 s) ------------------
+
+CORPORA = os.environ.get(
+    "FW_JAX_CORPORA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpora")
+)
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_on_a_novel_and_pydoc():
+    from fw_jax.models import smollm2_gguf_path
+    from fw_jax.models._hf import load_tokenizer
+
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok = load_tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path))
+    recorder = _Recorder()
+    logging.getLogger("transformers").addHandler(recorder)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            held_out = evaluation_tokens(tok, load_documents("pydoc-eval"))
+            calib = calibration_tokens(tok, load_documents("pydoc-calib"), nsamples=8, seqlen=2048)
+            novel = os.path.join(CORPORA, "austen_emma.txt")
+            if os.path.exists(novel):
+                text = load_documents(novel)[0]
+                assert len(text) > 800_000
+                ids = evaluation_tokens(tok, [text])
+                assert len(ids) > 150_000 and tok.decode(ids[-50:].tolist()) in text
+    finally:
+        logging.getLogger("transformers").removeHandler(recorder)
+    assert recorder.messages == []
+    assert len(held_out) // 2048 >= 8  # enough evaluation windows of 2048 tokens
+    assert calib.shape == (8, 2048) and tok.bos_token_id not in held_out[:1].tolist()

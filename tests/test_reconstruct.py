@@ -20,7 +20,7 @@ def correlated_layer(d_out, d_in, *, seed=0, rank=6, tokens=None):
     return rng.standard_normal((d_out, d_in)), x @ x.T
 
 
-def test_masks(d_out, d_in, seed=0):
+def example_masks(d_out, d_in, seed=0):
     """A random 50% mask with one full and one empty row, and a random 2:4 mask."""
     rng = np.random.default_rng(seed)
     half = rng.random((d_out, d_in)) < 0.5
@@ -30,7 +30,6 @@ def test_masks(d_out, d_in, seed=0):
     return {"half": half, "2:4": two_four}
 
 
-test_masks.__test__ = False  # a helper, not a test
 
 
 def direct_reference(weight, gram, mask, damp):
@@ -57,7 +56,7 @@ CASES = [
 @pytest.mark.parametrize("mask_name", ["half", "2:4"])
 def test_matches_float64_direct_solve(method, options, mask_name):
     weight, gram = correlated_layer(12, 48, seed=1)
-    mask = test_masks(12, 48)[mask_name]
+    mask = example_masks(12, 48)[mask_name]
     expected = direct_reference(weight, gram, mask, 0.01)
     got = np.asarray(reconstruct(weight, gram, mask, damp=0.01, method=method, **options))
     assert got.dtype == np.float64
@@ -70,7 +69,7 @@ def test_matches_float64_direct_solve(method, options, mask_name):
 def test_error_not_above_masked_weights(method, damp):
     # With default tolerances, in float32 as used on real layers.
     weight, gram = correlated_layer(16, 64, seed=2)
-    for mask in test_masks(16, 64, seed=3).values():
+    for mask in example_masks(16, 64, seed=3).values():
         before = float(layer_error(weight, gram, mask))
         new_weight = reconstruct(weight.astype(np.float32), gram.astype(np.float32), mask, damp=damp, method=method)
         after = float(weights_error(weight, gram, np.asarray(new_weight, np.float64)))
@@ -82,7 +81,7 @@ def test_error_not_above_masked_weights(method, damp):
 
 def test_undamped_is_least_squares_on_support():
     weight, gram = correlated_layer(6, 32, seed=4)
-    mask = test_masks(6, 32, seed=4)["2:4"]
+    mask = example_masks(6, 32, seed=4)["2:4"]
     got = np.asarray(reconstruct(weight, gram, mask, damp=0.0, tol=1e-13, max_iter=500))
     # Optimality: the gradient (ŵ − w) G vanishes on the support.
     gradient = (got - weight) @ gram
@@ -91,7 +90,7 @@ def test_undamped_is_least_squares_on_support():
 
 def test_float32_close_to_float64_solution():
     weight, gram = correlated_layer(16, 64, seed=5)
-    mask = test_masks(16, 64, seed=5)["half"]
+    mask = example_masks(16, 64, seed=5)["half"]
     expected = direct_reference(weight, gram, mask, 0.01)
     got = np.asarray(reconstruct(weight.astype(np.float32), gram.astype(np.float32), mask, tol=1e-6))
     optimum = float(weights_error(weight, gram, expected))
@@ -100,7 +99,7 @@ def test_float32_close_to_float64_solution():
 
 def test_mask_dtypes_and_full_mask():
     weight, gram = correlated_layer(8, 32, seed=6)
-    mask = test_masks(8, 32, seed=6)["half"]
+    mask = example_masks(8, 32, seed=6)["half"]
     as_bool = reconstruct(weight, gram, mask, tol=1e-12)
     as_float = reconstruct(weight, gram, mask.astype(np.float32), tol=1e-12)
     np.testing.assert_array_equal(np.asarray(as_bool), np.asarray(as_float))
@@ -110,7 +109,7 @@ def test_mask_dtypes_and_full_mask():
 
 def test_jit_no_recompile_for_same_shapes():
     weight, gram = correlated_layer(8, 32, seed=7)
-    mask = test_masks(8, 32, seed=7)["half"]
+    mask = example_masks(8, 32, seed=7)["half"]
     first = reconstruct(weight, gram, mask)
     size = _reconstruct_jit._cache_size()
     second = reconstruct(weight + 1, gram * 2, ~mask, damp=0.05, tol=1e-6, max_iter=50)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from ._errors import CheckpointError, UnsupportedModelError
@@ -152,11 +152,11 @@ def _dequantize(reader: GGUFFile, tensor: GGUFTensorInfo, rows_per_chunk: int = 
     import gguf
 
     shape, data = tensor.shape, reader.raw(tensor)
-    if len(shape) < 2:
-        return np.asarray(gguf.quants.dequantize(data, tensor.ggml_type), dtype=np.float32).reshape(shape)
+    if len(shape) < 2:  # copy: never hand a view of the memory map onwards
+        return np.array(gguf.quants.dequantize(data, tensor.ggml_type), dtype=np.float32).reshape(shape)
     rows = data.shape[0] if data.ndim == 2 and data.shape[0] == shape[0] else None
     if rows is None:  # 3-D or more: no chunking
-        out = np.asarray(gguf.quants.dequantize(data, tensor.ggml_type), dtype=np.float32)
+        out = np.array(gguf.quants.dequantize(data, tensor.ggml_type), dtype=np.float32)
         return out.reshape(shape)
     out = np.empty(shape, dtype=np.float32)
     for start in range(0, rows, rows_per_chunk):
@@ -182,7 +182,7 @@ def _gguf_tensors(reader: GGUFFile, path: str, config, arch: str):
         elif arch == "gemma3" and name.endswith("norm.weight"):
             value = value - np.float32(1.0)
         # Hand over a device array and drop the host copy before the next tensor is made.
-        value = jnp.asarray(value)
+        value = jax.device_put(value)
         yield name, value, path
         del value
 

@@ -57,6 +57,8 @@ class GGUFFile:
         self._pos = 0
         try:
             self._parse()
+        except CheckpointError:
+            raise
         except (struct.error, UnicodeDecodeError, ValueError, KeyError, OverflowError) as e:
             raise CheckpointError(self.path, f"corrupted or truncated GGUF header ({type(e).__name__}: {e})") from e
 

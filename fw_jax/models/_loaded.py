@@ -121,7 +121,9 @@ def fill_model(model: nnx.Module, family: str, tensors, source) -> None:
         if isinstance(array, jax.Array):  # already on the device: no host round trip
             value = array.astype(jnp.float32)
         else:
-            value = np.asarray(array, dtype=np.float32)  # no copy when already float32
+            # Always an owned copy: handing JAX a view of a memory-mapped file made it
+            # allocate far more than the tensor (seen: +1 GB for a 256-float norm).
+            value = np.array(array, dtype=np.float32, copy=True)
         if is_transposed_in_hf(family, name):
             value = value.T
         set_param(model, name, value)

@@ -57,7 +57,11 @@ def set_param(model: nnx.Module, name: str, value) -> None:
     old = var.get_value()
     if tuple(np.shape(value)) != tuple(old.shape):
         raise ValueError(f"{name}: shape {tuple(np.shape(value))}, expected {tuple(old.shape)}")
-    var.set_value(jnp.asarray(value, dtype=jnp.float32))
+    if isinstance(value, jax.Array):
+        var.set_value(value.astype(jnp.float32))
+    else:
+        # device_put moves host arrays with one copy; jnp.asarray made two on CPU.
+        var.set_value(jax.device_put(np.asarray(value, dtype=np.float32)))
 
 
 def linear_names(model: nnx.Module) -> list[str]:

@@ -24,6 +24,7 @@ Split = Literal["calibration", "evaluation"]
 
 PYDOC_NAMES = ("pydoc", "pydoc-calib", "pydoc-eval")
 HF_DATASET_NAMES = ("c4", "wikitext2")
+_BUILT_IN_NAMES = ("pydoc-calib", "pydoc-eval") + HF_DATASET_NAMES
 
 #: Share of the pydoc text (in characters) held out for evaluation.
 PYDOC_EVAL_SHARE = 0.2
@@ -104,7 +105,7 @@ def load_documents(
         raise DataError(
             name,
             "no such file or folder (expected a .txt/.jsonl/.json/.parquet file, a folder of "
-            f"them, or one of {', '.join(repr(n) for n in ('pydoc-calib', 'pydoc-eval') + HF_DATASET_NAMES)})",
+            f"them, or one of {', '.join(repr(n) for n in _BUILT_IN_NAMES)})",
         )
     documents = _load_file(name)
     if not documents:
@@ -217,7 +218,8 @@ def _record_text(path: str, record: Any, line: int | None) -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
-        raise DataError(path, f"expected a JSON object with a 'text' field, got {type(record).__name__}", line)
+        got = type(record).__name__
+        raise DataError(path, f"expected a JSON object with a 'text' field, got {got}", line)
     if "text" not in record:
         keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
         raise DataError(path, f"JSON object has no 'text' field (fields: {keys})", line)
@@ -266,7 +268,8 @@ def _load_hf_dataset(name: str, split: Split) -> list[str]:
         rows = datasets.load_dataset("allenai/c4", data_files=files, split="validation")
         return [t for t in rows["text"][:C4_EVAL_DOCUMENTS] if t]
     except Exception as e:  # offline, hub errors, ...: any failure means "not available here"
-        raise DataError(name, f"could not load the dataset from Hugging Face ({type(e).__name__}: {e})") from e
+        reason = f"{type(e).__name__}: {e}"
+        raise DataError(name, f"could not load the dataset from Hugging Face ({reason})") from e
 
 
 # --------------------------------------------------------------------------------------------

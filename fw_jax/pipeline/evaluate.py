@@ -80,11 +80,14 @@ def evaluate_perplexity(
         bos = needs_bos_per_window(loaded) if bos_per_window is None else bool(bos_per_window)
         bos_id = _bos_id(tok, loaded.config) if bos else None
         if bos and bos_id is None:
-            raise ValueError(f"model {name!r} needs a BOS token per window but neither its tokenizer nor config has one")
+            raise ValueError(
+                f"model {name!r} needs a BOS token per window but neither its tokenizer nor config has one"
+            )
         body = seqlen - 1 if bos else seqlen
         if len(ids) < body:
             raise ValueError(
-                f"the evaluation text has {len(ids)} tokens for model {name!r}, less than one window of {body}"
+                f"the evaluation text has {len(ids)} tokens for model {name!r}, "
+                f"less than one window of {body}"
             )
         if max_windows is not None:
             ids = ids[: max_windows * body]
@@ -132,7 +135,9 @@ def format_table(results: Mapping[str, Mapping[str, float]], *, digits: int = 2)
     for row in results.values():
         datasets += [d for d in row if d not in datasets]
     header = ["model", *datasets]
-    rows = [[str(model), *(_format_value(row.get(d), digits) for d in datasets)] for model, row in results.items()]
+    rows = [
+        [str(model), *(_format_value(row.get(d), digits) for d in datasets)] for model, row in results.items()
+    ]
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

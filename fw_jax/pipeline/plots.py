@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import LogFormatter
 
 # Layer kinds in the order they run inside a block; colours stay the same from plot to plot.
 _KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -83,11 +84,12 @@ def plot_error_reduction(
         for l in layers
     ])
     kinds = [_kind(n) for n in names]
-    kind_list = sorted(set(kinds), key=lambda k: (_KIND_ORDER.index(k) if k in _KIND_ORDER else len(_KIND_ORDER), k))
+    rank = {k: i for i, k in enumerate(_KIND_ORDER)}
+    kind_list = sorted(set(kinds), key=lambda k: (rank.get(k, len(rank)), k))
     colour = {k: _PALETTE[i % len(_PALETTE)] for i, k in enumerate(kind_list)}
 
     n = len(layers)
-    fig = Figure(figsize=(min(max(6.0, 0.12 * n + 3.0), 24.0), 4.8), layout="constrained")
+    fig = Figure(figsize=(min(max(9.0, 0.1 * n + 4.0), 16.0), 5.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     x = np.arange(n)
@@ -105,9 +107,11 @@ def plot_error_reduction(
     blocks = [_block(name) for name in names]
     if n > 40 and all(b is not None for b in blocks):
         starts = [i for i in range(n) if i == 0 or blocks[i] != blocks[i - 1]]
-        step = max(1, math.ceil(len(starts) / 30))
-        ax.set_xticks([starts[j] for j in range(0, len(starts), step)])
-        ax.set_xticklabels([str(blocks[starts[j]]) for j in range(0, len(starts), step)])
+        ends = starts[1:] + [n]
+        shown = range(0, len(starts), max(1, math.ceil(len(starts) / 40)))
+        ax.set_xticks([(starts[j] + ends[j] - 1) / 2 for j in shown])
+        ax.set_xticklabels([str(blocks[starts[j]]) for j in shown])
+        ax.tick_params(axis="x", length=0)
         ax.set_xlabel("block (layers in model order)")
         for s in starts[1:]:
             ax.axvline(s - 0.5, color="grey", linewidth=0.4, alpha=0.5, zorder=1)
@@ -115,7 +119,7 @@ def plot_error_reduction(
         ax.set_xticks(x)
         ax.set_xticklabels([_short_name(name) for name in names], rotation=60, ha="right", fontsize=8)
         ax.set_xlabel("layer (model order)")
-    ax.legend(handles=handles, fontsize=8, ncol=min(len(handles), 4), loc="best", framealpha=0.9)
+    ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="layer")
     fig.savefig(os.fspath(path), dpi=120)
     return os.fspath(path)
 
@@ -156,7 +160,7 @@ def plot_convergence(
         series[key] = np.asarray(value, dtype=np.float64).reshape(-1)
     if len({len(v) for v in series.values()}) != 1:
         raise ValueError(f"history arrays differ in length: { {k: len(v) for k, v in series.items()} }")
-    done = np.isfinite(series["relaxed_loss"]) | np.isfinite(series["rounded_loss"]) | np.isfinite(series["gap"])
+    done = np.logical_or.reduce([np.isfinite(v) for v in series.values()])
     if not done.any():
         raise ValueError("history has no finite values (was it recorded with history=True?)")
     iterations = np.arange(len(done))[: int(np.nonzero(done)[0][-1]) + 1]
@@ -172,6 +176,8 @@ def plot_convergence(
             ax_err.axhline(value, linestyle="--", linewidth=1.2, color=_PALETTE[(i + 2) % len(_PALETTE)],
                            label=f"{label}: {value:.4g}")
     ax_err.set_yscale("log")
+    for axis_formatter in (ax_err.yaxis.set_major_formatter, ax_err.yaxis.set_minor_formatter):
+        axis_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))  # "2", not "2×10⁰"
     ax_err.set_ylabel("layer error ‖(W − M⊙W)X‖²")
     ax_err.grid(which="both", alpha=0.3)
     ax_err.legend(fontsize=9)

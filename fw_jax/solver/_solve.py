@@ -219,7 +219,7 @@ def solve_layer(
     *,
     warm_start: Union[str, Array] = "wanda",
     alpha: float = 0.0,
-    max_iter: int = 200,
+    max_iter: int = 100,
     tol: float = 1e-4,
     step_rule: Any = "exact",
     swaps: bool = True,
