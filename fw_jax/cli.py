@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -57,17 +58,144 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace, method: str | None = None):
+    from fw_jax.pipeline import PruneSettings
+
+    pattern = None
+    if args.pattern:
+        try:
+            n, m = (int(x) for x in args.pattern.split(":"))
+        except ValueError:
+            raise SystemExit(f"--pattern must look like N:M (keep N of every M), got {args.pattern!r}")
+        pattern = (n, m)
+    try:
+        return PruneSettings(
+            method=method or args.method, sparsity=args.sparsity, pattern=pattern,
+            warm_start=args.warm_start, alpha=args.alpha, max_iter=args.max_iter,
+            step_rule=args.step_rule, swaps=not args.no_swaps, reconstruct=args.reconstruct,
+        )
+    except ValueError as e:
+        raise SystemExit(f"fw-jax: {e}")
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from fw_jax.pipeline import prune_to_folder
+
+    settings = _settings(args)
+    out = args.out or os.path.join("runs", f"{os.path.basename(str(args.model)).replace('.gguf', '')}-{settings.method}")
+    try:
+        _, report = prune_to_folder(
+            args.model, out, settings, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+            seed=args.seed, overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"fw-jax prune: {e}", file=sys.stderr)
+        return 2
+    summary = report.summary()
+    print(f"pruned {summary['layers']} layers in {report.seconds:.0f}s; kept {summary['kept_fraction']:.1%} "
+          f"of their weights; mean layer error {summary['mean_error_vs_wanda']:.3f}× Wanda's")
+    print(f"saved to {out} (Hugging Face folder, prune_report.json, PNG plots)")
+    if args.eval:
+        return _evaluate({"dense": args.model, settings.method: out}, args.eval, args.eval_seqlen, args.max_windows)
+    return 0
+
+
+def _evaluate(models_by_name: dict, data: str, seqlen: int, max_windows: int | None) -> int:
+    from fw_jax.pipeline import evaluate_perplexity, format_table, load_documents
+
+    try:
+        documents = load_documents(data, split="evaluation")
+        results = evaluate_perplexity(models_by_name, documents, seqlen=seqlen, max_windows=max_windows)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fw-jax eval: {e}", file=sys.stderr)
+        return 2
+    print(format_table({name: {f"{data} ppl": value} for name, value in results.items()}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    names = {}
+    for model in args.models:
+        name = os.path.basename(str(model).rstrip("/")) or str(model)
+        names[name if name not in names else str(model)] = model
+    return _evaluate(names, args.data, args.seqlen, args.max_windows)
+
+
+def _main_job(args: argparse.Namespace) -> int:
+    """Dense vs Wanda vs SparseFW on the built-in SmolLM2-135M, offline, in minutes."""
+    from fw_jax.pipeline import prune_to_folder
+
+    outs = {}
+    for method in ("wanda", "sparsefw"):
+        settings = _settings(args, method)
+        out = os.path.join(args.out, f"{method}-{args.pattern.replace(':', 'of') if args.pattern else f'{args.sparsity:.2f}'}")
+        outs[method] = out
+        if os.path.exists(os.path.join(out, "prune_report.json")):
+            print(f"{out} is already pruned; reusing it", file=sys.stderr)
+            continue
+        prune_to_folder(args.model, out, settings, calib=args.calib, nsamples=args.nsamples,
+                        seqlen=args.seqlen, seed=args.seed)
+    return _evaluate({"dense": args.model, **{f"{m} ({_settings(args, m).describe().split(', ', 1)[1]})": o for m, o in outs.items()}},
+                     args.eval, args.eval_seqlen, args.max_windows)
+
+
+def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int) -> None:
+    from fw_jax.pipeline import METHODS
+
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned in every row (default 0.5)")
+    p.add_argument("--pattern", default=None, help="N:M, keep N of every M consecutive inputs (2:4 keeps 2)")
+    p.add_argument("--method", choices=METHODS, default="sparsefw")
+    p.add_argument("--warm-start", choices=("wanda", "ria", "magnitude"), default="wanda")
+    p.add_argument("--alpha", type=float, default=0.0, help="fraction of each budget fixed to top saliency (paper: 0.9)")
+    p.add_argument("--max-iter", type=int, default=100, help="Frank-Wolfe iterations")
+    p.add_argument("--step-rule", choices=("exact", "open_loop", "short"), default="exact")
+    p.add_argument("--no-swaps", action="store_true", help="skip the 1-swap refinement")
+    p.add_argument("--reconstruct", action="store_true", help="refit the kept weights after the mask")
+    p.add_argument("--calib", default="pydoc-calib", help="text file, folder, JSONL, parquet, pydoc-calib, c4")
+    p.add_argument("--nsamples", type=int, default=nsamples)
+    p.add_argument("--seqlen", type=int, default=seqlen)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fw-jax", description="Prune LLMs with Frank-Wolfe, in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="solve one real SmolLM2 block's layers and compare with Wanda")
-    demo.add_argument("--block", type=int, default=3)
-    demo.add_argument("--sparsity", type=float, default=0.5)
-    demo.add_argument("--pattern", default=None, help="n:m, n kept of every m (e.g. 2:4)")
-    demo.add_argument("--nsamples", type=int, default=16)
-    demo.add_argument("--seqlen", type=int, default=256)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+
+    prune = sub.add_parser("prune", help="prune a model into a Hugging Face folder (resumable)")
+    prune.add_argument("model", nargs="?", default="smollm2-135m",
+                       help="Hugging Face folder, .gguf file, or smollm2-135m (default)")
+    _add_prune_options(prune, nsamples=128, seqlen=2048)
+    prune.add_argument("--out", default=None, help="output folder (default runs/<model>-<method>)")
+    prune.add_argument("--overwrite", action="store_true")
+    prune.add_argument("--eval", default=None, help="after pruning, compare perplexity with the dense model on this data")
+    prune.add_argument("--eval-seqlen", type=int, default=2048)
+    prune.add_argument("--max-windows", type=int, default=None)
+    prune.set_defaults(run=_prune)
+
+    evaluate = sub.add_parser("eval", help="perplexity of one or more models, as a table")
+    evaluate.add_argument("models", nargs="+", help="folders, .gguf files or smollm2-135m")
+    evaluate.add_argument("--data", default="pydoc-eval")
+    evaluate.add_argument("--seqlen", type=int, default=2048)
+    evaluate.add_argument("--max-windows", type=int, default=None)
+    evaluate.set_defaults(run=_eval)
+
+    main_job = sub.add_parser("demo", help="the main job: dense vs Wanda vs SparseFW on SmolLM2-135M, offline")
+    main_job.add_argument("--model", default="smollm2-135m")
+    _add_prune_options(main_job, nsamples=32, seqlen=512)
+    main_job.add_argument("--out", default=os.path.join("runs", "demo"))
+    main_job.add_argument("--eval", default="pydoc-eval")
+    main_job.add_argument("--eval-seqlen", type=int, default=512)
+    main_job.add_argument("--max-windows", type=int, default=16)
+    main_job.set_defaults(run=_main_job)
+
+    block = sub.add_parser("solve-block", help="solve one real SmolLM2 block's layers and compare with the baselines")
+    block.add_argument("--block", type=int, default=3)
+    block.add_argument("--sparsity", type=float, default=0.5)
+    block.add_argument("--pattern", default=None, help="n:m, n kept of every m (e.g. 2:4)")
+    block.add_argument("--nsamples", type=int, default=16)
+    block.add_argument("--seqlen", type=int, default=256)
+    block.add_argument("--seed", type=int, default=0)
+    block.set_defaults(run=_demo)
     return parser
 
 

@@ -11,36 +11,77 @@ VOCAB = 101
 
 def tiny_config(family: str, **overrides):
     """A few-layer, small-width ``transformers`` config of one architecture."""
-    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if family == "llama":
-        cfg = dict(common, tie_word_embeddings=False,
-                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+        cfg = dict(
+            common,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        )
         return transformers.LlamaConfig(**{**cfg, **overrides})
     if family == "llama3":  # llama3 rope scaling, tied head, biases everywhere
-        cfg = dict(common, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
-                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 16})
+        cfg = dict(
+            common,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        )
         return transformers.LlamaConfig(**{**cfg, **overrides})
     if family == "qwen2":
-        cfg = dict(common, tie_word_embeddings=True,
-                   rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        cfg = dict(
+            common,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
         return transformers.Qwen2Config(**{**cfg, **overrides})
     if family == "mistral":
         cfg = dict(common, head_dim=16, sliding_window=6, tie_word_embeddings=False)
         return transformers.MistralConfig(**{**cfg, **overrides})
     if family == "gpt2":
-        cfg = dict(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=32,
-                   bos_token_id=1, eos_token_id=2)
+        cfg = dict(
+            vocab_size=VOCAB,
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         return transformers.GPT2Config(**{**cfg, **overrides})
     if family == "gemma3":  # 2 local layers (window 4) then 1 global; logit soft-capping
-        cfg = dict(common, num_hidden_layers=3, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
-                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                    "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}})
+        cfg = dict(
+            common,
+            num_hidden_layers=3,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+            },
+        )
         return transformers.Gemma3TextConfig(**{**cfg, **overrides})
     raise ValueError(family)
 
@@ -71,7 +112,11 @@ def token_ids(batch: int = 2, length: int = 12, seed: int = 0) -> np.ndarray:
 
 def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     # What llama.cpp's convert_hf_to_gguf does to q/k rows: rotate-half → adjacent pairs.
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_tiny_gguf(torch_model, config, path, quantize_mlp: bool = True) -> None:
@@ -86,15 +131,27 @@ def write_tiny_gguf(torch_model, config, path, quantize_mlp: bool = True) -> Non
 
     gemma = config.model_type == "gemma3_text"
     arch = "gemma3" if gemma else "llama"
-    hf_to_gguf = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-                  "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                  "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    hf_to_gguf = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     if gemma:
-        hf_to_gguf.update({"post_attention_layernorm": "post_attention_norm",
-                           "pre_feedforward_layernorm": "ffn_norm",
-                           "post_feedforward_layernorm": "post_ffw_norm",
-                           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+        hf_to_gguf.update(
+            {
+                "post_attention_layernorm": "post_attention_norm",
+                "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm",
+                "self_attn.q_norm": "attn_q_norm",
+                "self_attn.k_norm": "attn_k_norm",
+            }
+        )
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)

@@ -38,7 +38,9 @@ def test_truncated_safetensors(good, tmp_path, keep):
     path = folder / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
-    with pytest.raises(fm.CheckpointError, match="model.safetensors.*(truncated|corrupted)") as info:
+    with pytest.raises(
+        fm.CheckpointError, match="model.safetensors.*(truncated|corrupted)"
+    ) as info:
         fm.load_model(folder)
     assert info.value.path == str(path)
 
@@ -62,7 +64,9 @@ def _rewrite(path, edit):
 def test_missing_tensor(good, tmp_path):
     folder = _copy(good, tmp_path)
     _rewrite(folder / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
-    with pytest.raises(fm.CheckpointError, match="missing tensors: model.layers.1.mlp.down_proj.weight"):
+    with pytest.raises(
+        fm.CheckpointError, match="missing tensors: model.layers.1.mlp.down_proj.weight"
+    ):
         fm.load_model(folder)
 
 
@@ -73,7 +77,10 @@ def test_shape_mismatch(good, tmp_path):
         t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((7, 64), np.float32)
 
     _rewrite(folder / "model.safetensors", edit)
-    with pytest.raises(fm.CheckpointError, match=r"model.safetensors: shape mismatch for 'model.layers.0.self_attn.k_proj.weight'"):
+    with pytest.raises(
+        fm.CheckpointError,
+        match=r"model.safetensors: shape mismatch for 'model.layers.0.self_attn.k_proj.weight'",
+    ):
         fm.load_model(folder)
 
 

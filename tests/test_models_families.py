@@ -52,14 +52,21 @@ def test_sliding_window_is_applied():
     torch_model = random_torch_model(config, seed=1)
     loaded = fm.LoadedModel(*_from_state(config, torch_model), family="llama")
     ids = token_ids(length=10)
-    np.testing.assert_allclose(np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0
+    )
 
 
 def _from_state(config, torch_model):
     from fw_jax.models._loaded import build_abstract_model, fill_model
 
     model, family = build_abstract_model(config)
-    fill_model(model, family, ((k, v.numpy(), "state_dict") for k, v in torch_model.state_dict().items()), "state_dict")
+    fill_model(
+        model,
+        family,
+        ((k, v.numpy(), "state_dict") for k, v in torch_model.state_dict().items()),
+        "state_dict",
+    )
     return model, config, None
 
 
@@ -72,19 +79,25 @@ def test_sharded_safetensors(family, tmp_path):
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     loaded = fm.load_model(tmp_path)
     ids = token_ids()
-    np.testing.assert_allclose(np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_checkpoints_compute_in_float32(dtype, tmp_path):
     config = tiny_config("qwen2")
     random_torch_model(config, seed=3).to(dtype).save_pretrained(tmp_path)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32
+    ).eval()
     loaded = fm.load_model(tmp_path)
     name = "model.layers.0.mlp.up_proj"
     assert fm.get_linear_weight(loaded.model, name).dtype == np.float32
     ids = token_ids()
-    np.testing.assert_allclose(np.asarray(fm.logits(loaded.model, ids)), torch_logits(reference, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(fm.logits(loaded.model, ids)), torch_logits(reference, ids), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma3"])

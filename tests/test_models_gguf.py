@@ -4,12 +4,20 @@ import os
 
 import numpy as np
 import pytest
-from models_fixtures import random_torch_model, tiny_config, token_ids, torch_logits, write_tiny_gguf
+from models_fixtures import (
+    random_torch_model,
+    tiny_config,
+    token_ids,
+    torch_logits,
+    write_tiny_gguf,
+)
 
 import fw_jax.models as fm
 from fw_jax.models._gguf import unpermute_rope_rows
 
-AUSTEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpora", "austen_persuasion.txt")
+AUSTEN = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "corpora", "austen_persuasion.txt"
+)
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -31,17 +39,27 @@ def test_tiny_gguf_matches_torch(tied, tmp_path):
     assert loaded.config.tie_word_embeddings == tied
     assert loaded.config.rope_parameters["rope_theta"] == config.rope_parameters["rope_theta"]
     ids = token_ids()
-    np.testing.assert_allclose(np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0
+    )
 
 
 def test_tiny_gemma3_gguf_matches_torch(tmp_path):
     # llama.cpp's Gemma 3 layout: 5 local layers then 1 global, query scale 1/sqrt(head_dim).
     config = tiny_config(
-        "gemma3", hidden_size=64, intermediate_size=96, num_hidden_layers=6, head_dim=32,
-        query_pre_attn_scalar=32, final_logit_softcapping=None, attn_logit_softcapping=None,
+        "gemma3",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
         layer_types=["sliding_attention"] * 5 + ["full_attention"],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        },
     )
     torch_model = random_torch_model(config, seed=6)
     path = tmp_path / "tiny-gemma3.gguf"
@@ -50,7 +68,9 @@ def test_tiny_gemma3_gguf_matches_torch(tmp_path):
     assert loaded.family == "gemma3"
     assert loaded.config.layer_types == config.layer_types
     ids = token_ids(length=9)
-    np.testing.assert_allclose(np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0
+    )
 
 
 def test_smollm2_path_error_message(monkeypatch):
@@ -109,7 +129,12 @@ def _torch_perplexity(model, ids, seqlen):
 
 def test_smollm2_structure(smollm2):
     cfg = smollm2.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+    assert (
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+    ) == (30, 576, 9, 3)
     assert cfg.intermediate_size == 1536 and cfg.tie_word_embeddings
     assert cfg.rope_parameters["rope_theta"] == 100000.0
     assert smollm2.tokenizer is not None
@@ -130,7 +155,10 @@ def test_smollm2_perplexity_austen_matches_torch(smollm2, smollm2_torch, austen_
     assert len(austen_ids) >= 3000
     ours = fm.perplexity(smollm2.model, austen_ids, 512)
     ref = _torch_perplexity(smollm2_torch, austen_ids, 512)
-    print(f"SmolLM2 perplexity on {len(austen_ids) // 512 * 512} Austen tokens: ours {ours:.4f}, torch {ref:.4f}")
+    print(
+        f"SmolLM2 perplexity on {len(austen_ids) // 512 * 512} Austen tokens: "
+        f"ours {ours:.4f}, torch {ref:.4f}"
+    )
     assert abs(ours - ref) / ref < 0.005, (ours, ref)
 
 
@@ -141,7 +169,9 @@ def test_smollm2_saved_as_hf_folder_runs_in_transformers(smollm2, smollm2_torch,
     out = fm.save_hf_folder(smollm2, tmp_path / "smollm2")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    ids = np.asarray([tokenizer("It was a truth universally acknowledged")["input_ids"]], dtype=np.int32)
+    ids = np.asarray(
+        [tokenizer("It was a truth universally acknowledged")["input_ids"]], dtype=np.int32
+    )
     ref = torch_logits(smollm2_torch, ids)
     np.testing.assert_allclose(torch_logits(reloaded, ids), ref, atol=2e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(fm.logits(smollm2.model, ids)), ref, atol=2e-4, rtol=0)
@@ -161,7 +191,10 @@ def test_gemma3_270m_perplexity_matches_torch():
     with open(AUSTEN, encoding="utf-8") as f:
         text = f.read()
     start = len(text) // 2
-    ids = np.asarray(loaded.tokenizer(text[start : start + 6000], add_special_tokens=False)["input_ids"], np.int32)
+    ids = np.asarray(
+        loaded.tokenizer(text[start : start + 6000], add_special_tokens=False)["input_ids"],
+        np.int32,
+    )
     bos = loaded.tokenizer.bos_token_id
     ours = fm.perplexity(loaded.model, ids, 256, bos_per_window=True, bos_id=bos)
     del loaded
@@ -169,7 +202,12 @@ def test_gemma3_270m_perplexity_matches_torch():
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     ).eval()
     n = len(ids) // 255
-    windows = np.concatenate([np.full((n, 1), bos, np.int32), ids[: n * 255].reshape(n, 255)], axis=1)
+    windows = np.concatenate(
+        [np.full((n, 1), bos, np.int32), ids[: n * 255].reshape(n, 255)], axis=1
+    )
     ref = _torch_perplexity(reference, windows.reshape(-1), 256)
-    print(f"Gemma 3 270M perplexity on {n * 255} Austen tokens (BOS per window): ours {ours:.4f}, torch {ref:.4f}")
+    print(
+        f"Gemma 3 270M perplexity on {n * 255} Austen tokens (BOS per window): "
+        f"ours {ours:.4f}, torch {ref:.4f}"
+    )
     assert abs(ours - ref) / ref < 0.005, (ours, ref)

@@ -63,11 +63,15 @@ def test_msgpack_loads_and_round_trips(family, tmp_path):
     changed = tuple(name.split(".")) + ("kernel",)
     for key, value in flat_expected.items():
         if key == changed:
-            np.testing.assert_array_equal(flat_written[key] == 0, w.T == 0 if family == "llama" else w == 0)
+            np.testing.assert_array_equal(
+                flat_written[key] == 0, w.T == 0 if family == "llama" else w == 0
+            )
         else:
             np.testing.assert_array_equal(flat_written[key], value)
     again = fm.load_model(out)
-    np.testing.assert_array_equal(np.asarray(fm.logits(again.model, ids)), np.asarray(fm.logits(loaded.model, ids)))
+    np.testing.assert_array_equal(
+        np.asarray(fm.logits(again.model, ids)), np.asarray(fm.logits(loaded.model, ids))
+    )
 
 
 def test_base_model_msgpack_without_prefix(tmp_path):
@@ -78,7 +82,9 @@ def test_base_model_msgpack_without_prefix(tmp_path):
     (tmp_path / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize({"params": tree}))
     loaded = fm.load_model(tmp_path)
     ids = token_ids()
-    np.testing.assert_allclose(np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(fm.logits(loaded.model, ids)), torch_logits(torch_model, ids), atol=1e-4, rtol=0
+    )
 
 
 def test_corrupted_msgpack(tmp_path):
@@ -91,7 +97,9 @@ def test_corrupted_msgpack(tmp_path):
         fm.load_model(tmp_path)
     del tree["transformer"]["h"]["1"]["mlp"]
     (tmp_path / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
-    with pytest.raises(fm.CheckpointError, match="flax_model.msgpack: missing tensors: transformer.h.1.mlp"):
+    with pytest.raises(
+        fm.CheckpointError, match="flax_model.msgpack: missing tensors: transformer.h.1.mlp"
+    ):
         fm.load_model(tmp_path)
 
 

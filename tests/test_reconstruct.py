@@ -129,6 +129,8 @@ def test_jit_no_recompile_for_same_shapes():
         (dict(mask=np.full((4, 8), 0.5)), "mask must be binary"),
         (dict(gram=np.eye(4)), "gram must be \\(d_in, d_in\\) = \\(8, 8\\)"),
         (dict(weight=np.full((4, 8), np.inf)), "weight contains non-finite"),
+        (dict(gram=np.triu(np.ones((8, 8)))), "gram must be symmetric"),
+        (dict(gram=-np.eye(8)), "negative diagonal"),
         (dict(damp=float("nan")), "damp must be a finite number ≥ 0"),
         (dict(damp=-1.0), "damp must be a finite number ≥ 0"),
         (dict(method="lsqr"), "method must be one of"),

@@ -78,7 +78,7 @@ def sparsegpt_reference(weight, gram, *, keep=None, nm=None, layer_kept=None, bl
     [
         (24, 96, 32, 48),  # 50%, whole blocks
         (20, 80, 32, 20),  # 75%, last block padded
-        (16, 64, 128, 40),  # one block smaller than block_size
+        (16, 64, 128, PerRow(40)),  # one block smaller than block_size
         (24, 96, 32, (2, 4)),
         (20, 80, 32, NM(1, 4)),  # padded n:m
     ],
@@ -86,6 +86,8 @@ def sparsegpt_reference(weight, gram, *, keep=None, nm=None, layer_kept=None, bl
 def test_matches_float64_reference(d_out, d_in, block_size, budget):
     weight, gram = correlated_layer(d_out, d_in, seed=d_in + block_size)
     mask, new_weight = sparsegpt(weight, gram, budget, block_size=block_size, damp=0.01)
+    if isinstance(budget, PerRow):
+        budget = budget.k
     if isinstance(budget, int):
         ref_mask, ref_weight = sparsegpt_reference(weight, gram, keep=budget, block_size=block_size, damp=0.01)
     else:
@@ -103,8 +105,8 @@ def test_matches_float64_reference(d_out, d_in, block_size, budget):
 
 
 def test_dead_inputs_and_layer_budget():
-    weight, gram = correlated_layer(16, 64, seed=3, dead=(5, 40))
-    kept = 16 * 64 // 3
+    weight, gram = correlated_layer(20, 80, seed=3, dead=(5, 40))
+    kept = 20 * 80 // 3
     mask, new_weight = sparsegpt(weight, gram, LayerBudget(kept), block_size=32)
     ref_mask, ref_weight = sparsegpt_reference(weight, gram, layer_kept=kept, block_size=32, damp=0.01)
     np.testing.assert_array_equal(np.asarray(mask), ref_mask)
@@ -124,12 +126,12 @@ def test_nm_budget_is_exact(budget):
     assert np.all(np.asarray(new_weight)[~np.asarray(mask)] == 0)
 
 
-@pytest.mark.parametrize("keep", [1, 17, 63, 64])
+@pytest.mark.parametrize("keep", [1, 17, 79, 80])
 def test_unstructured_total_is_exact(keep):
-    weight, gram = correlated_layer(16, 64, seed=keep)
+    weight, gram = correlated_layer(20, 80, seed=keep)
     mask, new_weight = sparsegpt(weight, gram, keep, block_size=32)
-    assert int(mask.sum()) == 16 * keep
-    if keep == 64:
+    assert int(mask.sum()) == 20 * keep
+    if keep == 80:
         np.testing.assert_array_equal(np.asarray(new_weight), weight)  # nothing pruned, nothing moved
 
 
@@ -146,9 +148,9 @@ def test_error_far_below_magnitude_pruning(budget):
         magnitude = (rank < 2).reshape(weight.shape)
     error = float(weights_error(weight, gram, new_weight))
     magnitude_error = float(layer_error(weight, gram, magnitude))
-    assert error < 0.25 * magnitude_error
+    assert error < 0.1 * magnitude_error  # about 0.013 here
     # The OBS update also beats keeping SparseGPT's own mask without updates.
-    assert error < float(layer_error(weight, gram, mask))
+    assert error < 0.3 * float(layer_error(weight, gram, mask))  # about 0.08 here
 
 
 def test_float32_close_to_float64():
@@ -159,17 +161,17 @@ def test_float32_close_to_float64():
     assert np.mean(np.asarray(mask32) == np.asarray(mask64)) > 0.97
     e64 = float(weights_error(weight, gram, w64))
     e32 = float(weights_error(weight, gram, np.asarray(w32, np.float64)))
-    assert abs(e32 - e64) < 0.05 * e64
+    assert abs(e32 - e64) < 1e-3 * e64
 
 
 def test_damp_and_k_are_traced_no_recompile():
-    weight, gram = correlated_layer(16, 64, seed=2)
-    sparsegpt(weight, gram, 32, block_size=32, damp=0.01)
+    weight, gram = correlated_layer(20, 80, seed=2)
+    sparsegpt(weight, gram, 40, block_size=32, damp=0.01)
     before = _sparsegpt_jit._cache_size()
-    _, w_a = sparsegpt(weight, gram, 32, block_size=32, damp=0.05)
+    _, w_a = sparsegpt(weight, gram, 40, block_size=32, damp=0.05)
     mask_b, w_b = sparsegpt(weight + 1.0, gram, 24, block_size=32, damp=0.01)
     assert _sparsegpt_jit._cache_size() == before
-    assert int(mask_b.sum()) == 16 * 24
+    assert int(mask_b.sum()) == 20 * 24
     assert not np.allclose(np.asarray(w_a), np.asarray(w_b))
 
 

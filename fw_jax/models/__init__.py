@@ -21,10 +21,10 @@ from ._calibration import (
     num_blocks,
     run_block,
 )
-from ._eval import perplexity
 from ._errors import CheckpointError, UnsupportedModelError
-from ._gguf import load_gguf
+from ._eval import perplexity
 from ._gemma3 import Gemma3ForCausalLM, Gemma3Spec
+from ._gguf import load_gguf
 from ._gpt2 import GPT2LMHeadModel, GPT2Spec
 from ._hf import load_hf_folder, save_hf_folder
 from ._linen import LinenLinear, linen_grams, linen_linears, set_linen_linears

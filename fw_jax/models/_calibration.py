@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._params import _resolve, set_linear_weights  # noqa: F401  (re-exported by __init__)
+from ._params import _resolve
 
 
 class LinearLayer(NamedTuple):

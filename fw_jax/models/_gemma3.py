@@ -118,7 +118,12 @@ class Gemma3Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         a = causal_attention(
-            q, k, v, sliding_window=self.sliding_window, scale=self.scale, logit_softcap=self.softcap
+            q,
+            k,
+            v,
+            sliding_window=self.sliding_window,
+            scale=self.scale,
+            logit_softcap=self.softcap,
         ).reshape(b, t, -1)
         captured["attn_out"] = a
         return self.o_proj(a)
@@ -184,7 +189,9 @@ class Gemma3ForCausalLM(nnx.Module):
         self.spec = spec
         self.model = Gemma3TextModel(spec)
         self.lm_head = (
-            None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            None
+            if spec.tie_word_embeddings
+            else Linear(spec.hidden_size, spec.vocab_size, bias=False)
         )
 
     @property

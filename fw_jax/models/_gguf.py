@@ -91,16 +91,23 @@ def gguf_config(reader: GGUFFile, path: str):
     arch = _field(reader, path, "general.architecture")
     if arch not in _ARCH_MODEL_TYPE:
         supported = ", ".join(_ARCH_MODEL_TYPE)
-        raise UnsupportedModelError(path, f"unsupported GGUF architecture {arch!r} (supported: {supported})")
+        raise UnsupportedModelError(
+            path, f"unsupported GGUF architecture {arch!r} (supported: {supported})"
+        )
     tensor_names = {t.name for t in reader.tensors}
     heads = int(_field(reader, path, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, path, f"{arch}.embedding_length"))
-    rope = {"rope_type": "default", "rope_theta": float(_field(reader, path, f"{arch}.rope.freq_base", 10000.0))}
+    base = float(_field(reader, path, f"{arch}.rope.freq_base", 10000.0))
+    rope = {"rope_type": "default", "rope_theta": base}
     scaling = _field(reader, path, f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
-        rope.update(rope_type="linear", factor=float(_field(reader, path, f"{arch}.rope.scaling.factor")))
+        rope.update(
+            rope_type="linear", factor=float(_field(reader, path, f"{arch}.rope.scaling.factor"))
+        )
     elif scaling != "none" or "rope_freqs.weight" in tensor_names:
-        raise UnsupportedModelError(path, f"GGUF rope scaling {scaling!r} / rope_freqs is not supported")
+        raise UnsupportedModelError(
+            path, f"GGUF rope scaling {scaling!r} / rope_freqs is not supported"
+        )
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise CheckpointError(path, "missing tensors: token_embd.weight")
@@ -153,7 +160,9 @@ def _dequantize(reader: GGUFFile, tensor: GGUFTensorInfo, rows_per_chunk: int = 
 
     shape, data = tensor.shape, reader.raw(tensor)
     if len(shape) < 2:  # copy: never hand a view of the memory map onwards
-        return np.array(gguf.quants.dequantize(data, tensor.ggml_type), dtype=np.float32).reshape(shape)
+        return np.array(gguf.quants.dequantize(data, tensor.ggml_type), dtype=np.float32).reshape(
+            shape
+        )
     rows = data.shape[0] if data.ndim == 2 and data.shape[0] == shape[0] else None
     if rows is None:  # 3-D or more: no chunking
         out = np.array(gguf.quants.dequantize(data, tensor.ggml_type), dtype=np.float32)
@@ -161,7 +170,9 @@ def _dequantize(reader: GGUFFile, tensor: GGUFTensorInfo, rows_per_chunk: int = 
     out = np.empty(shape, dtype=np.float32)
     for start in range(0, rows, rows_per_chunk):
         chunk = gguf.quants.dequantize(data[start : start + rows_per_chunk], tensor.ggml_type)
-        out[start : start + rows_per_chunk] = np.asarray(chunk, dtype=np.float32).reshape(-1, *shape[1:])
+        out[start : start + rows_per_chunk] = np.asarray(chunk, dtype=np.float32).reshape(
+            -1, *shape[1:]
+        )
     return out
 
 
@@ -174,7 +185,9 @@ def _gguf_tensors(reader: GGUFFile, path: str, config, arch: str):
         try:
             value = _dequantize(reader, tensor)
         except Exception as e:
-            raise CheckpointError(path, f"cannot dequantize {tensor.name!r} ({type(e).__name__}: {e})") from e
+            raise CheckpointError(
+                path, f"cannot dequantize {tensor.name!r} ({type(e).__name__}: {e})"
+            ) from e
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             value = unpermute_rope_rows(value, config.num_attention_heads)
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -206,5 +219,7 @@ def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel
     if tokenizer:
         from ._hf import load_tokenizer
 
-        tok = load_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+        tok = load_tokenizer(
+            os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
+        )
     return LoadedModel(model=model, config=config, tokenizer=tok, family=family, source=path)

@@ -19,7 +19,20 @@ import numpy as np
 
 from ._errors import CheckpointError
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# GGUF metadata value types -> struct formats (8 = string, 9 = array).
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 _KEEP_ARRAY_LEN = 4096  # longer arrays (vocabularies, merges, scores) are skipped
 
@@ -60,7 +73,8 @@ class GGUFFile:
         except CheckpointError:
             raise
         except (struct.error, UnicodeDecodeError, ValueError, KeyError, OverflowError) as e:
-            raise CheckpointError(self.path, f"corrupted or truncated GGUF header ({type(e).__name__}: {e})") from e
+            problem = f"corrupted or truncated GGUF header ({type(e).__name__}: {e})"
+            raise CheckpointError(self.path, problem) from e
 
     def _read(self, fmt: str):
         value = struct.unpack_from(fmt, self._buf, self._pos)
@@ -129,7 +143,9 @@ class GGUFFile:
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
             elements = int(np.prod(dims, dtype=np.int64))
             if dims and dims[0] % block:
-                raise ValueError(f"tensor {name!r}: row of {dims[0]} is not a multiple of the block size {block}")
+                raise ValueError(
+                    f"tensor {name!r}: row of {dims[0]} is not a multiple of block {block}"
+                )
             nbytes = elements // block * type_size
             start = data_start + offset
             if start + nbytes > size:
@@ -157,7 +173,10 @@ class GGUFFile:
         import gguf
 
         qtype = gguf.GGMLQuantizationType(tensor.ggml_type)
-        typed = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+        typed = {
+            gguf.GGMLQuantizationType.F32: np.float32,
+            gguf.GGMLQuantizationType.F16: np.float16,
+        }
         data = self._buf[tensor.offset : tensor.offset + tensor.nbytes]
         if qtype in typed:
             return data.view(typed[qtype]).reshape(tensor.shape)

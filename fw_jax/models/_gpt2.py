@@ -24,7 +24,12 @@ _ACTIVATIONS = {
 }
 
 # Names of GPT-2 linear weights stored by Hugging Face as Conv1D, i.e. (d_in, d_out).
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_SUFFIXES = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
 
 
 @dataclasses.dataclass(frozen=True)

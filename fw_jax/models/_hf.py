@@ -70,7 +70,8 @@ def safetensors_files(folder: str | os.PathLike) -> list[SafetensorsFile]:
         found = {k: f.path for f in files for k in f.keys()}
         for name, shard in weight_map.items():
             if name not in found:
-                raise CheckpointError(os.path.join(folder, shard), f"missing tensor {name!r} listed in the index")
+                shard_path = os.path.join(folder, shard)
+                raise CheckpointError(shard_path, f"missing tensor {name!r} listed in the index")
         return files
     if os.path.isfile(single):
         return [SafetensorsFile(single)]
@@ -162,7 +163,9 @@ def atomic_folder_write(out_dir: str | os.PathLike, write, *, overwrite: bool = 
     return out_dir
 
 
-def save_hf_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, overwrite: bool = False) -> str:
+def save_hf_folder(
+    loaded: LoadedModel, out_dir: str | os.PathLike, *, overwrite: bool = False
+) -> str:
     """Write ``config.json``, ``model.safetensors`` (float32) and tokenizer files to ``out_dir``.
 
     The result loads with ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)``. Tensors
@@ -172,7 +175,9 @@ def save_hf_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, overwrite
 
     def write(tmp):
         hf_config_for_saving(loaded).save_pretrained(tmp)
-        write_safetensors(os.path.join(tmp, "model.safetensors"), hf_state_items(loaded), {"format": "pt"})
+        write_safetensors(
+            os.path.join(tmp, "model.safetensors"), hf_state_items(loaded), {"format": "pt"}
+        )
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
 

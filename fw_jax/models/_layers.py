@@ -35,7 +35,9 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(_empty((d_out,))) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...], preferred_element_type=F32, precision=HIGHEST)
+        y = jnp.einsum(
+            "...i,oi->...o", x, self.weight[...], preferred_element_type=F32, precision=HIGHEST
+        )
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -52,7 +54,9 @@ class Embedding(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: logits ``x Eᵀ``."""
-        return jnp.einsum("...d,vd->...v", x, self.weight[...], preferred_element_type=F32, precision=HIGHEST)
+        return jnp.einsum(
+            "...d,vd->...v", x, self.weight[...], preferred_element_type=F32, precision=HIGHEST
+        )
 
 
 class RMSNorm(nnx.Module):
@@ -84,9 +88,7 @@ class LayerNorm(nnx.Module):
         return y * self.weight[...] + self.bias[...]
 
 
-def rope_inverse_frequencies(
-    head_dim: int, rope_parameters: dict
-) -> tuple[np.ndarray, float]:
+def rope_inverse_frequencies(head_dim: int, rope_parameters: dict) -> tuple[np.ndarray, float]:
     """Inverse frequencies and attention scaling of rotary embeddings, from a HF rope dict.
 
     Supports ``rope_type`` ``default``, ``linear`` (positions divided by ``factor``) and
@@ -105,7 +107,10 @@ def rope_inverse_frequencies(
         return (inv_freq / np.float32(rope_parameters["factor"])).astype(np.float32), 1.0
     if rope_type == "llama3":
         factor = float(rope_parameters["factor"])
-        low, high = float(rope_parameters["low_freq_factor"]), float(rope_parameters["high_freq_factor"])
+        low, high = (
+            float(rope_parameters["low_freq_factor"]),
+            float(rope_parameters["high_freq_factor"]),
+        )
         old_len = float(rope_parameters["original_max_position_embeddings"])
         wavelen = 2 * math.pi / inv_freq
         scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)

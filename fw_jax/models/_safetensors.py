@@ -68,16 +68,20 @@ class SafetensorsFile:
                 shape = tuple(int(s) for s in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(self.path, f"tensor {name!r}: bad header entry {info!r}") from e
+                raise CheckpointError(
+                    self.path, f"tensor {name!r}: bad header entry {info!r}"
+                ) from e
             expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if end - begin != expected or begin < 0:
                 raise CheckpointError(
-                    self.path, f"tensor {name!r}: {end - begin} bytes for shape {shape} {info['dtype']}"
+                    self.path,
+                    f"tensor {name!r}: {end - begin} bytes for shape {shape} {info['dtype']}",
                 )
             if end > data_size:
                 raise CheckpointError(
                     self.path,
-                    f"truncated file: tensor {name!r} ends at byte {end} of a {data_size}-byte data section",
+                    f"truncated file: tensor {name!r} ends at byte {end} "
+                    f"of a {data_size}-byte data section",
                 )
             self._entries[name] = (dtype, shape, begin)
         self._mmap = None
@@ -109,7 +113,11 @@ def write_safetensors(path: str | os.PathLike, tensors, metadata: dict | None = 
     for name, shape, dtype, _ in tensors:
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -53,8 +53,9 @@ def check_layer_inputs(weight, gram, damp) -> tuple[Array, Array, float]:
     """Validate ``(weight, gram, damp)`` of one linear layer before tracing.
 
     Raises ``ValueError`` naming the problem and the expected form: ``weight`` a floating
-    ``(d_out, d_in)`` matrix, ``gram`` a floating ``(d_in, d_in)`` matrix, both finite, and
-    ``damp`` a finite number ``≥ 0``. Value checks are skipped for traced arrays.
+    ``(d_out, d_in)`` matrix, ``gram`` a floating ``(d_in, d_in)`` symmetric matrix with a
+    non-negative diagonal, both finite, and ``damp`` a finite number ``≥ 0``. Value checks are
+    skipped for traced arrays.
 
     Returns:
       ``(weight, gram, damp)`` as JAX arrays and a Python float (or the traced damp).
@@ -74,6 +75,12 @@ def check_layer_inputs(weight, gram, damp) -> tuple[Array, Array, float]:
             raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}.")
         if _is_concrete(array) and not bool(jnp.all(jnp.isfinite(array))):
             raise ValueError(f"{name} contains non-finite values (inf or nan); expected finite values.")
+    if _is_concrete(gram):
+        scale = float(jnp.max(jnp.abs(gram)))
+        if float(jnp.max(jnp.abs(gram - gram.T))) > 1e-4 * scale:
+            raise ValueError("gram must be symmetric (a Gram matrix X Xᵀ); it differs from its transpose.")
+        if bool(jnp.any(jnp.diagonal(gram) < 0)):
+            raise ValueError("gram has negative diagonal entries; expected a PSD Gram matrix X Xᵀ.")
     if _is_concrete(damp):
         if np.ndim(damp) != 0:
             raise ValueError(f"damp must be a scalar, got shape {np.shape(damp)}.")
@@ -123,28 +130,26 @@ def _cg(weight, hessian, keep, max_iter, tol, jacobi):
         inv_diag = keep
     z = inv_diag * r
     rz = jnp.sum(r * z, axis=-1)
-    stop = tol * _row_norms(r)
-
-    def active(r):
-        return _row_norms(r) > stop
+    residual = _row_norms(r)
+    stop = tol * residual
 
     def cond(state):
-        it, _, r, _, _ = state
-        return (it < max_iter) & jnp.any(active(r))
+        it, _, _, _, _, residual = state
+        return (it < max_iter) & jnp.any(residual > stop)
 
     def body(state):
-        it, x, r, p, rz = state
+        it, x, r, p, rz, residual = state
         hp = keep * (p @ hessian)
         alpha = _safe_divide(rz, jnp.sum(p * hp, axis=-1))
-        alpha = jnp.where(active(r), alpha, 0)  # converged rows stay put
+        alpha = jnp.where(residual > stop, alpha, 0)  # converged rows stay put
         x = x + alpha[:, None] * p
         r = r - alpha[:, None] * hp
         z = inv_diag * r
         rz_new = jnp.sum(r * z, axis=-1)
         beta = _safe_divide(rz_new, rz)
-        return it + 1, x, r, z + beta[:, None] * p, rz_new
+        return it + 1, x, r, z + beta[:, None] * p, rz_new, _row_norms(r)
 
-    it, x, r, _, _ = lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x, r, z, rz))
+    it, x, *_ = lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x, r, z, rz, residual))
     return x, it
 
 

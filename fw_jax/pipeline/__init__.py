@@ -1,0 +1,35 @@
+"""The pruning pipeline: calibration data, pruning a whole model, perplexity, reports and plots.
+
+  * ``data.py``      calibration windows (SparseGPT/Wanda protocol) and evaluation text
+  * ``prune.py``     ``prune_model``: sequential block-by-block pruning, resumable
+  * ``run.py``       ``prune_to_folder``: model in, pruned checkpoint + report + plots out
+  * ``evaluate.py``  perplexity of one or several models, as a table
+  * ``plots.py``     per-layer error reduction and convergence plots
+"""
+
+from fw_jax.pipeline.data import (
+    DataError,
+    calibration_tokens,
+    evaluation_tokens,
+    load_documents,
+    needs_bos_per_window,
+)
+from fw_jax.pipeline.evaluate import evaluate_perplexity, format_table
+from fw_jax.pipeline.prune import METHODS, PruneReport, PruneSettings, prune_layer, prune_model
+from fw_jax.pipeline.run import prune_to_folder
+
+__all__ = [
+    "DataError",
+    "METHODS",
+    "PruneReport",
+    "PruneSettings",
+    "calibration_tokens",
+    "evaluate_perplexity",
+    "evaluation_tokens",
+    "format_table",
+    "load_documents",
+    "needs_bos_per_window",
+    "prune_layer",
+    "prune_model",
+    "prune_to_folder",
+]

@@ -1,0 +1,299 @@
+"""Prune a whole model, block by block: ``prune_model(loaded, tokens, settings) -> PruneReport``.
+
+Sequential pruning (DESIGN.md §9): the calibration tokens are embedded; for each decoder block
+the Gram matrix of every distinct linear input is accumulated, every linear layer is pruned by
+the chosen method, the pruned weights are written back, and the *pruned* block produces the next
+block's inputs. Embeddings and the LM head are never pruned.
+
+With ``work_dir`` every finished block is checkpointed (its pruned weights and layer records,
+written atomically). Running again with the same settings resumes after the last finished
+block: the inputs of the next block are recomputed by running the pruned blocks again, which is
+deterministic, so a resumed run gives the same model bit for bit as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fw_jax import models
+from fw_jax.solver import NM, Budget, PerRow, layer_error, saliency_mask, saliency_scores, solve_layer
+from fw_jax.solver._objective import weights_error
+from fw_jax.solver._published import sparsefw_published
+
+__all__ = ["METHODS", "PruneSettings", "PruneReport", "prune_layer", "prune_model"]
+
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "sparsefw", "sparsefw-published")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSettings:
+    """How to prune every linear layer.
+
+    Attributes:
+      method: one of :data:`METHODS`. ``sparsefw`` is :func:`fw_jax.solve_layer`;
+        ``sparsefw-published`` the published recipe (α = 0.9, 2000 open-loop iterations).
+      sparsity: fraction of each row pruned (ignored when ``pattern`` is set).
+      pattern: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs (2:4 keeps 2).
+      warm_start, alpha, max_iter, step_rule, swaps: options of :func:`fw_jax.solve_layer`.
+      reconstruct: after the mask, refit the kept weights (``fw_jax.solver.reconstruct``).
+    """
+
+    method: str = "sparsefw"
+    sparsity: float = 0.5
+    pattern: Optional[tuple[int, int]] = None
+    warm_start: str = "wanda"
+    alpha: float = 0.0
+    max_iter: int = 100
+    step_rule: str = "exact"
+    swaps: bool = True
+    reconstruct: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.pattern is None and not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.pattern is not None:
+            n, m = self.pattern
+            if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
+                raise ValueError(f"pattern must be (n, m) with 1 ≤ n ≤ m (n kept of every m), got {self.pattern}")
+
+    def budget(self, d_in: int) -> Budget:
+        """The budget of a layer with ``d_in`` inputs."""
+        if self.pattern is not None:
+            return NM(*self.pattern)
+        return PerRow(max(1, int(round(d_in * (1.0 - self.sparsity)))))
+
+    def describe(self) -> str:
+        target = f"{self.pattern[0]}:{self.pattern[1]} (keep {self.pattern[0]} of every {self.pattern[1]})" if self.pattern else f"{self.sparsity:.0%} per row"
+        return f"{self.method}, {target}" + (" + reconstruction" if self.reconstruct else "")
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What :func:`prune_model` did: one record per layer, plus totals."""
+
+    settings: PruneSettings
+    layers: list[dict]
+    seconds: float
+    calibration: dict
+    history: Optional[dict] = None
+
+    def to_json(self) -> dict:
+        return {
+            "settings": dataclasses.asdict(self.settings),
+            "calibration": self.calibration,
+            "seconds": self.seconds,
+            "layers": self.layers,
+            "summary": self.summary(),
+        }
+
+    def summary(self) -> dict:
+        errors = np.array([r["error"] for r in self.layers])
+        wanda = np.array([r["wanda_error"] for r in self.layers])
+        ratio = np.where(wanda > 0, errors / np.where(wanda > 0, wanda, 1), 1.0)
+        return {
+            "layers": len(self.layers),
+            "mean_error_vs_wanda": float(ratio.mean()) if len(ratio) else None,
+            "mean_error_reduction_vs_wanda": float(1 - ratio.mean()) if len(ratio) else None,
+            "kept_fraction": float(sum(r["kept"] for r in self.layers) / max(1, sum(r["size"] for r in self.layers))),
+        }
+
+
+def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False) -> tuple[jax.Array, dict]:
+    """Prune one ``(d_out, d_in)`` layer given its input Gram matrix.
+
+    Returns:
+      The new weights (pruned entries exactly 0) and a record with the errors
+      ``‖WX − ŴX‖²`` of the method and of Wanda, and, for ``sparsefw``, the warm-start error,
+      the proved lower bound, the certificate, iterations and swaps.
+    """
+    weight = jnp.asarray(weight, jnp.float32)
+    gram = jnp.asarray(gram, jnp.float32)
+    budget = settings.budget(weight.shape[1])
+    start = time.perf_counter()
+    record: dict[str, Any] = {}
+    if settings.method == "sparsefw":
+        sol = solve_layer(
+            weight, gram, budget, warm_start=settings.warm_start, alpha=settings.alpha,
+            max_iter=settings.max_iter, step_rule=settings.step_rule, swaps=settings.swaps, history=history,
+        )
+        mask = sol.mask
+        record.update(
+            warm_error=float(sol.warm_loss), lower_bound=float(sol.lower_bound),
+            certificate=float(sol.certificate), iterations=int(sol.iterations), swaps=int(sol.swaps),
+            status=sol.status_name,
+        )
+        if history:
+            record["_history"] = {k: np.asarray(v).tolist() for k, v in sol.history._asdict().items()}
+    elif settings.method == "sparsefw-published":
+        mask = sparsefw_published(weight, gram, budget, lmo_method="bisect").mask
+    elif settings.method == "sparsegpt":
+        from fw_jax.solver._sparsegpt import sparsegpt
+
+        mask, new_weight = sparsegpt(weight, gram, budget)
+    else:
+        mask = saliency_mask(saliency_scores(settings.method, weight, gram), budget)
+    mask = jnp.asarray(mask, bool)
+    if settings.reconstruct:
+        from fw_jax.solver._reconstruct import reconstruct
+
+        new_weight = reconstruct(weight, gram, mask)
+        record["mask_error"] = float(layer_error(weight, gram, mask))
+    elif settings.method != "sparsegpt":  # SparseGPT has already updated the kept weights
+        new_weight = jnp.where(mask, weight, 0)
+    new_weight = jnp.where(mask, new_weight, 0).astype(jnp.float32)
+    wanda = saliency_mask(saliency_scores("wanda", weight, gram), budget)
+    record.update(
+        error=float(weights_error(weight, gram, new_weight)),
+        wanda_error=float(layer_error(weight, gram, wanda)),
+        kept=int(jnp.sum(mask)),
+        size=int(mask.size),
+        seconds=time.perf_counter() - start,
+    )
+    return new_weight, record
+
+
+def _fingerprint(loaded, settings: PruneSettings, calibration: dict) -> str:
+    payload = json.dumps(
+        {"source": str(loaded.source), "settings": dataclasses.asdict(settings), "calibration": calibration},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_block(work_dir: str, b: int, weights: dict, records: list[dict]) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(w) for name, w in weights.items()})
+    _atomic_write_bytes(os.path.join(work_dir, f"block_{b:04d}.npz"), buffer.getvalue())
+    _atomic_write_bytes(os.path.join(work_dir, f"block_{b:04d}.json"), json.dumps(records).encode())
+
+
+def _finished_blocks(work_dir: str, fingerprint: str) -> int:
+    """Number of leading blocks already pruned in ``work_dir`` (0 if none); checks settings."""
+    state = os.path.join(work_dir, "state.json")
+    if not os.path.exists(state):
+        return 0
+    with open(state) as f:
+        saved = json.load(f)
+    if saved.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"{work_dir} holds a run with different settings, model or calibration "
+            f"({saved.get('describe', '?')}); delete it or choose another output folder"
+        )
+    done = 0
+    while os.path.exists(os.path.join(work_dir, f"block_{done:04d}.json")):
+        done += 1
+    return done
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prune_model(
+    loaded,
+    tokens: np.ndarray,
+    settings: PruneSettings,
+    *,
+    work_dir: Optional[str] = None,
+    calibration: Optional[dict] = None,
+    history_layer: Optional[str] = None,
+    progress: bool = True,
+    after_block: Optional[Callable[[int], None]] = None,
+) -> PruneReport:
+    """Prune every linear layer of every decoder block of ``loaded`` (in place).
+
+    Args:
+      loaded: a :class:`fw_jax.models.LoadedModel`.
+      tokens: ``(nsamples, seqlen)`` calibration token ids.
+      settings: the method and its options.
+      work_dir: folder for per-block checkpoints; with one, an interrupted run resumes.
+      calibration: a description of the calibration data, recorded in the report and used to
+        check that a resumed run is the same run.
+      history_layer: name of a layer whose Frank-Wolfe history is recorded (for a plot).
+      progress: print a line per layer and per block to stderr.
+      after_block: called with the block index after each block is finished and saved.
+
+    Returns:
+      A :class:`PruneReport`.
+    """
+    model = loaded.model
+    calibration = dict(calibration or {}, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
+    fingerprint = _fingerprint(loaded, settings, calibration)
+    blocks = models.num_blocks(model)
+    start_block = 0
+    records: list[dict] = []
+    if work_dir is not None:
+        os.makedirs(work_dir, exist_ok=True)
+        start_block = _finished_blocks(work_dir, fingerprint)
+        _atomic_write_bytes(
+            os.path.join(work_dir, "state.json"),
+            json.dumps({"fingerprint": fingerprint, "describe": settings.describe(), "blocks": blocks}).encode(),
+        )
+        for b in range(start_block):
+            with np.load(os.path.join(work_dir, f"block_{b:04d}.npz")) as saved:
+                models.set_linear_weights(model, {name: jnp.asarray(saved[name]) for name in saved.files})
+            with open(os.path.join(work_dir, f"block_{b:04d}.json")) as f:
+                records.extend(json.load(f))
+        if start_block and progress:
+            _log(f"resuming after block {start_block - 1} from {work_dir}")
+
+    started = time.perf_counter()
+    history = None
+    hidden = models.embed(model, jnp.asarray(tokens))
+    for b in range(start_block):
+        hidden = models.run_block(model, b, hidden)
+    for b in range(start_block, blocks):
+        block_start = time.perf_counter()
+        grams = models.block_grams(model, b, hidden)
+        new_weights, block_records = {}, []
+        for layer in models.block_linears(model, b):
+            want_history = history_layer == layer.name and settings.method == "sparsefw"
+            new_weight, record = prune_layer(layer.weight, grams[layer.input_key], settings, history=want_history)
+            if want_history:
+                history = dict(record.pop("_history"), layer=layer.name)
+            record = dict(name=layer.name, block=b, shape=list(layer.weight.shape),
+                          budget=str(settings.budget(layer.weight.shape[1])), method=settings.method, **record)
+            new_weights[layer.name] = new_weight
+            block_records.append(record)
+            if progress:
+                reduction = 1 - record["error"] / record["wanda_error"] if record["wanda_error"] > 0 else 0.0
+                extra = f"  cert {record['certificate']:.2f}" if "certificate" in record else ""
+                _log(f"  {layer.name:<36} {record['seconds']:6.1f}s  error {record['error']:.4g}  "
+                     f"vs Wanda {-reduction:+.1%}{extra}")
+        models.set_linear_weights(model, new_weights)
+        del grams
+        if work_dir is not None:
+            _save_block(work_dir, b, new_weights, block_records)
+        records.extend(block_records)
+        if b + 1 < blocks:
+            hidden = models.run_block(model, b, hidden)
+        if progress:
+            _log(f"block {b + 1}/{blocks} done in {time.perf_counter() - block_start:.1f}s "
+                 f"(elapsed {time.perf_counter() - started:.0f}s)")
+        if after_block is not None:
+            after_block(b)
+    return PruneReport(settings=settings, layers=records, seconds=time.perf_counter() - started,
+                       calibration=calibration, history=history)

@@ -1,0 +1,157 @@
+"""End to end on tiny random models: every method and budget, resume, transformers round trip, CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from fw_jax import models
+from fw_jax.cli import main as cli_main
+from fw_jax.pipeline import PruneSettings, evaluate_perplexity, prune_model, prune_to_folder
+from models_fixtures import random_torch_model, tiny_config
+from test_pipeline_data import char_tokenizer
+
+TEXT = (open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpora", "austen_emma.txt"),
+             encoding="utf-8").read()[:20000]
+        if os.path.exists(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpora", "austen_emma.txt"))
+        else "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+             "must be in want of a wife. " * 200)
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    config = tiny_config("llama", intermediate_size=64, max_position_embeddings=128)
+    random_torch_model(config, seed=3).save_pretrained(folder, safe_serialization=True)
+    char_tokenizer().save_pretrained(folder)
+    (folder.parent / "calib.txt").write_text(TEXT, encoding="utf-8")
+    return str(folder)
+
+
+def calib_tokens(n=4, length=24, seed=0):
+    return np.random.default_rng(seed).integers(3, 100, size=(n, length)).astype(np.int32)
+
+
+def kept_counts_ok(weight, settings):
+    d_out, d_in = weight.shape
+    kept = weight != 0
+    if settings.method == "sparsegpt" and settings.pattern is None:
+        return kept.sum() == d_out * settings.budget(d_in).k  # SparseGPT: exact per layer
+    if settings.pattern:
+        n, m = settings.pattern
+        return np.all(kept.reshape(d_out, -1, m).sum(-1) == n)
+    return np.all(kept.sum(1) == settings.budget(d_in).k)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "ria", "sparsegpt", "sparsefw", "sparsefw-published"])
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(sparsity=0.6), dict(pattern=(2, 4))], ids=["50", "60", "2of4"])
+def test_every_method_and_budget_end_to_end(tiny_folder, method, target):
+    loaded = models.load_model(tiny_folder)
+    settings = PruneSettings(method=method, max_iter=20, **target)
+    report = prune_model(loaded, calib_tokens(), settings, progress=False)
+    assert len(report.layers) == 2 * len(LINEARS)
+    for name in models.linear_names(loaded.model):
+        weight = np.asarray(models.get_linear_weight(loaded.model, name))
+        if name.endswith(LINEARS):
+            assert kept_counts_ok(weight, settings), name
+    for record in report.layers:
+        assert np.isfinite(record["error"]) and record["error"] >= 0
+        if method == "sparsefw":
+            assert record["error"] <= record["wanda_error"] * (1 + 1e-5)
+            assert record["lower_bound"] <= record["error"] * (1 + 1e-5)
+        if method == "wanda":
+            assert record["error"] == pytest.approx(record["wanda_error"], rel=1e-6)
+    logits = models.logits(loaded.model, calib_tokens(1, 8))
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_reconstruction_lowers_every_layer_error(tiny_folder):
+    loaded = models.load_model(tiny_folder)
+    report = prune_model(loaded, calib_tokens(), PruneSettings(method="wanda", reconstruct=True), progress=False)
+    for record in report.layers:
+        assert record["error"] <= record["mask_error"] * (1 + 1e-4)
+
+
+def test_interrupted_run_resumes_to_the_same_model(tiny_folder, tmp_path):
+    settings = PruneSettings(method="sparsefw", max_iter=15)
+    calib = str(tmp_path.parent / "calib.txt") if False else os.path.join(os.path.dirname(tiny_folder), "calib.txt")
+    kwargs = dict(calib=calib, nsamples=4, seqlen=32, progress=False)
+    straight = str(tmp_path / "straight")
+    prune_to_folder(tiny_folder, straight, settings, **kwargs)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_block(b):
+        if b == 0:
+            raise Killed
+
+    resumed = str(tmp_path / "resumed")
+    with pytest.raises(Killed):
+        prune_to_folder(tiny_folder, resumed, settings, after_block=kill_after_first_block, **kwargs)
+    assert not os.path.exists(os.path.join(resumed, "prune_report.json"))  # nothing presented as finished
+    assert os.path.exists(resumed + ".partial/block_0000.npz")
+    seen = []
+    prune_to_folder(tiny_folder, resumed, settings, after_block=seen.append, **kwargs)
+    assert seen == [1]  # block 0 was not pruned again
+    a = load_file(os.path.join(straight, "model.safetensors"))
+    b = load_file(os.path.join(resumed, "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert not os.path.exists(resumed + ".partial")
+    with pytest.raises(FileExistsError):
+        prune_to_folder(tiny_folder, resumed, settings, **kwargs)
+    # A different setting refuses to resume somebody else's partial run.
+    with pytest.raises(Killed):
+        prune_to_folder(tiny_folder, str(tmp_path / "other"), settings, after_block=kill_after_first_block, **kwargs)
+    with pytest.raises(ValueError, match="different settings"):
+        prune_to_folder(tiny_folder, str(tmp_path / "other"), PruneSettings(method="wanda"), **kwargs)
+
+
+def test_pruned_folder_runs_in_transformers_with_the_requested_sparsity(tiny_folder, tmp_path):
+    out = str(tmp_path / "pruned")
+    calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
+    loaded, _ = prune_to_folder(tiny_folder, out, PruneSettings(method="sparsefw", pattern=(2, 4), max_iter=10),
+                                calib=calib, nsamples=4, seqlen=32, progress=False)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for name, module in torch_model.named_modules():
+        if name.endswith(LINEARS):
+            w = module.weight.detach().numpy()
+            assert np.all((w != 0).reshape(w.shape[0], -1, 4).sum(-1) == 2), name
+    # Perplexity: ours on the pruned model in memory vs transformers on the saved folder.
+    ours = evaluate_perplexity({"pruned": loaded}, [TEXT[:4000]], seqlen=32)["pruned"]
+    tok = char_tokenizer()
+    ids = tok(TEXT[:4000], add_special_tokens=False)["input_ids"]
+    windows = np.array(ids[: len(ids) // 32 * 32]).reshape(-1, 32)
+    with torch.no_grad():
+        logits = torch_model(torch.as_tensor(windows)).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                torch.as_tensor(windows[:, 1:]).reshape(-1))
+    assert ours == pytest.approx(float(torch.exp(nll)), rel=5e-3)
+    report = json.load(open(os.path.join(out, "prune_report.json")))
+    assert report["summary"]["layers"] == 14
+    assert os.path.getsize(os.path.join(out, "error_reduction.png")) > 1000
+    assert os.path.getsize(os.path.join(out, "convergence.png")) > 1000
+
+
+def test_command_line_prune_and_eval(tiny_folder, tmp_path, capsys):
+    calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
+    out = str(tmp_path / "cli")
+    code = cli_main(["prune", tiny_folder, "--method", "wanda", "--sparsity", "0.5", "--out", out,
+                     "--calib", calib, "--nsamples", "2", "--seqlen", "16"])
+    assert code == 0
+    assert "saved to" in capsys.readouterr().out
+    code = cli_main(["eval", tiny_folder, out, "--data", calib, "--seqlen", "32", "--max-windows", "4"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "cli" in table and "ppl" in table
+    code = cli_main(["prune", tiny_folder, "--out", str(tmp_path / "x"), "--calib", str(tmp_path / "missing.txt")])
+    assert code == 2
+    assert "missing.txt" in capsys.readouterr().err
