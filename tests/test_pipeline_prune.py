@@ -49,8 +49,18 @@ def kept_counts_ok(weight, settings):
     return np.all(kept.sum(1) == settings.budget(d_in).k)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "ria", "sparsegpt", "sparsefw", "sparsefw-published"])
-@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(sparsity=0.6), dict(pattern=(2, 4))], ids=["50", "60", "2of4"])
+FAST = {("sparsefw", "50"), ("sparsefw", "2of4"), ("wanda", "60"), ("sparsegpt", "2of4"), ("ria", "50"),
+        ("magnitude", "2of4"), ("sparsefw-published", "50"), ("sparsegpt", "50")}
+
+
+def _cases():
+    for method in ["magnitude", "wanda", "ria", "sparsegpt", "sparsefw", "sparsefw-published"]:
+        for name, target in [("50", dict(sparsity=0.5)), ("60", dict(sparsity=0.6)), ("2of4", dict(pattern=(2, 4)))]:
+            marks = () if (method, name) in FAST else (pytest.mark.slow,)
+            yield pytest.param(method, target, id=f"{method}-{name}", marks=marks)
+
+
+@pytest.mark.parametrize("method, target", list(_cases()))
 def test_every_method_and_budget_end_to_end(tiny_folder, method, target):
     loaded = models.load_model(tiny_folder)
     settings = PruneSettings(method=method, max_iter=20, **target)

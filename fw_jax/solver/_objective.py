@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 
 
+@jax.jit
 def row_errors(weight: Array, gram: Array, mask: Array) -> Array:
     """Per-row error ``r_i G r_iᵀ`` of keeping ``mask ⊙ weight``.
 
@@ -21,11 +23,13 @@ def row_errors(weight: Array, gram: Array, mask: Array) -> Array:
     return jnp.sum((residual @ gram) * residual, axis=-1)
 
 
+@jax.jit
 def layer_error(weight: Array, gram: Array, mask: Array) -> Array:
     """Total error ``tr(R G Rᵀ)`` of keeping ``mask ⊙ weight`` (see :func:`row_errors`)."""
     return jnp.sum(row_errors(weight, gram, mask))
 
 
+@jax.jit
 def weights_error(weight: Array, gram: Array, new_weight: Array) -> Array:
     """Error ``tr((W − Ŵ) G (W − Ŵ)ᵀ)`` of replacing ``weight`` by ``new_weight``."""
     diff = weight - new_weight

@@ -283,6 +283,10 @@ def reconstruct(
       mask: ``(d_out, d_in)`` boolean or 0/1 mask, True = kept.
       damp: relative damping ``λ ≥ 0`` (traced).
       method: ``"cg"`` (masked conjugate gradient, the default), ``"admm"`` or ``"direct"``.
+        On SmolLM2-sized layers (results/reconstruct.md) Jacobi-preconditioned cg at
+        ``tol=1e-4`` reaches ~1e-6 relative excess error in ~30 iterations, 3–7× faster than
+        plain cg, 2.5–8× faster than admm (which is also less accurate) and 20–80× faster than
+        direct (per-row LAPACK Cholesky, slow on CPU).
       max_iter: iteration cap (traced; default 300 for cg and admm, unused by direct).
       tol: stopping tolerance (traced). cg: per row, ``‖r_i‖ ≤ tol · ‖r_i⁰‖`` for the residual
         of the masked normal equations (started from ``mask ⊙ w``); admm: primal and dual

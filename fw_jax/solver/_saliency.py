@@ -6,6 +6,9 @@ to the lower index, which matters on dequantized weights where equal magnitudes 
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import Array
 
@@ -62,7 +65,12 @@ def saliency_scores(name: str, weight: Array, gram: Array) -> Array:
 def saliency_mask(scores: Array, budget: int | Budget) -> Array:
     """Binary mask keeping the highest ``scores`` in every budget unit (lower index on ties)."""
     budget = as_budget(budget)
-    budget.check(*scores.shape)
+    budget.check(*jnp.shape(scores))
+    return _mask_jit(jnp.asarray(scores), budget=budget)
+
+
+@functools.partial(jax.jit, static_argnames="budget")
+def _mask_jit(scores, *, budget):
     return round_to_budget((scores,), budget)
 
 
