@@ -73,8 +73,17 @@ def speed_row(name, weight, gram, setting, repeats):
         per_iter[iters] = t
     ours_iter = (per_iter[150] - per_iter[50]) / 100
 
-    pub_first, pub_time, pub = timed(lambda: sparsefw_published(w, g, budget, lmo_method="top_k"), 1)
-    _, pub_short, _ = timed(lambda: sparsefw_published(w, g, budget, iterations=100), 1)
+    # The published recipe with lax.top_k: its loop has a fixed cost per iteration, measured from
+    # runs of 100 and 300 iterations; its 2000-iteration total is that cost × 2000 plus the
+    # fixed part. Its final error comes from the full 2000-iteration run with the bisection LMO
+    # (the same vertices as top_k, see tests/test_lmo.py and tests/test_published.py).
+    pub_runs = {}
+    for iters in (100, 300):
+        pub_first, t, _ = timed(lambda: sparsefw_published(w, g, budget, iterations=iters, lmo_method="top_k"), 1)
+        pub_runs[iters] = t
+    pub_iter = (pub_runs[300] - pub_runs[100]) / 200
+    pub_time = pub_runs[100] + pub_iter * 1900
+    pub = sparsefw_published(w, g, budget, lmo_method="bisect")
     wanda = float(ours.warm_loss)
     return {
         "layer": name,
@@ -87,9 +96,9 @@ def speed_row(name, weight, gram, setting, repeats):
         "ours_iter_per_gemm": ours_iter / gemm_time,
         "ours_iterations": int(ours.iterations),
         "ours_error_vs_wanda": float(ours.loss) / wanda,
-        "published_compile_s": max(pub_first - pub_time, 0.0),
+        "published_compile_s": max(pub_first - pub_runs[300], 0.0),
         "published_total_s": pub_time,
-        "published_iter_ms": (pub_time - pub_short) / 1900 * 1e3,
+        "published_iter_ms": pub_iter * 1e3,
         "published_error_vs_wanda": float(pub.loss) / wanda,
         "speedup_vs_published": pub_time / ours_time,
         "ours_not_worse": float(ours.loss) <= float(pub.loss),
@@ -160,7 +169,9 @@ def markdown(speed, quality, command, elapsed, subproblems=()):
         "",
         "Defaults of `solve_layer` (exact line search, α = 0, swaps) vs the published recipe "
         "(2000 open-loop iterations, `lax.top_k`, dense GEMM each iteration), same run. "
-        "Iteration times are medians; compile time is reported apart.",
+        "Iteration times are medians; compile time is reported apart. The published total is "
+        "its measured per-iteration time (100- vs 300-iteration runs) × 2000 plus its fixed part; its "
+        "error is that of the full 2000-iteration run.",
         "",
         "| layer | shape | setting | GEMM ms | ours ms/iter | iter/GEMM | ours iters | ours total s | "
         "ours compile s | published ms/iter | published total s | speed-up | ours err | published err |",
@@ -224,7 +235,7 @@ def markdown(speed, quality, command, elapsed, subproblems=()):
 def main():
     parser = argparse.ArgumentParser(description="fw_jax solver benchmark on real SmolLM2 layers")
     parser.add_argument("--speed-block", type=int, default=14)
-    parser.add_argument("--quality-blocks", type=int, nargs="+", default=[2, 14, 26])
+    parser.add_argument("--quality-blocks", type=int, nargs="+", default=[5, 20])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one block, one repeat, speed on two shapes")
     parser.add_argument("--out", default=str(ROOT / "results" / "solver"))

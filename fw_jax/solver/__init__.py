@@ -7,12 +7,16 @@ Where things live:
   * ``_rounding.py``     relaxed → binary masks; ``_swaps.py`` 1-swap refinement
   * ``_saliency.py``     magnitude / Wanda / RIA scores and masks
   * ``_solve.py``        ``solve_layer``: warm start → fix → FW → round → swaps → certificate
+  * ``_published.py``    the published SparseFW recipe, plainly (the reference)
+  * ``_sparsegpt.py``    SparseGPT; ``_reconstruct.py`` refitting kept weights for a fixed mask
 """
 
 from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow, as_budget
 from fw_jax.solver._frank_wolfe import FWHistory, FWResult, frank_wolfe
 from fw_jax.solver._lmo import NMLMO, TopKLMO
 from fw_jax.solver._objective import layer_error, row_errors, weights_error
+from fw_jax.solver._published import PublishedResult, sparsefw_published
+from fw_jax.solver._reconstruct import reconstruct
 from fw_jax.solver._rounding import round_to_budget
 from fw_jax.solver._saliency import (
     magnitude_mask,
@@ -25,6 +29,7 @@ from fw_jax.solver._saliency import (
     wanda_scores,
 )
 from fw_jax.solver._solve import LayerSolution, Status, solve_layer
+from fw_jax.solver._sparsegpt import sparsegpt
 from fw_jax.solver._steps import ExactLineSearch, OpenLoop, ShortStep, StepInfo
 from fw_jax.solver._swaps import SwapResult, swap_refine
 
