@@ -117,3 +117,68 @@ def test_bisect_selection_counts_and_ties():
     np.testing.assert_array_equal(
         np.asarray(smallest_mask_bisect(values, 3, eligible)), [0, 1, 1, 0, 1, 0]
     )
+
+
+def brute_force_hypersimplex(g, fixed, k, support=None, maximise=False):
+    """Best vertex with exactly k ones ⊇ fixed (and, for away vertices, inside the face of m):
+    min (or max) ⟨g, v⟩, ties to the lexicographically smallest index tuple."""
+    n = g.size
+    must = set(np.flatnonzero(fixed)) | (set(np.flatnonzero(support == 1)) if support is not None else set())
+    banned = set(np.flatnonzero(support == 0)) if support is not None else set()
+    free = [i for i in range(n) if i not in must and i not in banned]
+    best = None
+    for combo in itertools.combinations(free, k - len(must)):
+        chosen = tuple(sorted(must | set(combo)))
+        value = float(sum(g[list(chosen)]))
+        key = (-value if maximise else value, chosen)
+        if best is None or key < best:
+            best = key
+    v = np.zeros(n)
+    v[list(best[1])] = 1
+    return v
+
+
+@pytest.mark.parametrize("method", ["bisect", "top_k"])
+def test_exact_and_away_oracles_match_brute_force(method):
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        n = int(rng.integers(2, 9))
+        k = int(rng.integers(1, n))
+        g = tied_gradients(rng, (n,))
+        fixed = np.zeros(n, bool)
+        fixed[rng.permutation(n)[: int(rng.integers(0, k))]] = True
+        lmo = TopKLMO(k, method, exact=True)
+        got = np.asarray(lmo(jnp.asarray(g), jnp.asarray(fixed)))
+        np.testing.assert_array_equal(got, brute_force_hypersimplex(g, fixed, k))
+        # A point of the face: ones (incl. fixed), zeros, and fractional entries summing to the rest.
+        m = np.zeros(n)
+        m[fixed] = 1
+        rest = [i for i in range(n) if not fixed[i]]
+        room = k - fixed.sum()
+        frac = rng.permutation(rest)[: room + 1] if room + 1 <= len(rest) else rest
+        if room > 0 and len(frac) > room:
+            m[frac] = room / len(frac)
+        elif room > 0:
+            m[rest[:room]] = 1
+        got = np.asarray(lmo.away(jnp.asarray(g), jnp.asarray(m), jnp.asarray(fixed)))
+        support = np.where(m >= 1, 1, np.where(m <= 0, 0, -1))
+        np.testing.assert_array_equal(got, brute_force_hypersimplex(g, fixed, k, support, maximise=True))
+
+
+def test_nm_exact_and_away_oracles():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        g = tied_gradients(rng, (8,))
+        fixed = np.zeros(8, bool)
+        lmo = NMLMO(2, 4, exact=True)
+        got = np.asarray(lmo(jnp.asarray(g), jnp.asarray(fixed)))
+        want = np.concatenate([brute_force_hypersimplex(g[i : i + 4], fixed[i : i + 4], 2) for i in (0, 4)])
+        np.testing.assert_array_equal(got, want)
+        m = np.array([1, 0.5, 0.5, 0, 1 / 3, 1 / 3, 1 / 3, 1])
+        got = np.asarray(lmo.away(jnp.asarray(g), jnp.asarray(m), jnp.asarray(fixed)))
+        want = []
+        for i in (0, 4):
+            block = m[i : i + 4]
+            support = np.where(block >= 1, 1, np.where(block <= 0, 0, -1))
+            want.append(brute_force_hypersimplex(g[i : i + 4], fixed[i : i + 4], 2, support, maximise=True))
+        np.testing.assert_array_equal(got, np.concatenate(want))

@@ -1,0 +1,109 @@
+"""Perplexity of SmolLM2-135M pruned by every method (issues 4 and 5: the quality table).
+
+Calibration: random windows of five Austen novels (Persuasion held out), SparseGPT/Wanda
+protocol. Evaluation: held-out Persuasion and CPython's `pydoc_data` evaluation part, DESIGN.md §9
+protocol (first ``--max-windows`` windows). Every pruned model is a folder under ``--runs``;
+finished ones are reused, so the script can be interrupted and re-run.
+
+    python benchmarks/quality_table.py --settings 50% 2:4 60%
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CORPORA = ROOT.parent / "shared" / "corpora"
+
+from fw_jax.pipeline import PruneSettings, evaluate_perplexity, format_table, load_documents, prune_to_folder  # noqa: E402
+
+METHODS = {
+    "magnitude": dict(method="magnitude"),
+    "wanda": dict(method="wanda"),
+    "ria": dict(method="ria"),
+    "sparsegpt": dict(method="sparsegpt"),
+    "sparsefw α=0.9": dict(method="sparsefw", alpha=0.9),
+    "sparsefw α=0": dict(method="sparsefw", alpha=0.0),
+    "wanda + reconstruct": dict(method="wanda", reconstruct=True),
+    "sparsefw α=0 + reconstruct": dict(method="sparsefw", alpha=0.0, reconstruct=True),
+}
+SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "2:4": dict(pattern=(2, 4))}
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "quality"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "quality"))
+    args = parser.parse_args()
+    command = "python benchmarks/quality_table.py " + " ".join(sys.argv[1:])
+    started = time.perf_counter()
+    calib = [str(p) for p in sorted(CORPORA.glob("austen_*.txt")) if p.name != "austen_persuasion.txt"]
+    datasets = {
+        "Persuasion": load_documents(str(CORPORA / "austen_persuasion.txt")),
+        "pydoc-eval": load_documents("pydoc-eval"),
+    }
+    folders, prune_seconds, layer_summaries = {"dense": "smollm2-135m"}, {}, {}
+    for setting in args.settings:
+        for name in args.methods:
+            label = f"{name} @ {setting}"
+            folder = pathlib.Path(args.runs) / slug(f"{setting}-{name}")
+            report_path = folder / "prune_report.json"
+            if not report_path.exists():
+                settings = PruneSettings(**METHODS[name], **SETTINGS[setting])
+                prune_to_folder("smollm2-135m", str(folder), settings, calib=calib, nsamples=args.nsamples,
+                                seqlen=args.seqlen, seed=args.seed, history_layer=None)
+            report = json.loads(report_path.read_text())
+            folders[label] = str(folder)
+            prune_seconds[label] = report["seconds"]
+            layer_summaries[label] = report["summary"]
+    table = {}
+    for dataset, documents in datasets.items():
+        for label, value in evaluate_perplexity(folders, documents, seqlen=args.eval_seqlen,
+                                                max_windows=args.max_windows).items():
+            table.setdefault(label, {})[f"{dataset} ppl"] = value
+    for label in table:
+        summary = layer_summaries.get(label)
+        if summary:
+            table[label]["mean layer error vs Wanda"] = summary["mean_error_vs_wanda"]
+            table[label]["prune s"] = prune_seconds[label]
+    elapsed = time.perf_counter() - started
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "seconds": elapsed, "table": table}, indent=1))
+    text = "\n".join([
+        "# Perplexity of pruned SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
+        "",
+        f"Command: `{command}` — {elapsed / 60:.0f} min on {platform.machine()} ({jax.default_backend()}), jax {jax.__version__}.",
+        "",
+        f"Calibration: {args.nsamples} windows × {args.seqlen} tokens from five Austen novels (Persuasion held out), "
+        f"seed {args.seed}. Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "
+        "and of the pydoc evaluation text. Mean layer error: the method's layer error ‖WX − ŴX‖² divided by "
+        "Wanda's on the same inputs, averaged over the 210 pruned layers (with reconstruction: of the final weights).",
+        "",
+        format_table(table, digits=3),
+        "",
+    ])
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
