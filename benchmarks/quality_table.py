@@ -60,7 +60,21 @@ def main() -> None:
         "Persuasion": load_documents(str(CORPORA / "austen_persuasion.txt")),
         "pydoc-eval": load_documents("pydoc-eval"),
     }
-    folders, prune_seconds, layer_summaries = {"dense": "smollm2-135m"}, {}, {}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table: dict[str, dict] = {}
+    if out.with_suffix(".json").exists():  # results of earlier (interrupted) runs with these options
+        table = json.loads(out.with_suffix(".json").read_text()).get("table", {})
+
+    def evaluate(label, folder):
+        if label in table:
+            return
+        for dataset, documents in datasets.items():
+            value = evaluate_perplexity({label: folder}, documents, seqlen=args.eval_seqlen,
+                                        max_windows=args.max_windows)[label]
+            table.setdefault(label, {})[f"{dataset} ppl"] = value
+
+    evaluate("dense", "smollm2-135m")
     for setting in args.settings:
         for name in args.methods:
             label = f"{name} @ {setting}"
@@ -70,23 +84,14 @@ def main() -> None:
                 settings = PruneSettings(**METHODS[name], **SETTINGS[setting])
                 prune_to_folder("smollm2-135m", str(folder), settings, calib=calib, nsamples=args.nsamples,
                                 seqlen=args.seqlen, seed=args.seed, history_layer=None)
+            evaluate(label, str(folder))
             report = json.loads(report_path.read_text())
-            folders[label] = str(folder)
-            prune_seconds[label] = report["seconds"]
-            layer_summaries[label] = report["summary"]
-    table = {}
-    for dataset, documents in datasets.items():
-        for label, value in evaluate_perplexity(folders, documents, seqlen=args.eval_seqlen,
-                                                max_windows=args.max_windows).items():
-            table.setdefault(label, {})[f"{dataset} ppl"] = value
-    for label in table:
-        summary = layer_summaries.get(label)
-        if summary:
-            table[label]["mean layer error vs Wanda"] = summary["mean_error_vs_wanda"]
-            table[label]["prune s"] = prune_seconds[label]
-    elapsed = time.perf_counter() - started
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+            table[label]["mean layer error vs Wanda"] = report["summary"]["mean_error_vs_wanda"]
+            table[label]["prune s"] = report["seconds"]
+            write(out, table, command, time.perf_counter() - started, args)
+
+
+def write(out, table, command, elapsed, args):
     out.with_suffix(".json").write_text(json.dumps({"command": command, "seconds": elapsed, "table": table}, indent=1))
     text = "\n".join([
         "# Perplexity of pruned SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
@@ -102,7 +107,7 @@ def main() -> None:
         "",
     ])
     out.with_suffix(".md").write_text(text)
-    print(text)
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
