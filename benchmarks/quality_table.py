@@ -29,6 +29,7 @@ METHODS = {
     "wanda": dict(method="wanda"),
     "ria": dict(method="ria"),
     "sparsegpt": dict(method="sparsegpt"),
+    "sparsefw published": dict(method="sparsefw-published"),
     "sparsefw α=0.9": dict(method="sparsefw", alpha=0.9),
     "sparsefw α=0": dict(method="sparsefw", alpha=0.0),
     "wanda + reconstruct": dict(method="wanda", reconstruct=True),

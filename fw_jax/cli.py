@@ -139,7 +139,7 @@ def _main_job(args: argparse.Namespace) -> int:
                      args.eval, args.eval_seqlen, args.max_windows)
 
 
-def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int) -> None:
+def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int, max_iter: int = 100) -> None:
     from fw_jax.pipeline import METHODS
 
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned in every row (default 0.5)")
@@ -147,7 +147,7 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--method", choices=METHODS, default="sparsefw")
     p.add_argument("--warm-start", choices=("wanda", "ria", "magnitude"), default="wanda")
     p.add_argument("--alpha", type=float, default=0.0, help="fraction of each budget fixed to top saliency (paper: 0.9)")
-    p.add_argument("--max-iter", type=int, default=100, help="Frank-Wolfe iterations")
+    p.add_argument("--max-iter", type=int, default=max_iter, help=f"Frank-Wolfe iterations (default {max_iter})")
     p.add_argument("--step-rule", choices=("exact", "open_loop", "short"), default="exact")
     p.add_argument("--no-swaps", action="store_true", help="skip the 1-swap refinement")
     p.add_argument("--reconstruct", action="store_true", help="refit the kept weights after the mask")
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     main_job = sub.add_parser("demo", help="the main job: dense vs Wanda vs SparseFW on SmolLM2-135M, offline")
     main_job.add_argument("--model", default="smollm2-135m")
-    _add_prune_options(main_job, nsamples=32, seqlen=512)
+    _add_prune_options(main_job, nsamples=32, seqlen=512, max_iter=40)
     main_job.add_argument("--out", default=os.path.join("runs", "demo"))
     main_job.add_argument("--eval", default="pydoc-eval")
     main_job.add_argument("--eval-seqlen", type=int, default=512)

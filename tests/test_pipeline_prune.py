@@ -165,3 +165,15 @@ def test_command_line_prune_and_eval(tiny_folder, tmp_path, capsys):
     code = cli_main(["prune", tiny_folder, "--out", str(tmp_path / "x"), "--calib", str(tmp_path / "missing.txt")])
     assert code == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_main_job_prints_dense_wanda_sparsefw_table(tiny_folder, tmp_path, capsys):
+    calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
+    args = ["demo", "--model", tiny_folder, "--calib", calib, "--nsamples", "2", "--seqlen", "16",
+            "--max-iter", "10", "--eval", calib, "--eval-seqlen", "32", "--max-windows", "2",
+            "--out", str(tmp_path / "demo")]
+    assert cli_main(args) == 0
+    table = capsys.readouterr().out
+    for name in ("dense", "wanda", "sparsefw"):
+        assert name in table
+    assert cli_main(args) == 0  # a second run reuses the pruned folders

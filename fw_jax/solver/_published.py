@@ -40,7 +40,7 @@ def _published(weight, gram, alpha, *, budget, iterations, warm_start, lmo_metho
     fixed = round_to_budget((scores,), budget, count=jnp.floor(alpha * per_unit + 1e-9).astype(jnp.int32))
     if isinstance(budget, NM):
         lmo = jax.vmap(NMLMO(budget.n, budget.m))
-    elif hasattr(budget, "is_separable") and budget.is_separable:
+    elif budget.is_separable:
         lmo = jax.vmap(TopKLMO(budget.k, lmo_method))
     else:
         single = TopKLMO(budget.k, lmo_method)
