@@ -71,7 +71,7 @@ def _settings(args: argparse.Namespace, method: str | None = None):
     try:
         return PruneSettings(
             method=method or args.method, sparsity=args.sparsity, pattern=pattern,
-            warm_start=args.warm_start, alpha=args.alpha, max_iter=args.max_iter,
+            warm_start=args.warm_start, alpha=args.alpha, max_iter=args.max_iter, tol=args.tol,
             step_rule=args.step_rule, swaps=not args.no_swaps, reconstruct=args.reconstruct,
         )
     except ValueError as e:
@@ -148,6 +148,8 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--warm-start", choices=("wanda", "ria", "magnitude"), default="wanda")
     p.add_argument("--alpha", type=float, default=0.0, help="fraction of each budget fixed to top saliency (paper: 0.9)")
     p.add_argument("--max-iter", type=int, default=max_iter, help=f"Frank-Wolfe iterations (default {max_iter})")
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="stop a row's Frank-Wolfe early once gap/error (its relaxed certificate) is below this")
     p.add_argument("--step-rule", choices=("exact", "open_loop", "short"), default="exact")
     p.add_argument("--no-swaps", action="store_true", help="skip the 1-swap refinement")
     p.add_argument("--reconstruct", action="store_true", help="refit the kept weights after the mask")

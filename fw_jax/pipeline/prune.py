@@ -44,7 +44,8 @@ class PruneSettings:
         ``sparsefw-published`` the published recipe (α = 0.9, 2000 open-loop iterations).
       sparsity: fraction of each row pruned (ignored when ``pattern`` is set).
       pattern: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs (2:4 keeps 2).
-      warm_start, alpha, max_iter, step_rule, swaps: options of :func:`fw_jax.solve_layer`.
+      warm_start, alpha, max_iter, tol, step_rule, swaps: options of :func:`fw_jax.solve_layer`
+        (``tol``: stop a row once its relaxed certificate ``gap / error`` is below it).
       reconstruct: after the mask, refit the kept weights (``fw_jax.solver.reconstruct``).
     """
 
@@ -54,6 +55,7 @@ class PruneSettings:
     warm_start: str = "wanda"
     alpha: float = 0.0
     max_iter: int = 100
+    tol: float = 1e-4
     step_rule: str = "exact"
     swaps: bool = True
     reconstruct: bool = False
@@ -126,7 +128,7 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
     if settings.method == "sparsefw":
         sol = solve_layer(
             weight, gram, budget, warm_start=settings.warm_start, alpha=settings.alpha,
-            max_iter=settings.max_iter, step_rule=settings.step_rule, swaps=settings.swaps, history=history,
+            max_iter=settings.max_iter, tol=settings.tol, step_rule=settings.step_rule, swaps=settings.swaps, history=history,
         )
         mask = sol.mask
         record.update(
@@ -135,7 +137,10 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
             status=sol.status_name,
         )
         if history:
-            record["_history"] = {k: np.asarray(v).tolist() for k, v in sol.history._asdict().items()}
+            record["_history"] = {  # NaN marks iterations not run; JSON has null for that
+                k: [None if not np.isfinite(x) else float(x) for x in np.asarray(v)]
+                for k, v in sol.history._asdict().items()
+            }
     elif settings.method == "sparsefw-published":
         mask = sparsefw_published(weight, gram, budget, lmo_method="bisect").mask
     elif settings.method == "sparsegpt":

@@ -31,8 +31,12 @@ def _write_plots(report: PruneReport, out_dir: str) -> list[str]:
                                     title=f"Layer error vs Wanda — {report.settings.describe()}")]
     if report.history is not None:
         history = {k: v for k, v in report.history.items() if k != "layer"}
+        record = next(r for r in report.layers if r["name"] == report.history["layer"])
+        references = {"Wanda": record["wanda_error"], "returned mask": record["error"],
+                      "lower bound": record.get("lower_bound", 0.0)}
         written.append(plot_convergence(history, os.path.join(out_dir, "convergence.png"),
-                                        title=f"Frank-Wolfe on {report.history['layer']}"))
+                                        title=f"Frank-Wolfe on {report.history['layer']}",
+                                        references={k: v for k, v in references.items() if v > 0}))
     return written
 
 
