@@ -106,8 +106,13 @@ def smollm2_torch():
 
 @pytest.fixture(scope="module")
 def austen_ids(smollm2):
-    with open(AUSTEN, encoding="utf-8") as f:
-        text = f.read()
+    if os.path.exists(AUSTEN):
+        with open(AUSTEN, encoding="utf-8") as f:
+            text = f.read()
+    else:  # a checkout without ../shared: CPython's own English prose instead
+        from fw_jax.pipeline.data import pydoc_text
+
+        text = pydoc_text("evaluation")
     # A held-out slice from the middle of the novel, a few thousand tokens.
     start = len(text) // 2
     return np.asarray(smollm2.tokenizer(text[start : start + 16000])["input_ids"], dtype=np.int32)
