@@ -142,7 +142,7 @@ def frank_wolfe(
             direction = vertex - mask
             max_step = jnp.ones((units,), dtype)
         step_weights = weight * direction
-        slope = unit_sum(step_weights * rg)
+        slope = unit_sum(step_weights * rg) if pairwise else gap / 2
         direction_product = step_weights @ gram
         curvature = unit_sum(step_weights * direction_product)
         done = state.done | (gap <= tol * loss)
