@@ -81,7 +81,6 @@ class _Config:
     """Everything static: changing any of it compiles a new solver."""
 
     budget: Budget
-    warm_start: Optional[str]
     saliency: str
     step_rule: Any
     lmo_method: str
@@ -279,13 +278,12 @@ def solve_layer(
         raise ValueError(f"lmo_method must be 'bisect' or 'top_k', got {lmo_method!r}")
     if isinstance(warm_start, str):
         saliency_scores(warm_start, weight[:1, :1], gram[:1, :1])  # validates the name
-        warm_mask, warm_name, saliency = None, warm_start, warm_start
+        warm_mask, saliency = None, warm_start
     else:
         warm_mask = check_warm_mask(warm_start, weight.shape, budget)
-        warm_name, saliency = None, "wanda"
+        saliency = "wanda"
     config = _Config(
         budget=budget,
-        warm_start=warm_name,
         saliency=saliency,
         step_rule=step,
         lmo_method=lmo_method,
