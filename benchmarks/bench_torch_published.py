@@ -77,7 +77,6 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "results" / "published_torch"))
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     command = "python benchmarks/bench_torch_published.py " + " ".join(sys.argv[1:])
     rows = []
     for setting in SETTINGS:

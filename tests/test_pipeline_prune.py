@@ -90,7 +90,7 @@ def test_reconstruction_lowers_every_layer_error(tiny_folder):
 
 def test_interrupted_run_resumes_to_the_same_model(tiny_folder, tmp_path):
     settings = PruneSettings(method="sparsefw", max_iter=15)
-    calib = str(tmp_path.parent / "calib.txt") if False else os.path.join(os.path.dirname(tiny_folder), "calib.txt")
+    calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
     kwargs = dict(calib=calib, nsamples=4, seqlen=32, progress=False)
     straight = str(tmp_path / "straight")
     prune_to_folder(tiny_folder, straight, settings, **kwargs)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow, as_budget
+from fw_jax.solver._budgets import NM, Budget, LayerBudget, as_budget
 from fw_jax.solver._frank_wolfe import FWHistory, frank_wolfe, full_polytope_bound
 from fw_jax.solver._lmo import NMLMO, TopKLMO
 from fw_jax.solver._objective import row_errors
