@@ -34,6 +34,8 @@ METHODS = {
     "sparsefw α=0": dict(method="sparsefw", alpha=0.0),
     "wanda + reconstruct": dict(method="wanda", reconstruct=True),
     "sparsefw α=0 + reconstruct": dict(method="sparsefw", alpha=0.0, reconstruct=True),
+    "sparsefw α=0.9 + reconstruct": dict(method="sparsefw", alpha=0.9, reconstruct=True),
+    "sparsegpt mask + reconstruct": dict(method="sparsegpt", reconstruct=True),
 }
 SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "2:4": dict(pattern=(2, 4))}
 
@@ -64,8 +66,12 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table: dict[str, dict] = {}
+    commands: list[dict] = []  # every invocation that added rows, with its wall time
     if out.with_suffix(".json").exists():  # results of earlier (interrupted) runs with these options
-        table = json.loads(out.with_suffix(".json").read_text()).get("table", {})
+        previous = json.loads(out.with_suffix(".json").read_text())
+        table = previous.get("table", {})
+        commands = previous.get("commands") or [{"command": previous["command"], "seconds": previous["seconds"]}]
+    commands.append({"command": command, "seconds": 0.0})
 
     def evaluate(label, folder):
         if label in table:
@@ -89,15 +95,20 @@ def main() -> None:
             report = json.loads(report_path.read_text())
             table[label]["mean layer error vs Wanda"] = report["summary"]["mean_error_vs_wanda"]
             table[label]["prune s"] = report["seconds"]
-            write(out, table, command, time.perf_counter() - started, args)
+            commands[-1]["seconds"] = time.perf_counter() - started
+            write(out, table, commands, args)
 
 
-def write(out, table, command, elapsed, args):
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "seconds": elapsed, "table": table}, indent=1))
+def write(out, table, commands, args):
+    out.with_suffix(".json").write_text(json.dumps({"commands": commands, "table": table}, indent=1))
+    runs = [f"- `{c['command']}` — {c['seconds'] / 60:.0f} min" for c in commands if c["seconds"] > 0]
     text = "\n".join([
         "# Perplexity of pruned SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
         "",
-        f"Command: `{command}` — {elapsed / 60:.0f} min on {platform.machine()} ({jax.default_backend()}), jax {jax.__version__}.",
+        f"Produced on {platform.machine()} ({jax.default_backend()}, 2 cores), jax {jax.__version__}, by these runs "
+        "(each re-run reuses the finished rows and pruned folders of the earlier ones):",
+        "",
+        *runs,
         "",
         f"Calibration: {args.nsamples} windows × {args.seqlen} tokens from five Austen novels (Persuasion held out), "
         f"seed {args.seed}. Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "

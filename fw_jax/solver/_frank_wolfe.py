@@ -11,6 +11,14 @@ relaxed polytope of every unit ``u`` (an LMO per unit), one matrix product per i
     η = step_rule(...)               one step size per unit
     M ← M + η (V − M),   P ← P + η (Q − P)
 
+With ``max_changes`` set (the *incremental* product, vanilla steps only), ``Q`` is kept too and
+updated from the entries where the new vertex differs from the previous one,
+
+    Q_t = Q_{t−1} + (W ⊙ (V_t − V_{t−1})) G      (a gather of ≤ max_changes rows of G per row)
+
+and ``(W ⊙ (V − M)) G = Q − P``; when some row changes in more than ``max_changes`` entries the
+iteration falls back to the dense ``Q = (W ⊙ V) G``.
+
 Units are rows for per-row and n:m budgets (each row has its own step size and stops on its
 own: its flag lives in the loop carry) and the whole matrix for a layer budget. ``P`` is
 recomputed densely every ``refresh_every`` iterations to bound the drift of the running update.
@@ -48,16 +56,46 @@ class FWResult(NamedTuple):
     iterations: Array  #: (units,) iterations taken by each unit.
     converged: Array  #: (units,) gap ≤ tol · loss reached.
     history: Optional[FWHistory]
+    sparse_updates: Array  #: () iterations whose product was updated incrementally.
 
 
 class _State(NamedTuple):
     iteration: Array
     mask: Array
     product: Array
+    vertex: Optional[Array]  # previous vertex and its product (incremental product only)
+    vertex_product: Optional[Array]
+    sparse_updates: Array  # iterations that took the incremental path
     lower_bound: Array
     iterations: Array
     done: Array
     history: Optional[FWHistory]
+
+
+PRECISIONS = ("default", "highest", "bfloat16")
+
+
+def gram_matmul(x: Array, gram: Array, precision: str = "default") -> Array:
+    """``x @ gram`` in the loop's precision: ``"default"`` (JAX's default for the dtype: full
+    float32 on CPU, TF32 on recent GPUs), ``"highest"`` (full float32 everywhere) or
+    ``"bfloat16"`` (bfloat16 inputs, float32 accumulation). The result has ``x``'s dtype."""
+    if precision == "bfloat16":
+        out = jnp.matmul(x.astype(jnp.bfloat16), gram.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        return out.astype(x.dtype)
+    return jnp.matmul(x, gram, precision=lax.Precision.HIGHEST if precision == "highest" else None)
+
+
+def changed_rows_product(delta: Array, gram: Array, max_changes: int) -> Array:
+    """``delta @ gram`` for a ``delta`` with at most ``max_changes`` nonzeros per row (over the
+    last axis): gathers those rows of ``gram`` instead of a dense product."""
+    rows = delta.reshape(-1, delta.shape[-1])
+
+    def one(row):
+        (index,) = jnp.nonzero(row, size=max_changes, fill_value=0)
+        coef = jnp.where(jnp.arange(max_changes) < jnp.sum(row != 0), row[index], 0)
+        return coef @ gram[index]
+
+    return jax.vmap(one)(rows).reshape(delta.shape[:-1] + gram.shape[-1:])
 
 
 def unit_sum(x: Array) -> Array:
@@ -79,6 +117,8 @@ def frank_wolfe(
     refresh_every: int = 64,
     pairwise: bool = False,
     round_units: Optional[Callable[[Array], Array]] = None,
+    max_changes: Optional[int] = None,
+    precision: str = "default",
 ) -> FWResult:
     """Run Frank-Wolfe on every unit of ``weight`` at once (traceable; jit the caller).
 
@@ -99,18 +139,27 @@ def frank_wolfe(
         oracle and an init mask keeping exactly the budget.
       round_units: if given, also record the per-iteration error of the rounded iterate
         (costs a rounding and a GEMM per iteration: for plots only).
+      max_changes: static; ``None`` for the dense product every iteration, else the
+        incremental product with at most this many changed entries per row (vanilla steps).
+      precision: static; precision of the iteration's matrix products (see
+        :func:`gram_matmul`). The final certificate is always recomputed at ``"highest"``.
 
     Returns:
       An :class:`FWResult`.
     """
+    if max_changes is not None and pairwise:
+        raise ValueError("the incremental product supports vanilla Frank-Wolfe steps only (pairwise=False)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    incremental = max_changes is not None
     dtype = weight.dtype
     units = weight.shape[0]
     snap = 32 * jnp.finfo(dtype).eps
     batched_lmo = jax.vmap(lmo)
-    target = weight @ gram  # H = W G
+    target = gram_matmul(weight, gram, precision)  # H = W G
 
-    def product_of(mask):
-        return (weight * mask) @ gram
+    def product_of(mask, precision=precision):
+        return gram_matmul(weight * mask, gram, precision)
 
     def loss_and_rg(mask, product):
         rg = target - product
@@ -127,12 +176,20 @@ def frank_wolfe(
     def body(state: _State) -> _State:
         t = state.iteration
         mask = state.mask
-        product = lax.cond(
-            (t > 0) & (t % refresh_every == 0), lambda: product_of(mask), lambda: state.product
-        )
+        refresh = (t > 0) & (t % refresh_every == 0)
+        product = lax.cond(refresh, lambda: product_of(mask), lambda: state.product)
         loss, rg = loss_and_rg(mask, product)
         gradient = -2 * weight * rg
         vertex = batched_lmo(gradient, fixed)
+        vertex_product, sparse = state.vertex_product, jnp.zeros((), bool)
+        if incremental:
+            delta = vertex - state.vertex
+            sparse = ~refresh & (jnp.max(jnp.sum(delta != 0, axis=-1)) <= max_changes)
+            vertex_product = lax.cond(
+                sparse,
+                lambda: state.vertex_product + changed_rows_product(weight * delta, gram, max_changes),
+                lambda: product_of(vertex),
+            )
         gap = 2 * unit_sum(weight * (vertex - mask) * rg)
         if pairwise:
             direction = vertex - jax.vmap(lmo.away)(gradient, mask, fixed)
@@ -143,7 +200,7 @@ def frank_wolfe(
             max_step = jnp.ones((units,), dtype)
         step_weights = weight * direction
         slope = unit_sum(step_weights * rg) if pairwise else gap / 2
-        direction_product = step_weights @ gram
+        direction_product = vertex_product - product if incremental else gram_matmul(step_weights, gram, precision)
         curvature = unit_sum(step_weights * direction_product)
         done = state.done | (gap <= tol * loss)
         info = StepInfo(
@@ -171,16 +228,23 @@ def frank_wolfe(
             iteration=t + 1,
             mask=new_mask,
             product=product + eta_b * direction_product,
+            vertex=vertex if incremental else None,
+            vertex_product=vertex_product,
+            sparse_updates=state.sparse_updates + sparse.astype(jnp.int32),
             lower_bound=jnp.maximum(state.lower_bound, loss - gap),
             iterations=state.iterations + (~done).astype(jnp.int32),
             done=done,
             history=new_history,
         )
 
+    init_product = product_of(init_mask.astype(dtype))
     init = _State(
         iteration=jnp.array(0, jnp.int32),
         mask=init_mask.astype(dtype),
-        product=product_of(init_mask.astype(dtype)),
+        product=init_product,
+        vertex=init_mask.astype(dtype) if incremental else None,
+        vertex_product=init_product if incremental else None,
+        sparse_updates=jnp.zeros((), jnp.int32),
         lower_bound=jnp.full((units,), -jnp.inf, dtype),
         iterations=jnp.zeros((units,), jnp.int32),
         done=jnp.zeros((units,), bool),
@@ -190,10 +254,15 @@ def frank_wolfe(
 
     # Recompute the certificate once at the final iterate, from a fresh product (no drift).
     mask = state.mask
-    loss, rg = loss_and_rg(mask, product_of(mask))
+    if precision == "default":
+        rg = target - product_of(mask)
+    else:  # the bound must not inherit the loop's rounding
+        rg = gram_matmul(weight, gram, "highest") - product_of(mask, "highest")
+    loss = unit_sum(weight * (1 - mask) * rg)
     vertex = batched_lmo(-2 * weight * rg, fixed)
     gap = 2 * unit_sum(weight * (vertex - mask) * rg)
-    lower_bound = jnp.maximum(jnp.maximum(state.lower_bound, loss - gap), 0)
+    running = state.lower_bound if precision != "bfloat16" else -jnp.inf  # too coarse to prove anything
+    lower_bound = jnp.maximum(jnp.maximum(running, loss - gap), 0)
     return FWResult(
         relaxed_mask=mask,
         loss=loss,
@@ -202,6 +271,7 @@ def frank_wolfe(
         iterations=state.iterations,
         converged=gap <= tol * loss,
         history=state.history,
+        sparse_updates=state.sparse_updates,
     )
 
 

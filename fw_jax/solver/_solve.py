@@ -23,7 +23,7 @@ import numpy as np
 from jax import Array
 
 from fw_jax.solver._budgets import NM, Budget, LayerBudget, as_budget
-from fw_jax.solver._frank_wolfe import FWHistory, frank_wolfe, full_polytope_bound
+from fw_jax.solver._frank_wolfe import PRECISIONS, FWHistory, frank_wolfe, full_polytope_bound
 from fw_jax.solver._lmo import NMLMO, TopKLMO
 from fw_jax.solver._objective import row_errors
 from fw_jax.solver._rounding import round_to_budget
@@ -62,6 +62,7 @@ class LayerSolution(NamedTuple):
     row_loss: Array  #: (d_out,) per-row error of ``mask``.
     iterations: Array  #: Frank-Wolfe iterations (the most any unit took).
     swaps: Array  #: accepted 1-swaps, summed over units.
+    sparse_updates: Array  #: iterations whose product was updated incrementally (``product="incremental"``).
     status: Array  #: a :class:`Status` code.
     history: Optional[FWHistory]  #: per-iteration totals if ``history=True``.
 
@@ -90,6 +91,8 @@ class _Config:
     max_swaps: int
     history: bool
     pairwise: bool
+    max_changes: Optional[int]
+    precision: str
 
 
 _TRACES = [0]
@@ -156,6 +159,8 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
         refresh_every=config.refresh_every,
         pairwise=config.pairwise,
         round_units=round_units,
+        max_changes=config.max_changes,
+        precision=config.precision,
     )
     relaxed = _from_units(fw.relaxed_mask, budget)
     rounded = round_to_budget(round_keys(relaxed), budget)
@@ -206,6 +211,7 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
         row_loss=jnp.where(finite, mask_rows, warm_rows),
         iterations=jnp.max(fw.iterations),
         swaps=swaps,
+        sparse_updates=fw.sparse_updates,
         status=status,
         history=fw.history,
     )
@@ -226,6 +232,9 @@ def solve_layer(
     lmo_method: str = "bisect",
     refresh_every: int = 64,
     pairwise: bool = False,
+    product: str = "dense",
+    max_changes: Optional[int] = None,
+    precision: str = "default",
     history: bool = False,
     throw: bool = False,
 ) -> LayerSolution:
@@ -256,6 +265,14 @@ def solve_layer(
       pairwise: pairwise Frank-Wolfe steps (toward the FW vertex, away from the away vertex,
         in decomposition-invariant form) on the hull of masks keeping exactly the budget;
         ``False`` gives vanilla Frank-Wolfe on the ``≤`` budget polytope, as published.
+      product: ``"dense"`` (one GEMM per iteration) or ``"incremental"``: update ``(W⊙V)G``
+        from the entries where the vertex changed (a gather of rows of ``G``), falling back to
+        the dense product when some row changes in more than ``max_changes`` entries. Same
+        iterates up to float rounding; vanilla steps only.
+      max_changes: per-row cap of the incremental update (default ``d_in // 16``).
+      precision: of the iteration's products: ``"default"`` (JAX's: full float32 on CPU, TF32
+        on recent GPUs), ``"highest"`` or ``"bfloat16"`` (bfloat16 inputs, float32 sums).
+        Only the loop uses it: the errors, swaps and lower bound never use bfloat16 products.
       history: record per-iteration relaxed error, rounded error and gap (costs a rounding and
         a GEMM per iteration; for plots).
       throw: raise ``RuntimeError`` unless the status is ``converged``.
@@ -276,6 +293,14 @@ def solve_layer(
             raise ValueError(f"{name} must be a non-negative int (refresh_every ≥ 1), got {value!r}")
     if lmo_method not in ("bisect", "top_k"):
         raise ValueError(f"lmo_method must be 'bisect' or 'top_k', got {lmo_method!r}")
+    if product not in ("dense", "incremental"):
+        raise ValueError(f"product must be 'dense' or 'incremental', got {product!r}")
+    if product == "incremental" and pairwise:
+        raise ValueError("product='incremental' supports vanilla steps only; use pairwise=False")
+    if max_changes is not None and (not isinstance(max_changes, (int, np.integer)) or max_changes < 1):
+        raise ValueError(f"max_changes must be a positive int or None, got {max_changes!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if isinstance(warm_start, str):
         saliency_scores(warm_start, weight[:1, :1], gram[:1, :1])  # validates the name
         warm_mask, saliency = None, warm_start
@@ -293,6 +318,8 @@ def solve_layer(
         max_swaps=int(max_swaps),
         history=bool(history),
         pairwise=bool(pairwise),
+        max_changes=None if product == "dense" else int(max_changes or max(1, weight.shape[1] // 16)),
+        precision=precision,
     )
     solution = _solve(
         weight,
