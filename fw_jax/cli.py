@@ -86,7 +86,7 @@ def _prune(args: argparse.Namespace) -> int:
     try:
         _, report = prune_to_folder(
             args.model, out, settings, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-            seed=args.seed, overwrite=args.overwrite,
+            seed=args.seed, overwrite=args.overwrite, devices=_devices(args.devices),
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"fw-jax prune: {e}", file=sys.stderr)
@@ -134,7 +134,7 @@ def _main_job(args: argparse.Namespace) -> int:
             print(f"{out} is already pruned; reusing it", file=sys.stderr)
             continue
         prune_to_folder(args.model, out, settings, calib=args.calib, nsamples=args.nsamples,
-                        seqlen=args.seqlen, seed=args.seed)
+                        seqlen=args.seqlen, seed=args.seed, devices=_devices(args.devices))
     return _evaluate({"dense": args.model, **{f"{m} ({_settings(args, m).describe().split(', ', 1)[1]})": o for m, o in outs.items()}},
                      args.eval, args.eval_seqlen, args.max_windows)
 
@@ -157,6 +157,17 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--nsamples", type=int, default=nsamples)
     p.add_argument("--seqlen", type=int, default=seqlen)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=int, default=1,
+                   help="solve the layers of a block concurrently on this many local devices (0: all)")
+
+
+def _devices(count: int):
+    import jax
+
+    available = jax.local_devices()
+    if count < 0 or count > len(available):
+        raise ValueError(f"--devices must be between 0 (all) and {len(available)} (the local devices), got {count}")
+    return available[: count or len(available)]
 
 
 def build_parser() -> argparse.ArgumentParser:

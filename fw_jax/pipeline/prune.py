@@ -13,13 +13,14 @@ deterministic, so a resumed run gives the same model bit for bit as an uninterru
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -227,6 +228,7 @@ def prune_model(
     history_layer: Optional[str] = None,
     progress: bool = True,
     after_block: Optional[Callable[[int], None]] = None,
+    devices: Optional[Sequence[Any]] = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block of ``loaded`` (in place).
 
@@ -240,6 +242,9 @@ def prune_model(
       history_layer: name of a layer whose Frank-Wolfe history is recorded (for a plot).
       progress: print a line per layer and per block to stderr.
       after_block: called with the block index after each block is finished and saved.
+      devices: JAX devices to spread the layers of a block over (layer ``i`` on
+        ``devices[i % len(devices)]``, solved concurrently); ``None`` solves them one by one on
+        the default device. The result does not depend on it.
 
     Returns:
       A :class:`PruneReport`.
@@ -274,9 +279,21 @@ def prune_model(
         block_start = time.perf_counter()
         grams = models.block_grams(model, b, hidden)
         new_weights, block_records = {}, []
-        for layer in models.block_linears(model, b):
-            want_history = history_layer == layer.name and settings.method == "sparsefw"
-            new_weight, record = prune_layer(layer.weight, grams[layer.input_key], settings, history=want_history)
+        linears = list(models.block_linears(model, b))
+        wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
+        if devices is not None and len(devices) > 1:
+            def on_device(i):
+                device = devices[i % len(devices)]
+                w, g = jax.device_put(linears[i].weight, device), jax.device_put(grams[linears[i].input_key], device)
+                new_weight, record = prune_layer(w, g, settings, history=wants[i])
+                return jax.device_put(new_weight, jax.devices()[0]), record
+
+            with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+                results = list(pool.map(on_device, range(len(linears))))
+        else:
+            results = (prune_layer(layer.weight, grams[layer.input_key], settings, history=want)
+                       for layer, want in zip(linears, wants))
+        for layer, want_history, (new_weight, record) in zip(linears, wants, results):
             if want_history:
                 history = dict(record.pop("_history"), layer=layer.name)
             record = dict(name=layer.name, block=b, shape=list(layer.weight.shape),

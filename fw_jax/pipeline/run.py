@@ -53,11 +53,13 @@ def prune_to_folder(
     history_layer: Optional[str] = "auto",
     progress: bool = True,
     after_block=None,
+    devices=None,
 ) -> tuple[models.LoadedModel, PruneReport]:
     """Prune ``model`` (a folder, a GGUF file or ``"smollm2-135m"``) into ``out_dir``.
 
     Returns the pruned model (in memory) and the report. Raises ``FileExistsError`` if
-    ``out_dir`` already holds a finished checkpoint and ``overwrite`` is false.
+    ``out_dir`` already holds a finished checkpoint and ``overwrite`` is false. ``devices``: see
+    :func:`prune_model` (the layers of a block solved concurrently, one per device).
     """
     if os.path.exists(os.path.join(out_dir, REPORT_NAME)) and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a finished pruned model; pass --overwrite to replace it")
@@ -77,7 +79,8 @@ def prune_to_folder(
         print(f"pruning {model}: {settings.describe()}, calibration {nsamples}×{seqlen} tokens of {calib}",
               file=sys.stderr, flush=True)
     report = prune_model(loaded, tokens, settings, work_dir=work_dir, calibration=calibration,
-                         history_layer=history_layer, progress=progress, after_block=after_block)
+                         history_layer=history_layer, progress=progress, after_block=after_block,
+                         devices=devices)
     models.save_hf_folder(loaded, out_dir, overwrite=True)
     _write_plots(report, out_dir)
     tmp = os.path.join(out_dir, REPORT_NAME + ".tmp")

@@ -69,9 +69,20 @@ def smallest_mask_bisect(values: Array, count: Array, eligible: Array) -> Array:
     below = keys < threshold
     at = keys == threshold
     room = count - jnp.sum(below, dtype=int_dtype)
-    flat_at = at.reshape(-1)
-    first_ties = (jnp.cumsum(flat_at, dtype=int_dtype) <= room).reshape(at.shape) & at
+    first_ties = (running_count(at, int_dtype) <= room) & at
     return (below | first_ties) & (count > 0)
+
+
+def running_count(flags: Array, int_dtype=jnp.int32) -> Array:
+    """Inclusive running count of ``flags`` in row-major (flat) order, like
+    ``cumsum(flags.ravel()).reshape(flags.shape)``, computed per row plus an offset per row: on
+    row-sharded arrays only the per-row totals travel between devices, not the matrix."""
+    if flags.ndim < 2:
+        return jnp.cumsum(flags, dtype=int_dtype)
+    within = jnp.cumsum(flags, axis=-1, dtype=int_dtype)
+    totals = within[..., -1].reshape(-1)
+    offsets = (jnp.cumsum(totals) - totals).reshape(flags.shape[:-1])
+    return within + offsets[..., None]
 
 
 def smallest_mask_topk(values: Array, count: Array, eligible: Array, max_count: int) -> Array:
