@@ -47,7 +47,7 @@ from fw_jax.solver._published import sparsefw_published  # noqa: E402
 
 LLAMA_SHAPES = {"llama7b.attn (4096×4096)": (4096, 4096), "llama7b.up (11008×4096)": (11008, 4096),
                 "llama7b.down (4096×11008)": (4096, 11008)}
-SMOLLM_LAYERS = ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")
+SMOLLM_LAYERS = ("self_attn.q_proj", "mlp.down_proj")
 PRESETS = {
     # shapes, LLaMA rows kept, T1, T2, repeats, max_iter for the gap run, precisions
     "cpu": dict(smollm=True, llama_rows=64, t1=3, t2=8, repeats=3, max_iter=150, llama_max_iter=40,
@@ -118,7 +118,7 @@ def gemm_rate(weight, gram, repeats):
 VARIANT_KEYS = ("step", "lmo", "product", "precision")
 
 
-GRID = dict(step=("exact", "open_loop"), lmo=("bisect", "top_k"), product=("dense", "incremental"))
+GRID = dict(step=("exact", "open_loop"), lmo=("bisect", "search", "top_k"), product=("dense", "incremental"))
 
 
 def variants(grid):

@@ -42,7 +42,7 @@ def tied_gradients(rng, shape, levels=4):
     return rng.integers(-levels, 2, size=shape).astype(np.float64)
 
 
-@pytest.mark.parametrize("method", ["bisect", "top_k"])
+@pytest.mark.parametrize("method", ["bisect", "search", "top_k"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_capped_lmo_matches_brute_force_on_rows(method, dtype):
     rng = np.random.default_rng(0)
@@ -59,7 +59,7 @@ def test_capped_lmo_matches_brute_force_on_rows(method, dtype):
         np.testing.assert_array_equal(got, want, err_msg=f"g={g} fixed={fixed} k={k}")
 
 
-@pytest.mark.parametrize("method", ["bisect", "top_k"])
+@pytest.mark.parametrize("method", ["bisect", "search", "top_k"])
 def test_capped_lmo_matches_brute_force_on_matrices(method):
     # A layer budget: the unit is a whole matrix, ties broken by row-major index.
     rng = np.random.default_rng(1)
@@ -138,7 +138,7 @@ def brute_force_hypersimplex(g, fixed, k, support=None, maximise=False):
     return v
 
 
-@pytest.mark.parametrize("method", ["bisect", "top_k"])
+@pytest.mark.parametrize("method", ["bisect", "search", "top_k"])
 def test_exact_and_away_oracles_match_brute_force(method):
     rng = np.random.default_rng(4)
     for _ in range(30):
@@ -182,3 +182,33 @@ def test_nm_exact_and_away_oracles():
             support = np.where(block >= 1, 1, np.where(block <= 0, 0, -1))
             want.append(brute_force_hypersimplex(g[i : i + 4], fixed[i : i + 4], 2, support, maximise=True))
         np.testing.assert_array_equal(got, np.concatenate(want))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_search_selection_equals_bisection(dtype):
+    """Interpolation search selects exactly what bisection selects: ties, infinities, signed
+    zeros, quantized values, ineligible entries, matrices (layer units), every count."""
+    from fw_jax.solver._select import smallest_mask_search
+
+    rng = np.random.default_rng(7)
+    search = jax.jit(smallest_mask_search)
+    bisect = jax.jit(smallest_mask_bisect)
+    for trial in range(60):
+        shape = [(17,), (4, 9), (3, 2, 8)][trial % 3]
+        kind = trial % 5
+        if kind == 0:
+            values = rng.normal(size=shape)
+        elif kind == 1:
+            values = np.round(rng.normal(size=shape) * 2) / 2  # many exact ties
+        elif kind == 2:
+            values = rng.standard_cauchy(size=shape) * 1e30  # huge spread
+        elif kind == 3:
+            values = rng.choice([-np.inf, -0.0, 0.0, 1e-38, -1e-38, 3.0, np.inf], size=shape)
+        else:
+            values = np.full(shape, 2.5)
+        values = jnp.asarray(values.astype(dtype))
+        eligible = jnp.asarray(rng.random(shape) < 0.8)
+        for count in range(0, values.size + 2, max(1, values.size // 7)):
+            got = np.asarray(search(values, count, eligible))
+            want = np.asarray(bisect(values, count, eligible))
+            np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}, count {count}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 
@@ -21,7 +22,9 @@ from fw_jax.solver._select import (
     group_ranks,
     lexicographic_better,
     smallest_mask_bisect,
+    smallest_mask_search,
     smallest_mask_topk,
+    smallest_mask_units,
 )
 
 __all__ = ["TopKLMO", "NMLMO"]
@@ -42,24 +45,37 @@ class TopKLMO:
     Attributes:
       k: budget of the unit.
       method: ``"bisect"`` (threshold bisection on the float bits: streaming passes, the
-        fastest on CPU, see ``benchmarks/``) or ``"top_k"`` (``lax.top_k``). Same result.
+        fastest on CPU, see ``benchmarks/``), ``"search"`` (interpolation + bisection on the
+        same keys, fewer passes) or ``"top_k"`` (``lax.top_k``). Same result.
     """
 
     k: int
-    method: Literal["bisect", "top_k"] = "bisect"
+    method: Literal["bisect", "search", "top_k"] = "bisect"
     exact: bool = False
 
     def _smallest(self, values: Array, count: Array, eligible: Array) -> Array:
         if self.method == "bisect":
             return smallest_mask_bisect(values, count, eligible)
+        if self.method == "search":
+            return smallest_mask_search(values, count, eligible)
         if self.method == "top_k":
             return smallest_mask_topk(values, count, eligible, min(self.k, values.size))
-        raise ValueError(f"TopKLMO.method must be 'bisect' or 'top_k', got {self.method!r}")
+        raise ValueError(f"TopKLMO.method must be 'bisect', 'search' or 'top_k', got {self.method!r}")
 
     def __call__(self, gradient: Array, fixed: Array) -> Array:
         free_budget = self.k - jnp.sum(fixed, dtype=jnp.int32)
         eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
         return (self._smallest(gradient, free_budget, eligible) | fixed).astype(gradient.dtype)
+
+    def batched(self, gradient: Array, fixed: Array) -> Array:
+        """``vmap(self)`` over a leading unit axis; the threshold methods run batched so that
+        their tie-break step is skipped for the whole stack when no unit needs it."""
+        if self.method == "top_k":
+            return jax.vmap(self)(gradient, fixed)
+        units = gradient.shape[0]
+        free_budget = self.k - jnp.sum(fixed.reshape(units, -1), axis=-1, dtype=jnp.int32)
+        eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
+        return (smallest_mask_units(gradient, free_budget, eligible, self.method) | fixed).astype(gradient.dtype)
 
     def away(self, gradient: Array, mask: Array, fixed: Array) -> Array:
         """Away vertex of the hypersimplex in decomposition-invariant form: the worst vertex

@@ -51,13 +51,54 @@ def smallest_mask_bisect(values: Array, count: Array, eligible: Array) -> Array:
     Returns:
       Boolean array like ``values`` with exactly ``min(count, #eligible)`` entries set.
     """
-    int_dtype, bits = _int_type(values.dtype)
+    return smallest_mask_units(values[None], jnp.reshape(count, (1,)), eligible[None], "bisect")[0]
+
+
+def smallest_mask_search(values: Array, count: Array, eligible: Array) -> Array:
+    """Same result as :func:`smallest_mask_bisect`, in fewer counting passes.
+
+    The bracket ``#{key ≤ lo} < count ≤ #{key ≤ hi}`` is narrowed by alternating an
+    interpolation guess (on the values, from the two counts) with a bisection step on the keys,
+    and the search stops as soon as a bracket end holds exactly ``count`` keys (then the keys up
+    to it are the answer) or the bracket is a single key. On the smooth gradients of Frank-Wolfe
+    it takes a handful of passes instead of 32 (float32); the bisection steps bound the worst case
+    at twice the bisection's.
+    """
+    return smallest_mask_units(values[None], jnp.reshape(count, (1,)), eligible[None], "search")[0]
+
+
+def smallest_mask_units(values: Array, count: Array, eligible: Array, method: str = "bisect") -> Array:
+    """:func:`smallest_mask_bisect` / :func:`smallest_mask_search` for a stack of units at once.
+
+    ``values``/``eligible``: ``(units, ...)``; ``count``: ``(units,)``. The thresholds are found
+    per unit; the lowest-index tie-break (a running count, the only non-streaming step) runs only
+    when some unit has more entries at its threshold than room for them.
+    """
+    dtype = values.dtype
+    int_dtype, bits = _int_type(dtype)
     info = jnp.iinfo(int_dtype)
     keys = jnp.where(eligible, sortable_keys(values), jnp.array(info.max, int_dtype))
-    count = jnp.minimum(jnp.asarray(count, int_dtype), jnp.sum(eligible, dtype=int_dtype))
+    flat = keys.reshape(keys.shape[0], -1)
+    count = jnp.minimum(jnp.asarray(count, int_dtype), jnp.sum(eligible.reshape(flat.shape), axis=-1, dtype=int_dtype))
+    find = _threshold_search if method == "search" else _threshold_bisect
+    threshold = jax.vmap(lambda k, c: find(k, c, dtype))(flat, count)
+    shape = (-1,) + (1,) * (values.ndim - 1)
+    below = keys < threshold.reshape(shape)
+    at = keys == threshold.reshape(shape)
+    room = count - jnp.sum(below.reshape(flat.shape), axis=-1, dtype=int_dtype)
+    spill = jnp.any(jnp.sum(at.reshape(flat.shape), axis=-1, dtype=int_dtype) > room)
+    ties = lax.cond(spill, lambda: jax.vmap(lambda a: running_count(a, int_dtype))(at) <= room.reshape(shape),
+                    lambda: jnp.ones_like(at))
+    return (below | (ties & at)) & (count > 0).reshape(shape)
+
+
+def _threshold_bisect(keys: Array, count: Array, dtype) -> Array:
+    """Smallest key ``τ`` with ``#{keys ≤ τ} ≥ count`` (1-D ``keys``), by bisection."""
+    int_dtype, bits = _int_type(dtype)
+    info = jnp.iinfo(int_dtype)
     # Invariant: #{key ≤ lo} < count ≤ #{key ≤ hi}. Finite floats never map to info.min.
     lo = jnp.min(keys) - 1
-    hi = jnp.max(jnp.where(eligible, keys, jnp.array(info.min, int_dtype)))
+    hi = jnp.max(jnp.where(keys < info.max, keys, jnp.array(info.min, int_dtype)))
 
     def halve(_, bracket):
         lo, hi = bracket
@@ -65,12 +106,43 @@ def smallest_mask_bisect(values: Array, count: Array, eligible: Array) -> Array:
         enough = jnp.sum(keys <= mid, dtype=int_dtype) >= count
         return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
 
-    _, threshold = lax.fori_loop(0, bits, halve, (lo, hi))
-    below = keys < threshold
-    at = keys == threshold
-    room = count - jnp.sum(below, dtype=int_dtype)
-    first_ties = (running_count(at, int_dtype) <= room) & at
-    return (below | first_ties) & (count > 0)
+    return lax.fori_loop(0, bits, halve, (lo, hi))[1]
+
+
+def _threshold_search(keys: Array, count: Array, dtype) -> Array:
+    """A key ``τ`` selecting the same entries as :func:`_threshold_bisect`'s (see
+    :func:`smallest_mask_search`)."""
+    int_dtype, bits = _int_type(dtype)
+    info = jnp.iinfo(int_dtype)
+    lo = jnp.min(keys) - 1
+    hi = jnp.max(jnp.where(keys < info.max, keys, jnp.array(info.min, int_dtype)))
+    fcount = count.astype(jnp.float32)
+
+    def cond(state):
+        lo, hi, _, c_hi, passes = state
+        return (lo + 1 < hi) & (c_hi != count) & (passes < 2 * bits)  # (hi − lo can overflow)
+
+    def body(state):
+        lo, hi, c_lo, c_hi, passes = state
+        lo_v, hi_v = float_of_key(lo, dtype), float_of_key(hi, dtype)
+        frac = (fcount - c_lo.astype(jnp.float32)) / jnp.maximum(c_hi - c_lo, 1).astype(jnp.float32)
+        guess = sortable_keys(lo_v + frac.astype(dtype) * (hi_v - lo_v))
+        guess = jnp.clip(jnp.where(jnp.isfinite(lo_v) & jnp.isfinite(hi_v), guess, lo), lo + 1, hi - 1)
+        mid = jnp.where(passes % 2 == 0, guess, _floor_mean(lo, hi))
+        c = jnp.sum(keys <= mid, dtype=int_dtype)
+        enough = c >= count
+        return (jnp.where(enough, lo, mid), jnp.where(enough, mid, hi),
+                jnp.where(enough, c_lo, c), jnp.where(enough, c, c_hi), passes + 1)
+
+    zero = jnp.zeros((), int_dtype)
+    return lax.while_loop(cond, body, (lo, hi, zero, jnp.sum(keys <= hi, dtype=int_dtype), zero))[1]
+
+
+def float_of_key(keys: Array, dtype) -> Array:
+    """Inverse of :func:`sortable_keys`."""
+    int_dtype, bits = _int_type(dtype)
+    magnitude_bits = jnp.array((1 << (bits - 1)) - 1, int_dtype)
+    return lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ magnitude_bits, keys), dtype)
 
 
 def running_count(flags: Array, int_dtype=jnp.int32) -> Array:
@@ -151,10 +223,10 @@ def top_count_lexsort(keys: tuple[Array, ...], count: Array) -> Array:
 __all__ = [
     "sortable_keys",
     "smallest_mask_bisect",
+    "smallest_mask_search",
+    "smallest_mask_units",
     "smallest_mask_topk",
     "group_ranks",
     "lexicographic_better",
     "top_count_lexsort",
 ]
-
-del jax

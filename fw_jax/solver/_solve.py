@@ -260,7 +260,8 @@ def solve_layer(
         published) or ``"short"``; or a rule object from ``fw_jax.solver``.
       swaps: refine the rounded mask by 1-swaps (DESIGN.md §6).
       max_swaps: cap on swap steps (each step swaps at most once per unit).
-      lmo_method: ``"bisect"`` (default, fastest on CPU) or ``"top_k"``; same vertices.
+      lmo_method: ``"bisect"`` (default), ``"search"`` or ``"top_k"``; same vertices (see
+        ``benchmarks/bench_variants.py`` for which is fastest where).
       refresh_every: dense recomputation period of the running product.
       pairwise: pairwise Frank-Wolfe steps (toward the FW vertex, away from the away vertex,
         in decomposition-invariant form) on the hull of masks keeping exactly the budget;
@@ -291,8 +292,8 @@ def solve_layer(
     for name, value in (("max_iter", max_iter), ("max_swaps", max_swaps), ("refresh_every", refresh_every)):
         if not isinstance(value, (int, np.integer)) or value < (1 if name == "refresh_every" else 0):
             raise ValueError(f"{name} must be a non-negative int (refresh_every ≥ 1), got {value!r}")
-    if lmo_method not in ("bisect", "top_k"):
-        raise ValueError(f"lmo_method must be 'bisect' or 'top_k', got {lmo_method!r}")
+    if lmo_method not in ("bisect", "search", "top_k"):
+        raise ValueError(f"lmo_method must be 'bisect', 'search' or 'top_k', got {lmo_method!r}")
     if product not in ("dense", "incremental"):
         raise ValueError(f"product must be 'dense' or 'incremental', got {product!r}")
     if product == "incremental" and pairwise:
