@@ -72,6 +72,7 @@ def _settings(args: argparse.Namespace, method: str | None = None):
         return PruneSettings(
             method=method or args.method, sparsity=args.sparsity, pattern=pattern,
             warm_start=args.warm_start, alpha=args.alpha, max_iter=args.max_iter, tol=args.tol,
+            shrinkage=args.shrinkage,
             step_rule=args.step_rule, swaps=not args.no_swaps, reconstruct=args.reconstruct,
         )
     except ValueError as e:
@@ -153,6 +154,8 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--step-rule", choices=("exact", "open_loop", "short"), default="exact")
     p.add_argument("--no-swaps", action="store_true", help="skip the 1-swap refinement")
     p.add_argument("--reconstruct", action="store_true", help="refit the kept weights after the mask")
+    p.add_argument("--shrinkage", type=float, default=0.0,
+                   help="sparsefw: shrink the Gram matrix toward its diagonal by this fraction (0 to 1)")
     p.add_argument("--calib", default="pydoc-calib", help="text file, folder, JSONL, parquet, pydoc-calib, c4")
     p.add_argument("--nsamples", type=int, default=nsamples)
     p.add_argument("--seqlen", type=int, default=seqlen)

@@ -177,3 +177,21 @@ def test_main_job_prints_dense_wanda_sparsefw_table(tiny_folder, tmp_path, capsy
     for name in ("dense", "wanda", "sparsefw"):
         assert name in table
     assert cli_main(args) == 0  # a second run reuses the pruned folders
+
+
+def test_shrinkage_interpolates_between_the_calibration_error_and_wanda():
+    from fw_jax.pipeline import prune_layer
+    from solver_problems import correlated_problem
+
+    weight, gram = correlated_problem(np.random.default_rng(0), 12, 32, dtype=np.float32)
+    errors = {}
+    for rho in (0.0, 0.5, 1.0):
+        _, record = prune_layer(weight, gram, PruneSettings(sparsity=0.5, alpha=0.0, shrinkage=rho))
+        errors[rho] = record["error"]
+        assert ("certificate" in record) == (rho == 0) and ("shrunk_certificate" in record) == (rho > 0)
+    wanda = record["wanda_error"]
+    # ρ = 1: a separable problem, where Wanda's mask is optimal; ρ = 0 is best on G itself.
+    assert errors[1.0] == pytest.approx(wanda, rel=1e-5)
+    assert errors[0.0] <= errors[0.5] * (1 + 1e-6) and errors[0.5] < wanda
+    with pytest.raises(ValueError, match="shrinkage"):
+        PruneSettings(shrinkage=1.5)
