@@ -84,8 +84,9 @@ def main() -> None:
     evaluate("dense", "smollm2-135m")
     for setting in args.settings:
         for name in args.methods:
-            label = f"{name} @ {setting}"
-            folder = pathlib.Path(args.runs) / slug(f"{setting}-{name}")
+            seed_tag = f" (seed {args.seed})" if args.seed else ""  # seed 0 rows are unmarked
+            label = f"{name} @ {setting}{seed_tag}"
+            folder = pathlib.Path(args.runs) / slug(f"{setting}-{name}{seed_tag}")
             report_path = folder / "prune_report.json"
             if not report_path.exists():
                 settings = PruneSettings(**METHODS[name], **SETTINGS[setting])
@@ -111,15 +112,46 @@ def write(out, table, commands, args):
         *runs,
         "",
         f"Calibration: {args.nsamples} windows × {args.seqlen} tokens from five Austen novels (Persuasion held out), "
-        f"seed {args.seed}. Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "
+        "seed 0 unless the row says otherwise. Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "
         "and of the pydoc evaluation text. Mean layer error: the method's layer error ‖WX − ŴX‖² divided by "
         "Wanda's on the same inputs, averaged over the 210 pruned layers (with reconstruction: of the final weights).",
         "",
         format_table(table, digits=3),
         "",
+        *bars(table),
     ])
     out.with_suffix(".md").write_text(text)
     print(text, flush=True)
+
+
+DEFAULT = "sparsefw α=0.9"  # fw_jax's pipeline default (PruneSettings)
+RECONSTRUCTED = ("sparsefw α=0 + reconstruct", "sparsefw α=0.9 + reconstruct")
+
+
+def bars(table):
+    """Issue 5's bars, checked on the rows present: default mask-only vs Wanda and RIA, and
+    fw_jax with reconstruction vs SparseGPT, per setting and evaluation text."""
+    lines = ["## Bars (computed from the rows above)", ""]
+    for setting in SETTINGS:
+        ours = table.get(f"{DEFAULT} @ {setting}")
+        for rival in ("wanda", "ria"):
+            theirs = table.get(f"{rival} @ {setting}")
+            if ours and theirs:
+                lines.append(f"- {setting}, {DEFAULT} vs {rival}: " + _compare(ours, theirs))
+        sgpt = table.get(f"sparsegpt @ {setting}")
+        for name in RECONSTRUCTED:
+            if sgpt and f"{name} @ {setting}" in table:
+                lines.append(f"- {setting}, {name} vs sparsegpt: " + _compare(table[f"{name} @ {setting}"], sgpt))
+    return lines + [""]
+
+
+def _compare(ours, theirs):
+    parts = []
+    for key in ("Persuasion ppl", "pydoc-eval ppl"):
+        if key in ours and key in theirs:
+            verdict = "**beats**" if ours[key] < theirs[key] else "**misses**"
+            parts.append(f"{key.split()[0]} {ours[key]:.2f} vs {theirs[key]:.2f} {verdict}")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":
