@@ -51,8 +51,9 @@ LLAMA_SHAPES = {"llama7b.attn (4096×4096)": (4096, 4096), "llama7b.up (11008×4
 SMOLLM_LAYERS = ("self_attn.q_proj", "mlp.down_proj")
 PRESETS = {
     # shapes, LLaMA rows kept, T1, T2, repeats, max_iter for the gap run, precisions
-    "cpu": dict(smollm=True, llama_rows=64, t1=3, t2=8, repeats=3, max_iter=150, llama_max_iter=40,
-                precisions=("default", "bfloat16")),
+    # On 2 CPU cores the full grid runs on the first layer only; the others get a reduced grid.
+    "cpu": dict(smollm=True, llama_rows=64, t1=5, t2=25, repeats=3, max_iter=150, llama_max_iter=40,
+                precisions=("default", "bfloat16"), reduced=dict(step=("exact",), lmo=("bisect", "search"))),
     "gpu": dict(smollm=True, llama_rows=None, t1=10, t2=40, repeats=5, max_iter=300, llama_max_iter=300,
                 precisions=("highest", "default", "bfloat16")),
     "tiny": dict(smollm=False, llama_rows=None, t1=2, t2=5, repeats=2, max_iter=20, llama_max_iter=20,
@@ -71,19 +72,19 @@ def synthetic_layer(rows, d_in, seed=0, rank=256):
     return weight, jax.block_until_ready(gram)
 
 
-def problems(preset, rows_override=None):
+def problems(preset, rows_override=None, only=None):
     cfg = PRESETS[preset]
     out = []
     if cfg.get("tiny"):
         return [("tiny (48×64)", *synthetic_layer(48, 64, rank=16))]
-    if cfg["smollm"]:
+    if cfg["smollm"] and only in (None, "smollm2"):
         from real_layers import load_layers
 
         for name, w, g in load_layers(blocks=(14,)):
             if name.endswith(SMOLLM_LAYERS):
                 out.append((f"smollm2 {name.split('.', 2)[-1]} ({w.shape[0]}×{w.shape[1]})", jnp.asarray(w), jnp.asarray(g)))
     rows = rows_override or cfg["llama_rows"]
-    for name, (d_out, d_in) in LLAMA_SHAPES.items():
+    for name, (d_out, d_in) in LLAMA_SHAPES.items() if only in (None, "llama7b") else ():
         kept = min(d_out, rows) if rows else d_out
         label = name if kept == d_out else f"{name}, {kept} rows"
         out.append((label, *synthetic_layer(kept, d_in)))
@@ -131,12 +132,16 @@ def solve_options(v):
     return dict(step_rule=v["step"], lmo_method=v["lmo"], product=v["product"], precision=v["precision"])
 
 
-def measure(preset, rows_override=None, grid=None, log=print):
+def measure(preset, rows_override=None, grid=None, log=print, on_layer=None, only=None, previous=()):
     cfg = PRESETS[preset]
+    user_grid = grid
     grid = {**GRID, "precision": cfg["precisions"], **(grid or {})}
-    rows = []
-    for name, weight, gram in problems(preset, rows_override):
-        max_iter = cfg["llama_max_iter"] if name.startswith("llama") else cfg["max_iter"]
+    rows = list(previous)
+    for name, weight, gram in problems(preset, rows_override, only):
+        llama = name.startswith("llama")
+        max_iter = cfg["llama_max_iter"] if llama else cfg["max_iter"]
+        reduced = {k: v for k, v in cfg.get("reduced", {}).items() if k not in (user_grid or {})}
+        layer_grid = dict(grid, **reduced) if (rows or only == "llama7b") and reduced else grid
         k = weight.shape[1] // 2
         wanda = float(fw_jax.layer_error(weight, gram, fw_jax.wanda_mask(weight, gram, k)))
         tflops, gemm_s = gemm_rate(weight, gram, cfg["repeats"])
@@ -145,7 +150,7 @@ def measure(preset, rows_override=None, grid=None, log=print):
             lambda t: (lambda: sparsefw_published(weight, gram, k, iterations=t).mask), cfg["t1"], cfg["t2"], cfg["repeats"])
         log(f"{name}: GEMM {gemm_s * 1e3:.1f} ms ({tflops:.3f} TFLOP/s), published {published_iter * 1e3:.1f} ms/iter")
         target = None  # relaxed error to reach: the first variant's after max_iter // 3 iterations
-        for v in variants(grid):
+        for v in variants(layer_grid):
             opts = solve_options(v)
             compile_s, per_iter = per_iteration(
                 lambda t: (lambda: fw_jax.solve_layer(weight, gram, k, max_iter=t, tol=0.0, swaps=False, **opts).mask),
@@ -166,26 +171,35 @@ def measure(preset, rows_override=None, grid=None, log=print):
                 error_vs_wanda=float(sol.loss) / wanda, relaxed_vs_wanda=float(sol.relaxed_loss) / wanda,
             )
             rows.append(row)
+            jax.clear_caches()  # dozens of compiled solvers otherwise exhaust the JIT's code memory
             log(f"  {v['step']:9s} {v['lmo']:6s} {v['product']:11s} {v['precision']:8s} {per_iter * 1e3:8.2f} ms/iter  "
                 f"compile {compile_s:5.1f} s  {iters:4d} it to target  gap {row['final_gap']:.3f}  error {row['error_vs_wanda']:.4f}  "
                 f"sparse {row['sparse_fraction']:.2f}")
+        add_ratios(rows, grid["precision"][0])
+        if on_layer is not None:  # results so far, so an interrupted run keeps them
+            on_layer(rows)
+    return rows
+
+
+def add_ratios(rows, full_precision):
     for row in rows:  # ratios inside the same layer
         def twin(key, value):  # the same variant but for one choice
             return next((r for r in rows if r["layer"] == row["layer"] and r[key] == value
                          and all(r[k] == row[k] for k in VARIANT_KEYS if k != key)), None)
 
-        base, full = twin("product", "dense"), twin("precision", grid["precision"][0])
+        base, full = twin("product", "dense"), twin("precision", full_precision)
         row["vs_dense"] = row["ms_per_iter"] / base["ms_per_iter"] if base else float("nan")
         row["vs_published"] = row["ms_per_iter"] / row["published_ms_per_iter"]
         row["error_vs_full_precision"] = row["error_vs_wanda"] / full["error_vs_wanda"] - 1 if full else float("nan")
-    return rows
 
 
 def markdown(rows, meta):
     lines = [
         "# Frank-Wolfe iteration variants",
         "",
-        f"Command: `{meta['command']}` — {meta['minutes']:.0f} min on {meta['machine']}, jax {jax.__version__}. "
+        f"Command: `{meta['command']}` — {meta['minutes']:.0f} min on {meta['machine']}, jax {jax.__version__}"
+        f"{'' if meta['complete'] else ' (partial: the run was still going or was interrupted)'}"
+        f"{'; rows kept from ' + ', '.join(f'`{c}`' for c in meta['earlier']) if meta.get('earlier') else ''}. "
         "'its to target': iterations until the relaxed error is at most the first variant's after a third of "
         f"the cap ({meta['max_iter']} iterations; LLaMA shapes {meta['llama_max_iter']}); 'gap': relative Frank-Wolfe "
         "gap at the cap. Times are medians of "
@@ -231,8 +245,8 @@ def plot(rows, path):
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(layers)), 5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        values = [next(r["vs_published"] for r in rows if r["layer"] == layer
-                       and f"{r['step']}/{r['lmo']}/{r['product']}/{r['precision']}" == name) for layer in layers]
+        values = [next((r["vs_published"] for r in rows if r["layer"] == layer
+                        and f"{r['step']}/{r['lmo']}/{r['product']}/{r['precision']}" == name), np.nan) for layer in layers]
         ax.bar(np.arange(len(layers)) + i * width, values, width, label=name)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
@@ -249,21 +263,35 @@ def main(argv=None):
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument("--rows", type=int, default=None, help="output rows kept of the LLaMA shapes")
     parser.add_argument("--out", default=str(ROOT / "results" / "variants"))
+    parser.add_argument("--only", choices=("smollm2", "llama7b"), default=None, help="one family of shapes")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out's JSON")
     for key in VARIANT_KEYS:
         parser.add_argument(f"--{key}", nargs="+", default=None, help=f"restrict the grid's {key} choices")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     grid = {k: tuple(getattr(args, k)) for k in VARIANT_KEYS if getattr(args, k)}
-    rows = measure(args.preset, args.rows, grid, log=lambda s: print(s, flush=True))
     cfg = PRESETS[args.preset]
-    meta = dict(command="python benchmarks/bench_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                minutes=(time.perf_counter() - started) / 60,
-                machine=f"{platform.machine()}, {jax.devices()[0].device_kind} ({jax.default_backend()})", **cfg)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, meta))
-    plot(rows, out.with_suffix(".png"))
+
+    earlier = []  # the runs whose rows are kept (--append)
+    if args.append:
+        old = json.loads(out.with_suffix(".json").read_text())["meta"]
+        earlier = old.get("earlier", []) + [f"{old['command']} ({old['minutes']:.0f} min)"]
+
+    def write(rows, final=False):
+        meta = dict(command="python benchmarks/bench_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    earlier=earlier,
+                    minutes=(time.perf_counter() - started) / 60, complete=final,
+                    machine=f"{platform.machine()}, {jax.devices()[0].device_kind} ({jax.default_backend()})", **cfg)
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(markdown(rows, meta))
+        plot(rows, out.with_suffix(".png"))
+
+    previous = json.loads(out.with_suffix(".json").read_text())["rows"] if args.append else []
+    rows = measure(args.preset, args.rows, grid, log=lambda s: print(s, flush=True), on_layer=write,
+                   only=args.only, previous=previous)
+    write(rows, final=True)
     print(out.with_suffix(".md").read_text())
     return rows
 

@@ -36,6 +36,8 @@ METHODS = {
     "sparsefw α=0 + reconstruct": dict(method="sparsefw", alpha=0.0, reconstruct=True),
     "sparsefw α=0.9 + reconstruct": dict(method="sparsefw", alpha=0.9, reconstruct=True),
     "sparsegpt mask + reconstruct": dict(method="sparsegpt", reconstruct=True),
+    "sparsefw α=0.9 ρ=0.5": dict(method="sparsefw", alpha=0.9, shrinkage=0.5),
+    "sparsefw α=0 ρ=0.5": dict(method="sparsefw", alpha=0.0, shrinkage=0.5),
 }
 SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "2:4": dict(pattern=(2, 4))}
 
@@ -112,7 +114,7 @@ def write(out, table, commands, args):
         *runs,
         "",
         f"Calibration: {args.nsamples} windows × {args.seqlen} tokens from five Austen novels (Persuasion held out), "
-        "seed 0 unless the row says otherwise. Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "
+        f"seed 0 unless the row says otherwise. Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "
         "and of the pydoc evaluation text. Mean layer error: the method's layer error ‖WX − ŴX‖² divided by "
         "Wanda's on the same inputs, averaged over the 210 pruned layers (with reconstruction: of the final weights).",
         "",

@@ -147,7 +147,8 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--pattern", default=None, help="N:M, keep N of every M consecutive inputs (2:4 keeps 2)")
     p.add_argument("--method", choices=METHODS, default="sparsefw")
     p.add_argument("--warm-start", choices=("wanda", "ria", "magnitude"), default="wanda")
-    p.add_argument("--alpha", type=float, default=0.0, help="fraction of each budget fixed to top saliency (paper: 0.9)")
+    p.add_argument("--alpha", type=float, default=0.9,
+                   help="fraction of each budget fixed to top saliency (default 0.9, as published; 0: plain Frank-Wolfe)")
     p.add_argument("--max-iter", type=int, default=max_iter, help=f"Frank-Wolfe iterations (default {max_iter})")
     p.add_argument("--tol", type=float, default=1e-4,
                    help="stop a row's Frank-Wolfe early once gap/error (its relaxed certificate) is below this")

@@ -229,7 +229,7 @@ def solve_layer(
     step_rule: Any = "exact",
     swaps: bool = True,
     max_swaps: int = 512,
-    lmo_method: str = "bisect",
+    lmo_method: str = "search",
     refresh_every: int = 64,
     pairwise: bool = False,
     product: str = "dense",
@@ -260,8 +260,9 @@ def solve_layer(
         published) or ``"short"``; or a rule object from ``fw_jax.solver``.
       swaps: refine the rounded mask by 1-swaps (DESIGN.md §6).
       max_swaps: cap on swap steps (each step swaps at most once per unit).
-      lmo_method: ``"bisect"`` (default), ``"search"`` or ``"top_k"``; same vertices (see
-        ``benchmarks/bench_variants.py`` for which is fastest where).
+      lmo_method: ``"search"`` (default: interpolation + bisection on the float bits, the
+        fastest measured on CPU, ``results/variants.md``), ``"bisect"`` or ``"top_k"``; same
+        vertices.
       refresh_every: dense recomputation period of the running product.
       pairwise: pairwise Frank-Wolfe steps (toward the FW vertex, away from the away vertex,
         in decomposition-invariant form) on the hull of masks keeping exactly the budget;
