@@ -242,17 +242,19 @@ def plot(rows, path):
 
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     names = list(dict.fromkeys(f"{r['step']}/{r['lmo']}/{r['product']}/{r['precision']}" for r in rows))
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(layers)), 5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(layers)) + 4, 5))
     width = 0.8 / len(names)
+    colors = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     for i, name in enumerate(names):
         values = [next((r["vs_published"] for r in rows if r["layer"] == layer
                         and f"{r['step']}/{r['lmo']}/{r['product']}/{r['precision']}" == name), np.nan) for layer in layers]
-        ax.bar(np.arange(len(layers)) + i * width, values, width, label=name)
+        ax.bar(np.arange(len(layers)) + i * width, values, width, label=name, color=colors(i % colors.N),
+               hatch="//" if i >= colors.N else None)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
     ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [layer.replace(" (", "\n(") for layer in layers], fontsize=7)
     ax.set_ylabel("time per iteration / published recipe's")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="step/LMO/product/precision")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
