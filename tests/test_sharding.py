@@ -49,12 +49,17 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_row_sharded_solve_equals_single_device():
+def run_on_four_devices(script):
+    """Run ``script`` in a fresh process with 4 virtual CPU devices; its last line of output, as JSON."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_row_sharded_solve_equals_single_device():
+    results = run_on_four_devices(SCRIPT)
     sizes = results.pop("lmo_collectives")
     assert sizes and max(sizes) < 16 * 24 // 4, sizes  # scalars and per-row totals only
     assert set(results) == {"row", "nm", "layer"}
@@ -95,9 +100,5 @@ PIPELINE_SCRIPT = textwrap.dedent(
 
 
 def test_layers_of_a_block_on_four_devices_give_the_same_model():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_on_four_devices(PIPELINE_SCRIPT)
     assert result["same"] and result["layers"] > 0
