@@ -38,6 +38,7 @@ METHODS = {
     "sparsegpt mask + reconstruct": dict(method="sparsegpt", reconstruct=True),
     "sparsefw α=0.9 ρ=0.5": dict(method="sparsefw", alpha=0.9, shrinkage=0.5),
     "sparsefw α=0 ρ=0.5": dict(method="sparsefw", alpha=0.0, shrinkage=0.5),
+    "sparsefw α=0.9 ρ=0.5 + reconstruct": dict(method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True),
 }
 SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "2:4": dict(pattern=(2, 4))}
 
@@ -127,7 +128,7 @@ def write(out, table, commands, args):
 
 
 DEFAULT = "sparsefw α=0.9"  # fw_jax's pipeline default (PruneSettings)
-RECONSTRUCTED = ("sparsefw α=0 + reconstruct", "sparsefw α=0.9 + reconstruct")
+RECONSTRUCTED = ("sparsefw α=0 + reconstruct", "sparsefw α=0.9 + reconstruct", "sparsefw α=0.9 ρ=0.5 + reconstruct")
 
 
 def bars(table):

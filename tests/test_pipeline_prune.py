@@ -195,3 +195,20 @@ def test_shrinkage_interpolates_between_the_calibration_error_and_wanda():
     assert errors[0.0] <= errors[0.5] * (1 + 1e-6) and errors[0.5] < wanda
     with pytest.raises(ValueError, match="shrinkage"):
         PruneSettings(shrinkage=1.5)
+
+def test_shrunk_reconstruction_moves_from_the_full_refit_to_the_plain_mask():
+    from fw_jax.pipeline import prune_layer
+    from solver_problems import correlated_problem
+
+    weight, gram = correlated_problem(np.random.default_rng(1), 10, 24, dtype=np.float32)
+    _, plain = prune_layer(weight, gram, PruneSettings(method="wanda", sparsity=0.5))
+    errors = {}
+    for rho in (0.0, 0.5, 1.0):
+        _, record = prune_layer(weight, gram, PruneSettings(method="wanda", sparsity=0.5, reconstruct=True, shrinkage=rho))
+        errors[rho] = record["error"]
+        assert record["mask_error"] == pytest.approx(plain["error"], rel=1e-6)  # same Wanda mask
+    # The refit minimises (1 − ρ)·(error on G) + ρ·(error on diag G, least at the plain mask):
+    # its error on G rises with ρ, and at ρ = 1 the refit keeps the weights as they are.
+    assert errors[0.0] <= errors[0.5] * (1 + 1e-4) <= plain["error"] * (1 + 2e-4)
+    assert errors[0.0] < 0.9 * plain["error"]
+    assert errors[1.0] == pytest.approx(plain["error"], rel=1e-4)

@@ -48,12 +48,14 @@ class PruneSettings:
       warm_start, alpha, max_iter, tol, step_rule, swaps: options of :func:`fw_jax.solve_layer`
         (``tol``: stop a row once its relaxed certificate ``gap / error`` is below it).
       reconstruct: after the mask, refit the kept weights (``fw_jax.solver.reconstruct``).
-      shrinkage: ``ρ ∈ [0, 1]``; ``sparsefw`` chooses the mask for the Gram matrix shrunk toward
-        its diagonal, ``(1 − ρ) G + ρ diag(G)`` (as covariance estimators shrink toward a
-        diagonal target). ρ = 0 is the calibration error itself; ρ = 1 makes the problem
-        separable, where Wanda's mask is optimal. It trusts the calibration text's
-        cross-channel correlations less, for text unlike it. Errors are always reported for
-        the unshrunk ``G``.
+      shrinkage: ``ρ ∈ [0, 1]``; every step that fits the calibration Gram matrix (the
+        ``sparsefw`` mask, SparseGPT, reconstruction) uses it shrunk toward its diagonal,
+        ``(1 − ρ) G + ρ diag(G)`` (as covariance estimators shrink toward a diagonal target).
+        ρ = 0 is the calibration error itself; ρ = 1 makes the mask problem separable, where
+        Wanda's mask is optimal, and reconstruction a no-op. It trusts the calibration text's
+        cross-channel correlations less, for text unlike it. The diagonal is unchanged, so
+        Wanda, RIA and magnitude masks are too. Errors are always reported for the unshrunk
+        ``G``.
     """
 
     method: str = "sparsefw"
@@ -135,10 +137,10 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
     budget = settings.budget(weight.shape[1])
     start = time.perf_counter()
     record: dict[str, Any] = {}
+    target = gram  # the Gram matrix the method fits; errors below are always for ``gram``
+    if settings.shrinkage > 0:
+        target = (1 - settings.shrinkage) * gram + settings.shrinkage * jnp.diag(jnp.diag(gram))
     if settings.method == "sparsefw":
-        target = gram
-        if settings.shrinkage > 0:
-            target = (1 - settings.shrinkage) * gram + settings.shrinkage * jnp.diag(jnp.diag(gram))
         sol = solve_layer(
             weight, target, budget, warm_start=settings.warm_start, alpha=settings.alpha,
             max_iter=settings.max_iter, tol=settings.tol, step_rule=settings.step_rule, swaps=settings.swaps, history=history,
@@ -156,18 +158,18 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
                 for k, v in sol.history._asdict().items()
             }
     elif settings.method == "sparsefw-published":
-        mask = sparsefw_published(weight, gram, budget, lmo_method="bisect").mask
+        mask = sparsefw_published(weight, target, budget, lmo_method="bisect").mask
     elif settings.method == "sparsegpt":
         from fw_jax.solver._sparsegpt import sparsegpt
 
-        mask, new_weight = sparsegpt(weight, gram, budget)
+        mask, new_weight = sparsegpt(weight, target, budget)
     else:
         mask = saliency_mask(saliency_scores(settings.method, weight, gram), budget)
     mask = jnp.asarray(mask, bool)
     if settings.reconstruct:
         from fw_jax.solver._reconstruct import reconstruct
 
-        new_weight = reconstruct(weight, gram, mask)
+        new_weight = reconstruct(weight, target, mask)
         record["mask_error"] = float(layer_error(weight, gram, mask))
     elif settings.method != "sparsegpt":  # SparseGPT has already updated the kept weights
         new_weight = jnp.where(mask, weight, 0)
