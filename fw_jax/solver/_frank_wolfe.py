@@ -155,7 +155,7 @@ def frank_wolfe(
     dtype = weight.dtype
     units = weight.shape[0]
     snap = 32 * jnp.finfo(dtype).eps
-    batched_lmo = getattr(lmo, "batched", None) or jax.vmap(lmo)
+    batched_lmo = batched_oracle(lmo)
     target = gram_matmul(weight, gram, precision)  # H = W G
 
     def product_of(mask, precision=precision):
@@ -275,11 +275,17 @@ def frank_wolfe(
     )
 
 
+def batched_oracle(lmo):
+    """The oracle over a leading unit axis: the LMO's own ``batched`` form where it has one
+    (the threshold LMOs select for all units at once), else ``vmap``."""
+    return getattr(lmo, "batched", None) or jax.vmap(lmo)
+
+
 def full_polytope_bound(weight: Array, gram: Array, mask: Array, lmo) -> Array:
     """Lower bound ``L(M) − gap(M)`` on the error of every mask in the *unrestricted* budget
     polytope (no fixed entries), at a point ``M`` of that polytope. Per unit, clipped at 0."""
     rg = weight @ gram - (weight * mask) @ gram
-    vertex = (getattr(lmo, "batched", None) or jax.vmap(lmo))(-2 * weight * rg, jnp.zeros(weight.shape, bool))
+    vertex = batched_oracle(lmo)(-2 * weight * rg, jnp.zeros(weight.shape, bool))
     loss = unit_sum(weight * (1 - mask) * rg)
     gap = 2 * unit_sum(weight * (vertex - mask) * rg)
     return jnp.maximum(loss - gap, 0)
