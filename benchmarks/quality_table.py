@@ -30,11 +30,11 @@ METHODS = {
     "ria": dict(method="ria"),
     "sparsegpt": dict(method="sparsegpt"),
     "sparsefw published": dict(method="sparsefw-published"),
-    "sparsefw α=0.9": dict(method="sparsefw", alpha=0.9),
-    "sparsefw α=0": dict(method="sparsefw", alpha=0.0),
+    "sparsefw α=0.9": dict(method="sparsefw", alpha=0.9, shrinkage=0.0),
+    "sparsefw α=0": dict(method="sparsefw", alpha=0.0, shrinkage=0.0),
     "wanda + reconstruct": dict(method="wanda", reconstruct=True),
-    "sparsefw α=0 + reconstruct": dict(method="sparsefw", alpha=0.0, reconstruct=True),
-    "sparsefw α=0.9 + reconstruct": dict(method="sparsefw", alpha=0.9, reconstruct=True),
+    "sparsefw α=0 + reconstruct": dict(method="sparsefw", alpha=0.0, shrinkage=0.0, reconstruct=True),
+    "sparsefw α=0.9 + reconstruct": dict(method="sparsefw", alpha=0.9, shrinkage=0.0, reconstruct=True),
     "sparsegpt mask + reconstruct": dict(method="sparsegpt", reconstruct=True),
     "sparsefw α=0.9 ρ=0.5": dict(method="sparsefw", alpha=0.9, shrinkage=0.5),
     "sparsefw α=0 ρ=0.5": dict(method="sparsefw", alpha=0.0, shrinkage=0.5),
@@ -127,7 +127,7 @@ def write(out, table, commands, args):
     print(text, flush=True)
 
 
-DEFAULT = "sparsefw α=0.9"  # fw_jax's pipeline default (PruneSettings)
+DEFAULT = "sparsefw α=0.9 ρ=0.5"  # fw_jax's pipeline default (PruneSettings)
 RECONSTRUCTED = ("sparsefw α=0 + reconstruct", "sparsefw α=0.9 + reconstruct", "sparsefw α=0.9 ρ=0.5 + reconstruct")
 
 

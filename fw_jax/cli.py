@@ -155,9 +155,10 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--step-rule", choices=("exact", "open_loop", "short"), default="exact")
     p.add_argument("--no-swaps", action="store_true", help="skip the 1-swap refinement")
     p.add_argument("--reconstruct", action="store_true", help="refit the kept weights after the mask")
-    p.add_argument("--shrinkage", type=float, default=0.0,
+    p.add_argument("--shrinkage", type=float, default=None,
                    help="shrink the calibration Gram matrix toward its diagonal by this fraction (0 to 1) "
-                        "in every step that fits it (sparsefw mask, sparsegpt, --reconstruct)")
+                        "in every step that fits it (sparsefw mask, sparsegpt, --reconstruct); "
+                        "default 0.5 for sparsefw, 0 for the other methods")
     p.add_argument("--calib", default="pydoc-calib", help="text file, folder, JSONL, parquet, pydoc-calib, c4")
     p.add_argument("--nsamples", type=int, default=nsamples)
     p.add_argument("--seqlen", type=int, default=seqlen)

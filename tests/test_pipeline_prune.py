@@ -188,7 +188,9 @@ def test_shrinkage_interpolates_between_the_calibration_error_and_wanda():
     for rho in (0.0, 0.5, 1.0):
         _, record = prune_layer(weight, gram, PruneSettings(sparsity=0.5, alpha=0.0, shrinkage=rho))
         errors[rho] = record["error"]
-        assert ("certificate" in record) == (rho == 0) and ("shrunk_certificate" in record) == (rho > 0)
+        assert ("shrunk_certificate" in record) == (rho > 0)
+        assert 0 <= record["lower_bound"] <= record["error"] * (1 + 1e-5)  # always on G itself
+        assert record["certificate"] == pytest.approx(1 - record["lower_bound"] / record["error"], abs=1e-5)
     wanda = record["wanda_error"]
     # ρ = 1: a separable problem, where Wanda's mask is optimal; ρ = 0 is best on G itself.
     assert errors[1.0] == pytest.approx(wanda, rel=1e-5)

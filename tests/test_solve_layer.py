@@ -91,6 +91,28 @@ def test_lower_bound_below_exhaustive_best_per_row_and_nm(alpha):
     assert float(sol.lower_bound) <= best * (1 + 1e-9) <= float(sol.loss) * (1 + 1e-9)
 
 
+def test_mask_lower_bound_certifies_a_mask_chosen_for_another_gram():
+    rng = np.random.default_rng(3)
+    weight, gram = correlated_problem(rng, 4, 12)
+    shrunk = 0.5 * gram + 0.5 * np.diag(np.diag(gram))
+    for budget, best in [
+        (5, sum(best_row_error(weight[i], gram, 5) for i in range(4))),
+        (fw_jax.NM(2, 4), sum(best_nm_row_error(weight[i], gram, 2, 4) for i in range(4))),
+    ]:
+        sol = fw_jax.solve_layer(weight, shrunk, budget, max_iter=300)
+        bound = float(fw_jax.mask_lower_bound(weight, gram, budget, sol.relaxed_mask, sol.mask))
+        on_gram = fw_jax.solve_layer(weight, gram, budget, max_iter=300)
+        assert bound <= best * (1 + 1e-9)
+        assert bound > 0.2 * best  # from a nearby relaxed point the bound still says something
+        # More points can only raise it; the bound at G's own relaxed optimum is FW's.
+        tighter = float(fw_jax.mask_lower_bound(weight, gram, budget, sol.relaxed_mask, on_gram.relaxed_mask))
+        assert bound * (1 - 1e-9) <= max(bound, tighter) <= best * (1 + 1e-9)
+    with pytest.raises(ValueError, match="shape"):
+        fw_jax.mask_lower_bound(weight, gram, 5, sol.mask[:2])
+    with pytest.raises(ValueError, match="at least one point"):
+        fw_jax.mask_lower_bound(weight, gram, 5)
+
+
 def test_lower_bound_below_exhaustive_best_layer_budget():
     rng = np.random.default_rng(2)
     weight, gram = correlated_problem(rng, 3, 6)

@@ -27,13 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fw_jax import models
-from fw_jax.solver import NM, Budget, PerRow, layer_error, saliency_mask, saliency_scores, solve_layer
+from fw_jax.solver import (
+    NM, Budget, PerRow, layer_error, mask_lower_bound, saliency_mask, saliency_scores, solve_layer,
+)
 from fw_jax.solver._objective import weights_error
 from fw_jax.solver._published import sparsefw_published
 
 __all__ = ["METHODS", "PruneSettings", "PruneReport", "prune_layer", "prune_model"]
 
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "sparsefw", "sparsefw-published")
+DEFAULT_SHRINKAGE = 0.5  # sparsefw's, chosen by perplexity (results/quality.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +57,10 @@ class PruneSettings:
         ρ = 0 is the calibration error itself; ρ = 1 makes the mask problem separable, where
         Wanda's mask is optimal, and reconstruction a no-op. It trusts the calibration text's
         cross-channel correlations less, for text unlike it. The diagonal is unchanged, so
-        Wanda, RIA and magnitude masks are too. Errors are always reported for the unshrunk
-        ``G``.
+        Wanda, RIA and magnitude masks are too. ``None`` (the default) means 0.5 for
+        ``sparsefw`` (chosen by perplexity in results/quality.md) and 0 for every other method,
+        so the baselines run as published. Errors, the lower bound and the certificate are
+        always reported for the unshrunk ``G`` (the shrunk problem's as ``shrunk_*``).
     """
 
     method: str = "sparsefw"
@@ -68,10 +73,17 @@ class PruneSettings:
     step_rule: str = "exact"
     swaps: bool = True
     reconstruct: bool = False
-    shrinkage: float = 0.0
+    shrinkage: Optional[float] = None
+
+    @property
+    def effective_shrinkage(self) -> float:
+        """``shrinkage`` with ``None`` resolved: 0.5 for ``sparsefw``, else 0."""
+        if self.shrinkage is not None:
+            return float(self.shrinkage)
+        return DEFAULT_SHRINKAGE if self.method == "sparsefw" else 0.0
 
     def __post_init__(self):
-        if not 0.0 <= self.shrinkage <= 1.0:
+        if self.shrinkage is not None and not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
@@ -105,7 +117,7 @@ class PruneReport:
 
     def to_json(self) -> dict:
         return {
-            "settings": dataclasses.asdict(self.settings),
+            "settings": {**dataclasses.asdict(self.settings), "shrinkage": self.settings.effective_shrinkage},
             "calibration": self.calibration,
             "seconds": self.seconds,
             "layers": self.layers,
@@ -137,21 +149,26 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
     budget = settings.budget(weight.shape[1])
     start = time.perf_counter()
     record: dict[str, Any] = {}
+    rho = settings.effective_shrinkage
     target = gram  # the Gram matrix the method fits; errors below are always for ``gram``
-    if settings.shrinkage > 0:
-        target = (1 - settings.shrinkage) * gram + settings.shrinkage * jnp.diag(jnp.diag(gram))
+    if rho > 0:
+        target = (1 - rho) * gram + rho * jnp.diag(jnp.diag(gram))
     if settings.method == "sparsefw":
         sol = solve_layer(
             weight, target, budget, warm_start=settings.warm_start, alpha=settings.alpha,
             max_iter=settings.max_iter, tol=settings.tol, step_rule=settings.step_rule, swaps=settings.swaps, history=history,
         )
         mask = sol.mask
-        prefix = "shrunk_" if settings.shrinkage > 0 else ""  # of the shrunk problem, not of G's
+        prefix = "shrunk_" if rho > 0 else ""  # of the shrunk problem, not of G's
         record.update(
             {f"{prefix}warm_error": float(sol.warm_loss), f"{prefix}lower_bound": float(sol.lower_bound),
              f"{prefix}certificate": float(sol.certificate)},
             iterations=int(sol.iterations), swaps=int(sol.swaps), status=sol.status_name,
         )
+        if rho > 0:  # certify the mask on G itself, from the shrunk run's relaxed iterate and mask
+            record["lower_bound"] = float(mask_lower_bound(weight, gram, budget, sol.relaxed_mask, sol.mask))
+            mask_error = float(layer_error(weight, gram, sol.mask))
+            record["certificate"] = (mask_error - record["lower_bound"]) / mask_error if mask_error > 0 else 0.0
         if history:
             record["_history"] = {  # NaN marks iterations not run; JSON has null for that
                 k: [None if not np.isfinite(x) else float(x) for x in np.asarray(v)]
@@ -187,7 +204,8 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
 
 def _fingerprint(loaded, settings: PruneSettings, calibration: dict) -> str:
     payload = json.dumps(
-        {"source": str(loaded.source), "settings": dataclasses.asdict(settings), "calibration": calibration},
+        {"source": str(loaded.source), "calibration": calibration,
+         "settings": {**dataclasses.asdict(settings), "shrinkage": settings.effective_shrinkage}},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -28,7 +28,7 @@ from fw_jax.solver._saliency import (
     wanda_mask,
     wanda_scores,
 )
-from fw_jax.solver._solve import LayerSolution, Status, solve_layer
+from fw_jax.solver._solve import LayerSolution, Status, mask_lower_bound, solve_layer
 from fw_jax.solver._sparsegpt import sparsegpt
 from fw_jax.solver._steps import ExactLineSearch, OpenLoop, ShortStep, StepInfo
 from fw_jax.solver._swaps import SwapResult, swap_refine

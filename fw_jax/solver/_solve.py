@@ -32,7 +32,7 @@ from fw_jax.solver._steps import ShortStep, as_step_rule
 from fw_jax.solver._swaps import swap_refine
 from fw_jax.solver._validation import check_alpha, check_layer_inputs, check_warm_mask
 
-__all__ = ["Status", "LayerSolution", "solve_layer", "trace_count"]
+__all__ = ["Status", "LayerSolution", "mask_lower_bound", "solve_layer", "trace_count"]
 
 
 class Status:
@@ -338,3 +338,35 @@ def solve_layer(
                 f"{float(solution.gap):.3e} after {int(solution.iterations)} iterations"
             )
     return solution
+
+
+def mask_lower_bound(weight: Array, gram: Array, budget: Union[int, Budget], *points: Array) -> Array:
+    """Proved lower bound on ``‖WX − (M⊙W)X‖²`` over every mask ``M`` under ``budget``.
+
+    Each point ``P`` of the relaxed budget polytope (a relaxed iterate, or any mask meeting the
+    budget) gives ``L(P) − gap(P)`` per unit by convexity; the best over the points is kept per
+    unit and the units are summed. Use it to certify, on ``G``, a mask chosen for another
+    objective (``fw_jax.pipeline`` does so for masks chosen on a shrunk Gram matrix).
+
+    Args:
+      weight: ``(d_out, d_in)``; gram: ``(d_in, d_in)``; budget: as in :func:`solve_layer`.
+      points: one or more ``(d_out, d_in)`` arrays with entries in ``[0, 1]`` meeting the budget
+        (``≤ k`` per unit); boolean masks are accepted.
+    """
+    budget = as_budget(budget)
+    weight, gram = check_layer_inputs(weight, gram, budget)
+    if not points:
+        raise ValueError("mask_lower_bound needs at least one point of the budget polytope")
+    for p in points:
+        if jnp.shape(p) != weight.shape:
+            raise ValueError(f"each point must have the weight's shape {weight.shape}; got {jnp.shape(p)}")
+    return _mask_lower_bound(weight, gram, tuple(jnp.asarray(p, weight.dtype) for p in points), budget=budget)
+
+
+@functools.partial(jax.jit, static_argnames=("budget",))
+def _mask_lower_bound(weight, gram, points, *, budget):
+    gram = (gram + gram.T) / 2
+    lmo = _lmo_for(budget, "search")
+    units = _units(weight, budget)
+    bounds = [full_polytope_bound(units, gram, _units(p, budget), lmo) for p in points]
+    return jnp.sum(functools.reduce(jnp.maximum, bounds))
