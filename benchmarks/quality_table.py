@@ -155,16 +155,19 @@ def bars(table):
     """Issue 5's bars, checked on the rows present: default mask-only vs Wanda and RIA, and
     fw_jax with reconstruction vs SparseGPT, per setting and evaluation text."""
     lines = ["## Bars (computed from the rows above)", ""]
+    seeds = sorted({label.rsplit("(seed ", 1)[1].rstrip(")") for label in table if label.endswith(")")}, key=int)
     for setting in SETTINGS:
-        ours = table.get(f"{DEFAULT} @ {setting}")
-        for rival in ("wanda", "ria"):
-            theirs = table.get(f"{rival} @ {setting}")
-            if ours and theirs:
-                lines.append(f"- {setting}, {DEFAULT} vs {rival}: " + _compare(ours, theirs))
-        sgpt = table.get(f"sparsegpt @ {setting}")
-        for name in RECONSTRUCTED:
-            if sgpt and f"{name} @ {setting}" in table:
-                lines.append(f"- {setting}, {name} vs sparsegpt: " + _compare(table[f"{name} @ {setting}"], sgpt))
+        for tag in ["", *(f" (seed {s})" for s in seeds)]:  # one comparison per calibration seed
+            ours = table.get(f"{DEFAULT} @ {setting}{tag}")
+            for rival in ("wanda", "ria"):
+                theirs = table.get(f"{rival} @ {setting}{tag}")
+                if ours and theirs:
+                    lines.append(f"- {setting}{tag}, {DEFAULT} vs {rival}: " + _compare(ours, theirs))
+            sgpt = table.get(f"sparsegpt @ {setting}{tag}")
+            for name in RECONSTRUCTED:
+                if sgpt and f"{name} @ {setting}{tag}" in table:
+                    lines.append(f"- {setting}{tag}, {name} vs sparsegpt: "
+                                 + _compare(table[f"{name} @ {setting}{tag}"], sgpt))
     return lines + [""]
 
 
