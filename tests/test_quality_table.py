@@ -1,0 +1,39 @@
+"""The quality table's computed sections: bars per seed and the rows of the grid not yet run."""
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _row(persuasion, pydoc):
+    return {"Persuasion ppl": persuasion, "pydoc-eval ppl": pydoc}
+
+
+def test_bars_compare_each_seed_and_say_beats_or_misses():
+    import quality_table as q
+
+    table = {
+        f"{q.DEFAULT} @ 50%": _row(50.0, 30.0),
+        "wanda @ 50%": _row(60.0, 29.0),
+        f"{q.DEFAULT} @ 50% (seed 1)": _row(51.0, 31.0),
+        "wanda @ 50% (seed 1)": _row(61.0, 32.0),
+        "sparsegpt @ 2:4": _row(80.0, 100.0),
+        f"{q.RECONSTRUCTED[-1]} @ 2:4": _row(79.0, 90.0),
+    }
+    lines = q.bars(table)
+    assert f"- 50%, {q.DEFAULT} vs wanda: Persuasion 50.00 vs 60.00 **beats**; pydoc-eval 30.00 vs 29.00 **misses**" in lines
+    assert f"- 50% (seed 1), {q.DEFAULT} vs wanda: Persuasion 51.00 vs 61.00 **beats**; pydoc-eval 31.00 vs 32.00 **beats**" in lines
+    assert any(line.startswith(f"- 2:4, {q.RECONSTRUCTED[-1]} vs sparsegpt") and "misses" not in line for line in lines)
+    assert not any("ria" in line for line in lines)  # no row, no verdict
+
+
+def test_missing_rows_are_listed_with_the_reason_where_known():
+    import quality_table as q
+
+    table = {f"{name} @ {setting}": _row(1.0, 1.0) for name in q.REQUIRED for setting in q.SETTINGS}
+    assert q.missing(table) == []
+    del table["sparsefw published @ 60%"], table["ria @ 2:4"]
+    lines = q.missing(table)
+    assert lines[2].startswith("- sparsefw published @ 60%: 2000 open-loop iterations") and lines[3] == "- ria @ 2:4"
