@@ -72,7 +72,7 @@ def _settings(args: argparse.Namespace, method: str | None = None):
         return PruneSettings(
             method=method or args.method, sparsity=args.sparsity, pattern=pattern,
             warm_start=args.warm_start, alpha=args.alpha, max_iter=args.max_iter, tol=args.tol,
-            shrinkage=args.shrinkage,
+            shrinkage=args.shrinkage, certify_iter=args.certify,
             step_rule=args.step_rule, swaps=not args.no_swaps, reconstruct=args.reconstruct,
         )
     except ValueError as e:
@@ -159,6 +159,9 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
                    help="shrink the calibration Gram matrix toward its diagonal by this fraction (0 to 1) "
                         "in every step that fits it (sparsefw mask, sparsegpt, --reconstruct); "
                         "default 0.5 for sparsefw, 0 for the other methods")
+    p.add_argument("--certify", type=int, default=0, metavar="N",
+                   help="sparsefw: prove each layer's lower bound with N plain Frank-Wolfe iterations on G "
+                        "from the chosen mask (the bound of α > 0 or --shrinkage runs is weak); 50 is a good value")
     p.add_argument("--calib", default="pydoc-calib", help="text file, folder, JSONL, parquet, pydoc-calib, c4")
     p.add_argument("--nsamples", type=int, default=nsamples)
     p.add_argument("--seqlen", type=int, default=seqlen)

@@ -162,6 +162,14 @@ def test_command_line_prune_and_eval(tiny_folder, tmp_path, capsys):
     assert code == 0
     table = capsys.readouterr().out
     assert "cli" in table and "ppl" in table
+    fw_out = str(tmp_path / "fw")
+    code = cli_main(["prune", tiny_folder, "--sparsity", "0.5", "--out", fw_out, "--calib", calib,
+                     "--nsamples", "2", "--seqlen", "16", "--max-iter", "5", "--certify", "20"])
+    assert code == 0
+    report = json.loads((tmp_path / "fw" / "prune_report.json").read_text())
+    assert report["settings"]["method"] == "sparsefw" and report["settings"]["certify_iter"] == 20
+    assert report["settings"]["shrinkage"] == 0.5  # sparsefw's default, recorded as resolved
+    assert all(0 <= layer["lower_bound"] <= layer["error"] * (1 + 1e-4) for layer in report["layers"])
     code = cli_main(["prune", tiny_folder, "--out", str(tmp_path / "x"), "--calib", str(tmp_path / "missing.txt")])
     assert code == 2
     assert "missing.txt" in capsys.readouterr().err
@@ -214,3 +222,18 @@ def test_shrunk_reconstruction_moves_from_the_full_refit_to_the_plain_mask():
     assert errors[0.0] <= errors[0.5] * (1 + 1e-4) <= plain["error"] * (1 + 2e-4)
     assert errors[0.0] < 0.9 * plain["error"]
     assert errors[1.0] == pytest.approx(plain["error"], rel=1e-4)
+
+
+def test_certify_iterations_prove_a_better_bound_without_changing_the_mask():
+    from fw_jax.pipeline import prune_layer
+    from solver_problems import best_row_error, correlated_problem
+
+    weight, gram = correlated_problem(np.random.default_rng(4), 4, 12, dtype=np.float32)
+    best = sum(best_row_error(weight[i].astype(np.float64), gram.astype(np.float64), 6) for i in range(4))
+    plain_weights, plain = prune_layer(weight, gram, PruneSettings(sparsity=0.5))  # α = 0.9, ρ = 0.5
+    certified_weights, certified = prune_layer(weight, gram, PruneSettings(sparsity=0.5, certify_iter=200))
+    np.testing.assert_array_equal(np.asarray(plain_weights), np.asarray(certified_weights))
+    assert plain["lower_bound"] <= certified["lower_bound"] <= best * (1 + 1e-4)
+    assert certified["lower_bound"] > 0.3 * best and certified["certificate"] < plain["certificate"]
+    with pytest.raises(ValueError, match="certify_iter"):
+        PruneSettings(certify_iter=-1)
