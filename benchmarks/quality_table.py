@@ -121,6 +121,7 @@ def write(out, table, commands, args):
         "",
         format_table(table, digits=3),
         "",
+        *pivot(table),
         *bars(table),
         *missing(table),
     ])
@@ -130,6 +131,21 @@ def write(out, table, commands, args):
 
 DEFAULT = "sparsefw α=0.9 ρ=0.5"  # fw_jax's pipeline default (PruneSettings)
 RECONSTRUCTED = ("sparsefw α=0 + reconstruct", "sparsefw α=0.9 + reconstruct", "sparsefw α=0.9 ρ=0.5 + reconstruct")
+
+
+def pivot(table):
+    """The seed-0 rows as one line per method, ``Persuasion / pydoc`` perplexity per setting."""
+    names = ["dense"] + [n for n in METHODS if n in REQUIRED or any(f"{n} @ {s}" in table for s in SETTINGS)]
+    lines = ["## By setting (Persuasion / pydoc-eval perplexity, seed 0)", "",
+             "| method | " + " | ".join(SETTINGS) + " |", "|---|" + "---|" * len(SETTINGS)]
+    for name in names:
+        cells = []
+        for setting in SETTINGS:
+            row = table.get("dense" if name == "dense" else f"{name} @ {setting}")
+            cells.append(f"{row['Persuasion ppl']:.1f} / {row['pydoc-eval ppl']:.1f}" if row else "not run")
+        label = f"**{name}** (fw_jax default)" if name == DEFAULT else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 # The grid issues 4 and 5 ask for; rows of it not in the table are listed, with why.

@@ -37,3 +37,14 @@ def test_missing_rows_are_listed_with_the_reason_where_known():
     del table["sparsefw published @ 60%"], table["ria @ 2:4"]
     lines = q.missing(table)
     assert lines[2].startswith("- sparsefw published @ 60%: 2000 open-loop iterations") and lines[3] == "- ria @ 2:4"
+
+
+def test_pivot_has_a_line_per_method_and_says_not_run():
+    import quality_table as q
+
+    table = {"dense": _row(10.0, 5.0), "wanda @ 50%": _row(20.0, 8.0), f"{q.DEFAULT} @ 2:4": _row(30.0, 9.0)}
+    lines = q.pivot(table)
+    assert "| dense | 10.0 / 5.0 | 10.0 / 5.0 | 10.0 / 5.0 |" in lines
+    assert "| wanda | 20.0 / 8.0 | not run | not run |" in lines
+    assert f"| **{q.DEFAULT}** (fw_jax default) | not run | not run | 30.0 / 9.0 |" in lines
+    assert "| sparsefw published | not run | not run | not run |" in lines
