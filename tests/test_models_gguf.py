@@ -132,6 +132,17 @@ def _torch_perplexity(model, ids, seqlen):
     return float(np.exp(total / count))
 
 
+def test_smollm2_tokenizer_without_torch_is_transformers_tokenizer(smollm2):
+    # The main job installs no torch; then the tokenizer is built from the metadata read by gguf.
+    from fw_jax.models._gguf import _tokenizer_from_metadata
+    from fw_jax.pipeline.data import pydoc_text
+
+    ours = _tokenizer_from_metadata(fm.smollm2_gguf_path())
+    text = pydoc_text("evaluation")[:50000] + " Kellynch-hall, 1811: ünïcödé 😀\n\n  x"
+    assert ours(text)["input_ids"] == smollm2.tokenizer(text)["input_ids"]
+    assert (ours.bos_token, ours.eos_token) == (smollm2.tokenizer.bos_token, smollm2.tokenizer.eos_token)
+
+
 def test_smollm2_structure(smollm2):
     cfg = smollm2.config
     assert (

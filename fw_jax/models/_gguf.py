@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -215,11 +216,52 @@ def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel
     arch = _field(reader, path, "general.architecture")
     fill_model(model, family, _gguf_tensors(reader, path, config, arch), path)
     del reader
-    tok = None
-    if tokenizer:
-        from ._hf import load_tokenizer
-
-        tok = load_tokenizer(
-            os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
-        )
+    tok = gguf_tokenizer(path) if tokenizer else None
     return LoadedModel(model=model, config=config, tokenizer=tok, family=family, source=path)
+
+
+def gguf_tokenizer(path: str):
+    """The tokenizer a GGUF file describes, or ``None`` (with a warning) when it cannot be built.
+
+    ``transformers`` builds it with ``AutoTokenizer.from_pretrained(folder, gguf_file=name)``,
+    but reads the metadata with a reader that imports torch. Without torch (only a test
+    dependency of fw_jax) the vocabulary is read with the ``gguf`` package and handed to
+    transformers' own GGUF tokenizer converter, so both paths build the same tokenizer.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        try:
+            return _tokenizer_from_metadata(path)
+        except Exception as e:  # a model without a usable tokenizer is still a model
+            warnings.warn(f"{path}: tokenizer not loaded ({type(e).__name__}: {e})", stacklevel=2)
+            return None
+    from ._hf import load_tokenizer
+
+    return load_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+
+
+def _tokenizer_from_metadata(path: str):
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+    reader = gguf.GGUFReader(path)
+    meta = {key: field.contents() for key, field in reader.fields.items()
+            if key.startswith("tokenizer.") or key == "general.architecture"}
+    del reader
+
+    def renamed(group):
+        return {new: meta[f"tokenizer.{old}"] for old, new in mapping.GGUF_TOKENIZER_MAPPING[group].items()
+                if f"tokenizer.{old}" in meta}
+
+    vocabulary, options = renamed("tokenizer"), renamed("tokenizer_config")
+    if vocabulary.get("tokenizer_type") == "llama":  # sentencepiece files without the flag add BOS
+        options.setdefault("add_bos_token", True)
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        index = meta.get(f"tokenizer.ggml.{key}")
+        if index is not None:
+            options[name] = vocabulary["tokens"][int(index)]
+    backend, _ = mapping.convert_gguf_tokenizer(meta["general.architecture"], vocabulary)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **options)
