@@ -89,7 +89,7 @@ class PruneSettings:
         return DEFAULT_SHRINKAGE if self.method == "sparsefw" else 0.0
 
     def __post_init__(self):
-        if not (isinstance(self.certify_iter, int) and self.certify_iter >= 0):
+        if isinstance(self.certify_iter, bool) or not (isinstance(self.certify_iter, int) and self.certify_iter >= 0):
             raise ValueError(f"certify_iter must be an integer ≥ 0, got {self.certify_iter!r}")
         if self.shrinkage is not None and not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
@@ -167,20 +167,19 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
             max_iter=settings.max_iter, tol=settings.tol, step_rule=settings.step_rule, swaps=settings.swaps, history=history,
         )
         mask = sol.mask
-        prefix = "shrunk_" if rho > 0 else ""  # of the shrunk problem, not of G's
-        record.update(
-            {f"{prefix}warm_error": float(sol.warm_loss), f"{prefix}lower_bound": float(sol.lower_bound),
-             f"{prefix}certificate": float(sol.certificate)},
-            iterations=int(sol.iterations), swaps=int(sol.swaps), status=sol.status_name,
-        )
-        bound = float(sol.lower_bound)
-        if rho > 0:  # certify the mask on G itself, from the shrunk run's relaxed iterate and mask
+        record.update(iterations=int(sol.iterations), swaps=int(sol.swaps), status=sol.status_name)
+        bound, mask_error = float(sol.lower_bound), float(sol.loss)
+        if rho > 0:  # sol is of the shrunk problem: keep its numbers, certify the mask on G itself
+            record.update(shrunk_warm_error=float(sol.warm_loss), shrunk_lower_bound=bound,
+                          shrunk_certificate=float(sol.certificate))
             bound = float(mask_lower_bound(weight, gram, budget, sol.relaxed_mask, sol.mask))
+            mask_error = float(layer_error(weight, gram, sol.mask))
+        else:
+            record["warm_error"] = float(sol.warm_loss)
         if settings.certify_iter > 0:  # plain FW on G from the mask, for its bound only
             check = solve_layer(weight, gram, budget, warm_start=sol.mask, alpha=0.0, max_iter=settings.certify_iter,
                                 tol=0.0, step_rule="exact", swaps=False)
             bound = max(bound, float(check.lower_bound))
-        mask_error = float(layer_error(weight, gram, sol.mask))
         record["lower_bound"] = bound
         record["certificate"] = (mask_error - bound) / mask_error if mask_error > 0 else 0.0
         if history:
