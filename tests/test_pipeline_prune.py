@@ -237,3 +237,20 @@ def test_certify_iterations_prove_a_better_bound_without_changing_the_mask():
     assert certified["lower_bound"] > 0.3 * best and certified["certificate"] < plain["certificate"]
     with pytest.raises(ValueError, match="certify_iter"):
         PruneSettings(certify_iter=-1)
+
+
+def test_progress_says_when_a_layer_has_no_useful_bound(tiny_folder, capsys):
+    loaded = models.load_model(tiny_folder)
+    records = prune_model(loaded, calib_tokens(), PruneSettings(sparsity=0.5, max_iter=10), progress=True).layers
+    err = capsys.readouterr().err
+    assert "--certify N" in err  # the default (α = 0.9, ρ = 0.5) is told how to get a bound
+    lines = [line for line in err.splitlines() if line.strip().startswith("model.layers")]
+    assert len(lines) == len(records)
+    for line, record in zip(lines, records):
+        if record["lower_bound"] > 0:
+            assert f"cert {record['certificate']:.2f}" in line
+        else:  # a bound ≤ 0 proves nothing and is shown as such
+            assert line.rstrip().endswith("cert -")
+    loaded = models.load_model(tiny_folder)
+    prune_model(loaded, calib_tokens(), PruneSettings(sparsity=0.5, max_iter=10, certify_iter=20), progress=True)
+    assert "--certify N" not in capsys.readouterr().err

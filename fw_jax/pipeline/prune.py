@@ -316,6 +316,10 @@ def prune_model(
         if start_block and progress:
             _log(f"resuming after block {start_block - 1} from {work_dir}")
 
+    if progress and settings.method == "sparsefw" and settings.certify_iter == 0 and (
+            settings.alpha > 0 or settings.effective_shrinkage > 0):
+        _log("note: with fixed entries (α > 0) or shrinkage the solve's own lower bound on G is weak "
+             "(cert - when it proves nothing); --certify N adds N plain Frank-Wolfe iterations for one")
     started = time.perf_counter()
     history = None
     hidden = models.embed(model, jnp.asarray(tokens))
@@ -348,7 +352,9 @@ def prune_model(
             block_records.append(record)
             if progress:
                 reduction = 1 - record["error"] / record["wanda_error"] if record["wanda_error"] > 0 else 0.0
-                extra = f"  cert {record['certificate']:.2f}" if "certificate" in record else ""
+                extra = ""
+                if "certificate" in record:  # a bound ≤ 0 proves nothing: say so rather than "cert 1.00"
+                    extra = f"  cert {record['certificate']:.2f}" if record["lower_bound"] > 0 else "  cert -"
                 _log(f"  {layer.name:<36} {record['seconds']:6.1f}s  error {record['error']:.4g}  "
                      f"vs Wanda {-reduction:+.1%}{extra}")
         models.set_linear_weights(model, new_weights)
