@@ -18,11 +18,13 @@ from flax import nnx
 
 from ._layers import (
     F32,
+    CausalLM,
     Embedding,
     Linear,
-    _empty,
+    RMSNorm,
     apply_rope,
     causal_attention,
+    output_head,
     rope_cos_sin,
     rope_inverse_frequencies,
 )
@@ -83,17 +85,9 @@ class Gemma3Spec:
         )
 
 
-class GemmaRMSNorm(nnx.Module):
-    """``x / sqrt(mean(x²) + eps) * (1 + w)`` in float32."""
-
-    def __init__(self, dim: int, eps: float):
-        self.eps = float(eps)
-        self.weight = nnx.Param(_empty((dim,)))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(F32)
-        var = jnp.mean(x * x, axis=-1, keepdims=True)
-        return x * jax.lax.rsqrt(var + jnp.asarray(self.eps, F32)) * (1.0 + self.weight[...])
+def GemmaRMSNorm(dim: int, eps: float) -> RMSNorm:
+    """Gemma's RMSNorm: ``x / sqrt(mean(x²) + eps) * (1 + w)`` in float32."""
+    return RMSNorm(dim, eps, offset=1.0)
 
 
 class Gemma3Attention(nnx.Module):
@@ -180,7 +174,7 @@ class Gemma3TextModel(nnx.Module):
         self.norm = GemmaRMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
-class Gemma3ForCausalLM(nnx.Module):
+class Gemma3ForCausalLM(CausalLM):
     """Gemma 3 text LM; ``model(tokens)`` maps (B, T) ids to (B, T, vocab) float32 logits."""
 
     block_path = "model.layers"
@@ -188,11 +182,7 @@ class Gemma3ForCausalLM(nnx.Module):
     def __init__(self, spec: Gemma3Spec):
         self.spec = spec
         self.model = Gemma3TextModel(spec)
-        self.lm_head = (
-            None
-            if spec.tie_word_embeddings
-            else Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        )
+        self.lm_head = output_head(spec.hidden_size, spec.vocab_size, spec.tie_word_embeddings)
 
     @property
     def blocks(self):
@@ -215,15 +205,8 @@ class Gemma3ForCausalLM(nnx.Module):
         return self.model.layers[b].forward(h, self.block_context(h.shape[1]))
 
     def head(self, h: jax.Array) -> jax.Array:
-        h = self.model.norm(h)
-        out = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        out = self.project(self.model.norm(h), self.model.embed_tokens)
         cap = self.spec.final_logit_softcapping
         if cap is not None:
             out = jnp.tanh(out / cap) * jnp.asarray(cap, F32)
         return out
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        h = self.embed(tokens)
-        for b in range(len(self.model.layers)):
-            h, _ = self.block_forward(b, h)
-        return self.head(h)

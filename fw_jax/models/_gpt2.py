@@ -14,7 +14,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._layers import F32, Embedding, LayerNorm, Linear, causal_attention
+from ._layers import (
+    F32,
+    CausalLM,
+    Embedding,
+    LayerNorm,
+    Linear,
+    causal_attention,
+    output_head,
+)
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -130,7 +138,7 @@ class GPT2Model(nnx.Module):
         self.ln_f = LayerNorm(spec.n_embd, spec.layer_norm_epsilon)
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(CausalLM):
     """GPT-2 causal LM; ``model(tokens)`` maps (B, T) ids to (B, T, vocab) float32 logits."""
 
     block_path = "transformer.h"
@@ -138,9 +146,7 @@ class GPT2LMHeadModel(nnx.Module):
     def __init__(self, spec: GPT2Spec):
         self.spec = spec
         self.transformer = GPT2Model(spec)
-        self.lm_head = (
-            None if spec.tie_word_embeddings else Linear(spec.n_embd, spec.vocab_size, bias=False)
-        )
+        self.lm_head = output_head(spec.n_embd, spec.vocab_size, spec.tie_word_embeddings)
 
     @property
     def blocks(self):
@@ -157,13 +163,4 @@ class GPT2LMHeadModel(nnx.Module):
         return self.transformer.h[b].forward(h)
 
     def head(self, h: jax.Array) -> jax.Array:
-        h = self.transformer.ln_f(h)
-        if self.lm_head is None:
-            return self.transformer.wte.attend(h)
-        return self.lm_head(h)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        h = self.embed(tokens)
-        for b in range(len(self.transformer.h)):
-            h, _ = self.block_forward(b, h)
-        return self.head(h)
+        return self.project(self.transformer.ln_f(h), self.transformer.wte)

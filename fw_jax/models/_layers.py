@@ -60,16 +60,21 @@ class Embedding(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """``x / sqrt(mean(x²) + eps) * w`` computed in float32 (LLaMA convention)."""
+    """``x / sqrt(mean(x²) + eps) * (offset + w)`` computed in float32.
 
-    def __init__(self, dim: int, eps: float):
+    ``offset`` is 0 in the LLaMA convention and 1 in Gemma's (weights stored as ``w``, applied as
+    ``1 + w``).
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         self.eps = float(eps)
+        self.offset = float(offset)
         self.weight = nnx.Param(_empty((dim,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(F32)
         var = jnp.mean(x * x, axis=-1, keepdims=True)
-        return self.weight[...] * (x * jax.lax.rsqrt(var + jnp.asarray(self.eps, F32)))
+        return x * jax.lax.rsqrt(var + jnp.asarray(self.eps, F32)) * (self.offset + self.weight[...])
 
 
 class LayerNorm(nnx.Module):
@@ -86,6 +91,30 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + jnp.asarray(self.eps, F32))
         return y * self.weight[...] + self.bias[...]
+
+
+class CausalLM(nnx.Module):
+    """What every decoder-only LM here shares: ``model(tokens)`` is embed → blocks → head.
+
+    A subclass defines ``blocks`` (the decoder blocks), ``embed``, ``block_forward`` (block ``b``
+    on hidden states: ``(next_hidden, linear inputs)``) and ``head``, and sets ``lm_head`` to a
+    :class:`Linear` or, for an output head tied to the input embedding, ``None``.
+    """
+
+    def project(self, h: jax.Array, embedding: Embedding) -> jax.Array:
+        """Logits of final hidden states: ``lm_head``, or the tied ``embedding``."""
+        return embedding.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = self.embed(tokens)
+        for b in range(len(self.blocks)):
+            h, _ = self.block_forward(b, h)
+        return self.head(h)
+
+
+def output_head(hidden_size: int, vocab_size: int, tied: bool) -> Linear | None:
+    """The LM head of a model: ``None`` when tied to the input embedding."""
+    return None if tied else Linear(hidden_size, vocab_size, bias=False)
 
 
 def rope_inverse_frequencies(head_dim: int, rope_parameters: dict) -> tuple[np.ndarray, float]:

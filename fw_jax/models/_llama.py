@@ -18,11 +18,13 @@ from flax import nnx
 
 from ._layers import (
     F32,
+    CausalLM,
     Embedding,
     Linear,
     RMSNorm,
     apply_rope,
     causal_attention,
+    output_head,
     rope_cos_sin,
     rope_inverse_frequencies,
 )
@@ -175,7 +177,7 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(CausalLM):
     """LLaMA-family causal LM; ``model(tokens)`` maps (B, T) ids to (B, T, vocab) float32 logits."""
 
     block_path = "model.layers"
@@ -183,11 +185,7 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, spec: LlamaSpec):
         self.spec = spec
         self.model = LlamaModel(spec)
-        self.lm_head = (
-            None
-            if spec.tie_word_embeddings
-            else Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        )
+        self.lm_head = output_head(spec.hidden_size, spec.vocab_size, spec.tie_word_embeddings)
         inv_freq, scaling = rope_inverse_frequencies(spec.head_dim, dict(spec.rope_parameters))
         self._inv_freq = tuple(float(f) for f in inv_freq)
         self._rope_scaling = float(scaling)
@@ -208,13 +206,4 @@ class LlamaForCausalLM(nnx.Module):
         return self.model.layers[b].forward(h, self.block_context(h.shape[1]))
 
     def head(self, h: jax.Array) -> jax.Array:
-        h = self.model.norm(h)
-        if self.lm_head is None:
-            return self.model.embed_tokens.attend(h)
-        return self.lm_head(h)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        h = self.embed(tokens)
-        for b in range(len(self.model.layers)):
-            h, _ = self.block_forward(b, h)
-        return self.head(h)
+        return self.project(self.model.norm(h), self.model.embed_tokens)
