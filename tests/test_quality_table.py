@@ -48,3 +48,19 @@ def test_pivot_has_a_line_per_method_and_says_not_run():
     assert "| wanda | 20.0 / 8.0 | not run | not run |" in lines
     assert f"| **{q.DEFAULT}** (fw_jax default) | not run | not run | 30.0 / 9.0 |" in lines
     assert "| sparsefw published | not run | not run | not run |" in lines
+
+
+def test_readme_section_is_rewritten_between_the_markers_only(tmp_path):
+    import pytest
+    import quality_table as q
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{q.README_START}\nold table\n{q.README_END}\nafter\n", encoding="utf-8")
+    table = {"dense": _row(37.4, 15.3), "wanda @ 50%": _row(70.1, 36.2)}
+    q.update_readme(readme, table, [{"command": "x", "seconds": 120.0}])
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("intro\n" + q.README_START) and text.endswith(q.README_END + "\nafter\n")
+    assert "old table" not in text and "| wanda | 70.1 / 36.2 |" in text and "2 minutes" in text
+    readme.write_text("no markers\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="no <!-- quality:start -->"):
+        q.update_readme(readme, table, [])
