@@ -200,9 +200,10 @@ REQUIRED = ("magnitude", "wanda", "ria", "sparsegpt", "sparsefw published", DEFA
             "magnitude + reconstruct", "wanda + reconstruct", "ria + reconstruct", "sparsegpt mask + reconstruct",
             "sparsefw published + reconstruct", "sparsefw α=0.9 ρ=0.5 + reconstruct")
 WHY_MISSING = {
-    "sparsefw published": "2000 open-loop iterations with a dense GEMM each, for 210 layers: about 4 h per "
-                          "setting at 50%/60% and 45 min at 2:4 on 2 CPU cores (per-iteration times in "
-                          "results/solver.md); the same command runs it on a faster machine",
+    "sparsefw published": "2000 open-loop iterations with a dense GEMM each, for 210 layers: the 2:4 row took 73 min "
+                          "of pruning on 2 CPU cores (partly shared with the test suite), and 50%/60% cost about twice "
+                          "that per setting (per-iteration times in results/solver.md); runs resume per block, so the "
+                          "same command finishes them, or runs them in minutes on a GPU",
 }
 WHY_MISSING["sparsefw published + reconstruct"] = WHY_MISSING["sparsefw published"]
 
