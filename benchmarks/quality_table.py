@@ -64,12 +64,14 @@ def main() -> None:
     parser.add_argument("--readme", default=str(ROOT / "README.md"),
                         help="README whose quality section (between the quality:start/end markers) is rewritten "
                              "after every row; '' for none")
-    parser.add_argument("--readme-only", action="store_true",
-                        help="only rewrite the README section from --out's JSON, run nothing")
+    parser.add_argument("--rewrite-only", action="store_true",
+                        help="only rewrite --out's markdown and the README section from --out's JSON; run nothing")
     args = parser.parse_args()
-    if args.readme_only:
+    if args.rewrite_only:
         previous = json.loads(pathlib.Path(args.out).with_suffix(".json").read_text())
-        update_readme(pathlib.Path(args.readme), previous["table"], previous["commands"])
+        write(pathlib.Path(args.out), previous["table"], previous["commands"], args)
+        if args.readme:
+            update_readme(pathlib.Path(args.readme), previous["table"], previous["commands"])
         return
     command = "python benchmarks/quality_table.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
