@@ -39,13 +39,10 @@ def row(name, weight, gram, setting, iterations, repeats):
     settings = PruneSettings(**SETTINGS[setting])
     weight, gram = jnp.asarray(weight), jnp.asarray(gram)
     budget = settings.budget(weight.shape[1])
-    rho = settings.effective_shrinkage
-    shrunk = (1 - rho) * gram + rho * jnp.diag(jnp.diag(gram))
+    shrunk = settings.fitted_gram(gram)
 
     def solve():
-        return fw_jax.solve_layer(weight, shrunk, budget, warm_start=settings.warm_start, alpha=settings.alpha,
-                                  max_iter=settings.max_iter, tol=settings.tol, step_rule=settings.step_rule,
-                                  swaps=settings.swaps)
+        return fw_jax.solve_layer(weight, shrunk, budget, **settings.solver_options())
 
     first, median, sol = timed(solve, repeats)
     error = float(layer_error(weight, gram, sol.mask))

@@ -89,6 +89,16 @@ class PruneSettings:
             return float(self.shrinkage)
         return DEFAULT_SHRINKAGE if self.method == "sparsefw" else 0.0
 
+    def fitted_gram(self, gram):
+        """The Gram matrix every fitting step uses: ``(1 − ρ) G + ρ diag(G)`` (``G`` when ρ = 0)."""
+        rho = self.effective_shrinkage
+        return gram if rho == 0 else (1 - rho) * gram + rho * jnp.diag(jnp.diag(gram))
+
+    def solver_options(self) -> dict:
+        """The keyword arguments of :func:`fw_jax.solve_layer` these settings choose."""
+        return dict(warm_start=self.warm_start, alpha=self.alpha, max_iter=self.max_iter, tol=self.tol,
+                    step_rule=self.step_rule, swaps=self.swaps)
+
     def __post_init__(self):
         if isinstance(self.certify_iter, bool) or not (isinstance(self.certify_iter, int) and self.certify_iter >= 0):
             raise ValueError(f"certify_iter must be an integer ≥ 0, got {self.certify_iter!r}")
@@ -159,14 +169,9 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
     start = time.perf_counter()
     record: dict[str, Any] = {}
     rho = settings.effective_shrinkage
-    target = gram  # the Gram matrix the method fits; errors below are always for ``gram``
-    if rho > 0:
-        target = (1 - rho) * gram + rho * jnp.diag(jnp.diag(gram))
+    target = settings.fitted_gram(gram)  # the Gram matrix the method fits; errors below are always for ``gram``
     if settings.method == "sparsefw":
-        sol = solve_layer(
-            weight, target, budget, warm_start=settings.warm_start, alpha=settings.alpha,
-            max_iter=settings.max_iter, tol=settings.tol, step_rule=settings.step_rule, swaps=settings.swaps, history=history,
-        )
+        sol = solve_layer(weight, target, budget, **settings.solver_options(), history=history)
         mask = sol.mask
         record.update(iterations=int(sol.iterations), swaps=int(sol.swaps), status=sol.status_name)
         bound, mask_error = float(sol.lower_bound), float(sol.loss)
