@@ -70,8 +70,6 @@ def main() -> None:
     if args.rewrite_only:
         previous = json.loads(pathlib.Path(args.out).with_suffix(".json").read_text())
         write(pathlib.Path(args.out), previous["table"], previous["commands"], args)
-        if args.readme:
-            update_readme(pathlib.Path(args.readme), previous["table"], previous["commands"])
         return
     command = "python benchmarks/quality_table.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
@@ -115,8 +113,6 @@ def main() -> None:
             table[label]["prune s"] = report["seconds"]
             commands[-1]["seconds"] = time.perf_counter() - started
             write(out, table, commands, args)
-            if args.readme:
-                update_readme(pathlib.Path(args.readme), table, commands)
 
 
 def write(out, table, commands, args):
@@ -142,6 +138,8 @@ def write(out, table, commands, args):
         *missing(table),
     ])
     out.with_suffix(".md").write_text(text)
+    if args.readme:
+        update_readme(pathlib.Path(args.readme), table, commands)
     print(text, flush=True)
 
 
