@@ -22,9 +22,11 @@ def test_open_loop_solver_reproduces_the_plain_published_iteration(budget):
     assert float(ours.loss) <= min(float(plain.loss), float(plain.warm_loss)) * (1 + 1e-12)
 
 
-def test_published_top_k_and_bisect_oracles_agree():
+@pytest.mark.parametrize("method", ["bisect", "search"])
+def test_published_threshold_oracles_agree_with_top_k(method):
     rng = np.random.default_rng(1)
     weight, gram = correlated_problem(rng, 6, 16)
     a = sparsefw_published(weight, gram, 8, iterations=60, lmo_method="top_k")
-    b = sparsefw_published(weight, gram, 8, iterations=60, lmo_method="bisect")
+    b = sparsefw_published(weight, gram, 8, iterations=60, lmo_method=method)
     np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
+    np.testing.assert_array_equal(np.asarray(a.relaxed_loss), np.asarray(b.relaxed_loss))

@@ -192,7 +192,7 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
                 for k, v in sol.history._asdict().items()
             }
     elif settings.method == "sparsefw-published":
-        mask = sparsefw_published(weight, target, budget, lmo_method="bisect").mask
+        mask = sparsefw_published(weight, target, budget, lmo_method="search").mask
     elif settings.method == "sparsegpt":
         from fw_jax.solver._sparsegpt import sparsegpt
 

@@ -41,7 +41,7 @@ def _published(weight, gram, alpha, *, budget, iterations, warm_start, lmo_metho
     if isinstance(budget, NM):
         lmo = jax.vmap(NMLMO(budget.n, budget.m))
     elif budget.is_separable:
-        lmo = jax.vmap(TopKLMO(budget.k, lmo_method))
+        lmo = TopKLMO(budget.k, lmo_method).batched  # vmap's semantics, one threshold search per row
     else:
         single = TopKLMO(budget.k, lmo_method)
         lmo = lambda g, f: single(g, f)  # noqa: E731  (one unit: the whole layer)
@@ -81,7 +81,8 @@ def sparsefw_published(
       alpha: fixed fraction (0.9 as published).
       iterations: Frank-Wolfe iterations (2000 as published).
       warm_start: ``"wanda"`` (published), ``"ria"`` or ``"magnitude"``.
-      lmo_method: ``"top_k"`` (the plain choice) or ``"bisect"`` (same vertices, faster on CPU).
+      lmo_method: ``"top_k"`` (the plain choice), ``"bisect"`` or ``"search"`` (same vertices,
+        faster on CPU; see :class:`~fw_jax.solver.TopKLMO`).
 
     Returns:
       :class:`PublishedResult`.
