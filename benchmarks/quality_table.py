@@ -22,7 +22,9 @@ import jax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORPORA = ROOT.parent / "shared" / "corpora"
 
-from fw_jax.pipeline import PruneSettings, evaluate_perplexity, format_table, load_documents, prune_to_folder  # noqa: E402
+from fw_jax.pipeline import (  # noqa: E402
+    PruneSettings, atomic_write, evaluate_perplexity, format_table, load_documents, prune_to_folder,
+)
 
 METHODS = {
     "magnitude": dict(method="magnitude"),
@@ -116,7 +118,7 @@ def main() -> None:
 
 
 def write(out, table, commands, args):
-    out.with_suffix(".json").write_text(json.dumps({"commands": commands, "table": table}, indent=1))
+    atomic_write(out.with_suffix(".json"), json.dumps({"commands": commands, "table": table}, indent=1))
     runs = [f"- `{c['command']}` — {c['seconds'] / 60:.0f} min" for c in commands if c["seconds"] > 0]
     text = "\n".join([
         "# Perplexity of pruned SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
@@ -137,7 +139,7 @@ def write(out, table, commands, args):
         *bars(table),
         *missing(table),
     ])
-    out.with_suffix(".md").write_text(text)
+    atomic_write(out.with_suffix(".md"), text)
     if args.readme:
         update_readme(pathlib.Path(args.readme), table, commands)
     print(text, flush=True)
@@ -170,10 +172,7 @@ def update_readme(path: pathlib.Path, table, commands) -> None:
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
         raise SystemExit(f"{path} has no {README_START} … {README_END} section to rewrite")
-    text = text[:start] + readme_section(table, commands) + text[end + len(README_END):]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, text[:start] + readme_section(table, commands) + text[end + len(README_END):])
 
 
 DEFAULT = "sparsefw α=0.9 ρ=0.5"  # fw_jax's pipeline default (PruneSettings)

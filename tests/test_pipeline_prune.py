@@ -258,3 +258,22 @@ def test_progress_says_when_a_layer_has_no_useful_bound(tiny_folder, capsys):
                 assert line.rstrip().endswith(f"cert {record['certificate']:.2f}")
             else:  # a bound ≤ 0 proves nothing and is shown as such
                 assert line.rstrip().endswith("cert -")
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_the_old_one_on_failure(tmp_path, monkeypatch):
+    from fw_jax.pipeline import atomic_write
+
+    path = tmp_path / "results.json"
+    atomic_write(path, "first ✓")
+    assert path.read_text(encoding="utf-8") == "first ✓"
+    atomic_write(str(path), b"second")
+    assert path.read_bytes() == b"second"
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)  # dies after the temporary file is written, before the rename
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, "third")
+    assert path.read_bytes() == b"second"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind

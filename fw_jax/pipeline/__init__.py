@@ -15,7 +15,7 @@ from fw_jax.pipeline.data import (
     needs_bos_per_window,
 )
 from fw_jax.pipeline.evaluate import evaluate_perplexity, format_table
-from fw_jax.pipeline.prune import METHODS, PruneReport, PruneSettings, prune_layer, prune_model
+from fw_jax.pipeline.prune import METHODS, PruneReport, PruneSettings, atomic_write, prune_layer, prune_model
 from fw_jax.pipeline.run import prune_to_folder
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "METHODS",
     "PruneReport",
     "PruneSettings",
+    "atomic_write",
     "calibration_tokens",
     "evaluate_perplexity",
     "evaluation_tokens",

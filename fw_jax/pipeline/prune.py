@@ -237,13 +237,22 @@ def _fingerprint(loaded, settings: PruneSettings, calibration: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` (``str`` as UTF-8) to ``path`` so that a reader, or a run killed midway,
+    sees either the old file or the whole new one: a synced temporary file renamed over it."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _save_block(work_dir: str, b: int, weights: dict, records: list[dict]) -> None:
@@ -251,8 +260,8 @@ def _save_block(work_dir: str, b: int, weights: dict, records: list[dict]) -> No
 
     buffer = io.BytesIO()
     np.savez(buffer, **{name: np.asarray(w) for name, w in weights.items()})
-    _atomic_write_bytes(os.path.join(work_dir, f"block_{b:04d}.npz"), buffer.getvalue())
-    _atomic_write_bytes(os.path.join(work_dir, f"block_{b:04d}.json"), json.dumps(records).encode())
+    atomic_write(os.path.join(work_dir, f"block_{b:04d}.npz"), buffer.getvalue())
+    atomic_write(os.path.join(work_dir, f"block_{b:04d}.json"), json.dumps(records).encode())
 
 
 def _finished_blocks(work_dir: str, fingerprint: str) -> int:
@@ -317,7 +326,7 @@ def prune_model(
     if work_dir is not None:
         os.makedirs(work_dir, exist_ok=True)
         start_block = _finished_blocks(work_dir, fingerprint)
-        _atomic_write_bytes(
+        atomic_write(
             os.path.join(work_dir, "state.json"),
             json.dumps({"fingerprint": fingerprint, "describe": settings.describe(), "blocks": blocks}).encode(),
         )
