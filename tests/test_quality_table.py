@@ -34,9 +34,12 @@ def test_missing_rows_are_listed_with_the_reason_where_known():
 
     table = {f"{name} @ {setting}": _row(1.0, 1.0) for name in q.REQUIRED for setting in q.SETTINGS}
     assert q.missing(table) == []
-    del table["sparsefw published @ 60%"], table["ria @ 2:4"]
+    table["sparsefw published @ 2:4"]["prune s"] = 4358.0
+    del table["sparsefw published @ 50%"], table["sparsefw published @ 60%"], table["ria @ 2:4"]
     lines = q.missing(table)
-    assert lines[2].startswith("- sparsefw published @ 60%: 2000 open-loop iterations") and lines[3] == "- ria @ 2:4"
+    assert lines[2] == "- ria @ 2:4"  # methods in REQUIRED's order, one line each
+    assert lines[3].startswith("- sparsefw published @ 50%, 60%: 2000 open-loop iterations")
+    assert "(measured: 2:4 73 min)" in lines[3]
 
 
 def test_pivot_has_a_line_per_method_and_says_not_run():
