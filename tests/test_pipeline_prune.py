@@ -107,9 +107,14 @@ def test_interrupted_run_resumes_to_the_same_model(tiny_folder, tmp_path):
         prune_to_folder(tiny_folder, resumed, settings, after_block=kill_after_first_block, **kwargs)
     assert not os.path.exists(os.path.join(resumed, "prune_report.json"))  # nothing presented as finished
     assert os.path.exists(resumed + ".partial/block_0000.npz")
+    with open(resumed + ".partial/block_0000.json") as f:
+        block0_seconds = json.load(f)["seconds"]
     seen = []
     prune_to_folder(tiny_folder, resumed, settings, after_block=seen.append, **kwargs)
     assert seen == [1]  # block 0 was not pruned again
+    with open(os.path.join(resumed, "prune_report.json")) as f:
+        report = json.load(f)
+    assert report["resumed_blocks"] == 1 and report["seconds"] > block0_seconds > 0  # the time spans both runs
     a = load_file(os.path.join(straight, "model.safetensors"))
     b = load_file(os.path.join(resumed, "model.safetensors"))
     assert a.keys() == b.keys()
@@ -277,3 +282,13 @@ def test_atomic_write_replaces_whole_files_and_leaves_the_old_one_on_failure(tmp
         atomic_write(path, "third")
     assert path.read_bytes() == b"second"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
+
+
+def test_checkpoints_without_block_times_still_resume(tmp_path):
+    from fw_jax.pipeline.prune import _load_block_records
+
+    records = [{"name": "a", "seconds": 1.5}, {"name": "b", "seconds": 2.0}]
+    (tmp_path / "block_0000.json").write_text(json.dumps(records))  # the format before block times were kept
+    assert _load_block_records(str(tmp_path), 0) == (records, 3.5)
+    (tmp_path / "block_0001.json").write_text(json.dumps({"seconds": 9.0, "layers": records}))
+    assert _load_block_records(str(tmp_path), 1) == (records, 9.0)

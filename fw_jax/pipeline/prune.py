@@ -130,15 +130,17 @@ class PruneReport:
 
     settings: PruneSettings
     layers: list[dict]
-    seconds: float
+    seconds: float  #: wall time of all blocks, including those of earlier runs it resumed
     calibration: dict
     history: Optional[dict] = None
+    resumed_blocks: int = 0  #: blocks taken from an interrupted run's checkpoints
 
     def to_json(self) -> dict:
         return {
             "settings": {**dataclasses.asdict(self.settings), "shrinkage": self.settings.effective_shrinkage},
             "calibration": self.calibration,
             "seconds": self.seconds,
+            "resumed_blocks": self.resumed_blocks,
             "layers": self.layers,
             "summary": self.summary(),
         }
@@ -255,13 +257,23 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         raise
 
 
-def _save_block(work_dir: str, b: int, weights: dict, records: list[dict]) -> None:
+def _save_block(work_dir: str, b: int, weights: dict, records: list[dict], seconds: float) -> None:
     import io
 
     buffer = io.BytesIO()
     np.savez(buffer, **{name: np.asarray(w) for name, w in weights.items()})
     atomic_write(os.path.join(work_dir, f"block_{b:04d}.npz"), buffer.getvalue())
-    atomic_write(os.path.join(work_dir, f"block_{b:04d}.json"), json.dumps(records).encode())
+    atomic_write(os.path.join(work_dir, f"block_{b:04d}.json"), json.dumps({"seconds": seconds, "layers": records}))
+
+
+def _load_block_records(work_dir: str, b: int) -> tuple[list[dict], float]:
+    """A saved block's layer records and wall time. Checkpoints written before the wall time was
+    kept hold only the records; their time is then the sum of the layers' solve times."""
+    with open(os.path.join(work_dir, f"block_{b:04d}.json")) as f:
+        saved = json.load(f)
+    if isinstance(saved, list):
+        return saved, float(sum(r["seconds"] for r in saved))
+    return saved["layers"], float(saved["seconds"])
 
 
 def _finished_blocks(work_dir: str, fingerprint: str) -> int:
@@ -323,6 +335,7 @@ def prune_model(
     blocks = models.num_blocks(model)
     start_block = 0
     records: list[dict] = []
+    earlier_seconds = 0.0  # wall time of the blocks an interrupted run finished
     if work_dir is not None:
         os.makedirs(work_dir, exist_ok=True)
         start_block = _finished_blocks(work_dir, fingerprint)
@@ -333,8 +346,9 @@ def prune_model(
         for b in range(start_block):
             with np.load(os.path.join(work_dir, f"block_{b:04d}.npz")) as saved:
                 models.set_linear_weights(model, {name: jnp.asarray(saved[name]) for name in saved.files})
-            with open(os.path.join(work_dir, f"block_{b:04d}.json")) as f:
-                records.extend(json.load(f))
+            block_records, block_seconds = _load_block_records(work_dir, b)
+            records.extend(block_records)
+            earlier_seconds += block_seconds
         if start_block and progress:
             _log(f"resuming after block {start_block - 1} from {work_dir}")
 
@@ -382,7 +396,7 @@ def prune_model(
         models.set_linear_weights(model, new_weights)
         del grams
         if work_dir is not None:
-            _save_block(work_dir, b, new_weights, block_records)
+            _save_block(work_dir, b, new_weights, block_records, time.perf_counter() - block_start)
         records.extend(block_records)
         if b + 1 < blocks:
             hidden = models.run_block(model, b, hidden)
@@ -391,5 +405,5 @@ def prune_model(
                  f"(elapsed {time.perf_counter() - started:.0f}s)")
         if after_block is not None:
             after_block(b)
-    return PruneReport(settings=settings, layers=records, seconds=time.perf_counter() - started,
-                       calibration=calibration, history=history)
+    return PruneReport(settings=settings, layers=records, seconds=earlier_seconds + time.perf_counter() - started,
+                       calibration=calibration, history=history, resumed_blocks=start_block)
