@@ -14,6 +14,7 @@ import argparse
 import json
 import pathlib
 import platform
+import shlex
 import sys
 import time
 
@@ -70,10 +71,9 @@ def main() -> None:
                         help="only rewrite --out's markdown and the README section from --out's JSON; run nothing")
     args = parser.parse_args()
     if args.rewrite_only:
-        previous = json.loads(pathlib.Path(args.out).with_suffix(".json").read_text())
-        write(pathlib.Path(args.out), previous["table"], previous["commands"], args)
+        write(pathlib.Path(args.out), *read_results(pathlib.Path(args.out)), args)
         return
-    command = "python benchmarks/quality_table.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/quality_table.py " + shlex.join(sys.argv[1:])  # quoted: it can be pasted as is
     started = time.perf_counter()
     calib = [str(p) for p in sorted(CORPORA.glob("austen_*.txt")) if p.name != "austen_persuasion.txt"]
     datasets = {
@@ -82,13 +82,9 @@ def main() -> None:
     }
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    table: dict[str, dict] = {}
-    commands: list[dict] = []  # every invocation that added rows, with its wall time
-    if out.with_suffix(".json").exists():  # results of earlier (interrupted) runs with these options
-        previous = json.loads(out.with_suffix(".json").read_text())
-        table = previous.get("table", {})
-        commands = previous.get("commands") or [{"command": previous["command"], "seconds": previous["seconds"]}]
-    commands.append({"command": command, "seconds": 0.0})
+    table, _ = read_results(out)  # rows of earlier (interrupted) runs are not run again
+    produced: dict[str, dict] = {}  # the rows this invocation writes
+    this_run = {"command": command, "seconds": 0.0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def evaluate(label, folder):
         if label in table:
@@ -97,6 +93,7 @@ def main() -> None:
             value = evaluate_perplexity({label: folder}, documents, seqlen=args.eval_seqlen,
                                         max_windows=args.max_windows)[label]
             table.setdefault(label, {})[f"{dataset} ppl"] = value
+        produced[label] = table[label]
 
     evaluate("dense", "smollm2-135m")
     for setting in args.settings:
@@ -113,8 +110,30 @@ def main() -> None:
             report = json.loads(report_path.read_text())
             table[label]["mean layer error vs Wanda"] = report["summary"]["mean_error_vs_wanda"]
             table[label]["prune s"] = report["seconds"]
-            commands[-1]["seconds"] = time.perf_counter() - started
-            write(out, table, commands, args)
+            produced[label] = table[label]
+            this_run["seconds"] = time.perf_counter() - started
+            write(out, *merge_rows(out, produced, this_run), args)
+
+
+def read_results(out: pathlib.Path) -> tuple[dict, list]:
+    """The table and the list of invocations (each with its wall time) in ``out``'s JSON."""
+    if not out.with_suffix(".json").exists():
+        return {}, []
+    previous = json.loads(out.with_suffix(".json").read_text())
+    commands = previous.get("commands") or [{"command": previous["command"], "seconds": previous["seconds"]}]
+    return previous.get("table", {}), commands
+
+
+def merge_rows(out: pathlib.Path, rows: dict, this_run: dict) -> tuple[dict, list]:
+    """``out``'s results as they are on disk now, with ``rows`` and this invocation's entry added.
+
+    Re-reading just before each write keeps the rows that another invocation wrote since this one
+    started (two runs of different rows may share the file), and only this run's rows change.
+    """
+    table, commands = read_results(out)
+    table.update(rows)
+    commands = [c for c in commands if c.get("started") != this_run["started"] or c["command"] != this_run["command"]]
+    return table, [*commands, dict(this_run)]
 
 
 def write(out, table, commands, args):

@@ -67,3 +67,25 @@ def test_readme_section_is_rewritten_between_the_markers_only(tmp_path):
     readme.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="no <!-- quality:start -->"):
         q.update_readme(readme, table, [])
+
+
+def test_rows_are_merged_into_the_results_on_disk(tmp_path, monkeypatch):
+    import json
+
+    import quality_table as q
+
+    out = tmp_path / "quality"
+    assert q.read_results(out) == ({}, [])
+    this_run = {"command": "python benchmarks/quality_table.py --settings 60%", "seconds": 60.0, "started": "t1"}
+    # Another invocation wrote the 50% row after this one started: it is kept, and this run's own
+    # entry is replaced (not repeated) on every row it adds.
+    out.with_suffix(".json").write_text(json.dumps({
+        "commands": [{"command": "other", "seconds": 30.0, "started": "t0"}],
+        "table": {"wanda @ 50%": _row(70.0, 36.0)},
+    }))
+    table, commands = q.merge_rows(out, {"wanda @ 60%": _row(139.0, 99.0)}, this_run)
+    out.with_suffix(".json").write_text(json.dumps({"commands": commands, "table": table}))
+    this_run["seconds"] = 120.0
+    table, commands = q.merge_rows(out, {"ria @ 60%": _row(149.0, 98.0)}, this_run)
+    assert set(table) == {"wanda @ 50%", "wanda @ 60%", "ria @ 60%"}
+    assert [(c["command"], c["seconds"]) for c in commands] == [("other", 30.0), (this_run["command"], 120.0)]
