@@ -69,7 +69,7 @@ def test_readme_section_is_rewritten_between_the_markers_only(tmp_path):
         q.update_readme(readme, table, [])
 
 
-def test_rows_are_merged_into_the_results_on_disk(tmp_path, monkeypatch):
+def test_rows_are_merged_into_the_results_on_disk(tmp_path):
     import json
 
     import quality_table as q

@@ -341,7 +341,7 @@ def prune_model(
         start_block = _finished_blocks(work_dir, fingerprint)
         atomic_write(
             os.path.join(work_dir, "state.json"),
-            json.dumps({"fingerprint": fingerprint, "describe": settings.describe(), "blocks": blocks}).encode(),
+            json.dumps({"fingerprint": fingerprint, "describe": settings.describe(), "blocks": blocks}),
         )
         for b in range(start_block):
             with np.load(os.path.join(work_dir, f"block_{b:04d}.npz")) as saved:
