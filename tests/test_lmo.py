@@ -212,3 +212,66 @@ def test_search_selection_equals_bisection(dtype):
             got = np.asarray(search(values, count, eligible))
             want = np.asarray(bisect(values, count, eligible))
             np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}, count {count}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_hinted_selection_equals_bisection_whatever_the_hint(dtype):
+    """A warm-started threshold search selects exactly what bisection selects, from good hints
+    (the previous, slightly perturbed values), stale or absurd hints (NaN, ±inf, huge, zero
+    moves, huge moves) and on the awkward value sets of the test above; the hint it returns is
+    the threshold of its own selection."""
+    from fw_jax.solver._select import (
+        ThresholdHint,
+        smallest_mask_units,
+        smallest_mask_units_hinted,
+    )
+
+    rng = np.random.default_rng(11)
+    hinted = jax.jit(smallest_mask_units_hinted)
+    bisect = jax.jit(lambda v, c, e: smallest_mask_units(v, c, e, "bisect"))
+    units, n = 5, 24
+    hint = ThresholdHint.empty(units, dtype)
+    values = rng.normal(size=(units, n))
+    for trial in range(80):
+        kind = trial % 8
+        if kind < 3:  # slow drift: the hint is good
+            values = values + 0.02 * rng.normal(size=values.shape)
+        elif kind == 3:
+            values = np.round(rng.normal(size=(units, n)) * 2) / 2
+        elif kind == 4:
+            values = rng.standard_cauchy(size=(units, n)) * 1e30
+        elif kind == 5:
+            values = rng.choice([-np.inf, -0.0, 0.0, 1e-38, -1e-38, 3.0, np.inf], size=(units, n))
+        elif kind == 6:
+            hint = ThresholdHint(
+                jnp.asarray(rng.choice([np.nan, np.inf, -np.inf, 1e30, -1e-30, 0.0], size=units).astype(dtype)),
+                jnp.asarray(rng.choice([0.0, 1e-30, 1e30, np.inf], size=units).astype(dtype)),
+            )
+        else:
+            values = rng.normal(size=(units, n)) * 10.0 ** rng.integers(-20, 20)
+        v = jnp.asarray(values.astype(dtype))
+        eligible = jnp.asarray(rng.random((units, n)) < 0.85)
+        count = jnp.asarray(rng.integers(0, n + 2, size=units))
+        got, hint = hinted(v, count, eligible, hint)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(bisect(v, count, eligible)), err_msg=f"trial {trial}")
+        # the returned hint reproduces the selection: nothing selected lies above it
+        chosen = np.asarray(got)
+        above = np.asarray(v) > np.asarray(hint.value)[:, None]
+        assert not np.any(chosen & above & ~np.isnan(np.asarray(hint.value))[:, None]), f"trial {trial}"
+
+
+def test_hinted_oracle_matches_batched():
+    """``TopKLMO.batched_hinted`` gives ``batched``'s vertices along a drifting gradient
+    sequence, plain and exact, with fixed entries."""
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(6, 40))
+    fixed = jnp.asarray(rng.random((6, 40)) < 0.2)
+    for exact in (False, True):
+        lmo = TopKLMO(15, "search", exact)
+        assert lmo.hinted and not TopKLMO(15, "top_k").hinted and not TopKLMO(15, "search", hint=False).hinted
+        hint = lmo.empty_hint(6, jnp.float32)
+        for _ in range(20):
+            g = g + 0.05 * rng.normal(size=g.shape)
+            gj = jnp.asarray(g, jnp.float32)
+            vertex, hint = jax.jit(lmo.batched_hinted)(gj, fixed, hint)
+            np.testing.assert_array_equal(np.asarray(vertex), np.asarray(lmo.batched(gj, fixed)))

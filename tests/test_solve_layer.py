@@ -280,3 +280,34 @@ def test_bad_input_raises_clear_errors():
         kwargs = {k: args.pop(k) for k in ("alpha", "warm_start", "step_rule") if k in args}
         with pytest.raises(ValueError, match=message):
             fw_jax.solve_layer(args["weight"], args["gram"], args["budget"], **kwargs)
+
+
+@pytest.mark.parametrize("pairwise", [False, True])
+@pytest.mark.parametrize("units", ["rows", "layer"])
+def test_threshold_hints_do_not_change_the_iterates(pairwise, units):
+    """The Frank-Wolfe loop with the oracle's thresholds carried between iterations
+    (``TopKLMO(hint=True)``, the default) takes exactly the steps of cold searches."""
+    from fw_jax.solver._frank_wolfe import frank_wolfe
+    from fw_jax.solver._lmo import TopKLMO
+    from fw_jax.solver._steps import ExactLineSearch
+
+    rng = np.random.default_rng(12)
+    weight, gram = correlated_problem(rng, 10, 16, dtype=np.float32)
+    weight, gram = jnp.asarray(weight), jnp.asarray(gram)
+    k = 8 if units == "rows" else 80
+    if units == "layer":
+        weight = weight[None]
+    init = jnp.asarray(np.argsort(np.argsort(-np.abs(np.asarray(weight)).reshape(weight.shape[0], -1), 1), 1)
+                       .reshape(weight.shape) < k, jnp.float32)
+    fixed = jnp.zeros(weight.shape, bool)
+    results = []
+    for hint in (True, False):
+        lmo = TopKLMO(k, "search", exact=pairwise, hint=hint)
+        run = jax.jit(lambda w, g, m, f, lmo=lmo: frank_wolfe(
+            w, g, m, f, lmo, ExactLineSearch(), max_iter=60, tol=jnp.zeros((), jnp.float32),
+            gram_norm=jnp.ones((), jnp.float32), pairwise=pairwise))
+        results.append(run(weight, gram, init, fixed))
+    hinted, cold = results
+    np.testing.assert_array_equal(np.asarray(hinted.relaxed_mask), np.asarray(cold.relaxed_mask))
+    np.testing.assert_array_equal(np.asarray(hinted.lower_bound), np.asarray(cold.lower_bound))
+    np.testing.assert_array_equal(np.asarray(hinted.iterations), np.asarray(cold.iterations))

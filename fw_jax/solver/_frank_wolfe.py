@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from fw_jax.solver._select import ThresholdHint
 from fw_jax.solver._steps import StepInfo
 
 __all__ = ["FWHistory", "FWResult", "frank_wolfe"]
@@ -66,6 +67,7 @@ class _State(NamedTuple):
     vertex: Optional[Array]  # previous vertex and its product (incremental product only)
     vertex_product: Optional[Array]
     sparse_updates: Array  # iterations that took the incremental path
+    hint: Optional[ThresholdHint]  # the oracle's last thresholds (threshold oracles only)
     lower_bound: Array
     iterations: Array
     done: Array
@@ -127,7 +129,9 @@ def frank_wolfe(
       gram: ``(d_in, d_in)`` symmetric PSD.
       init_mask: start point in the polytope, like ``weight``.
       fixed: boolean like ``weight``; entries held at 1 (they must be 1 in ``init_mask``).
-      lmo: unit-level oracle ``(gradient, fixed) -> vertex``; vmapped over units here.
+      lmo: unit-level oracle ``(gradient, fixed) -> vertex``; vmapped over units here (or its
+        own ``batched`` form; oracles with ``hinted`` set are called through
+        ``batched_hinted`` with their thresholds carried from one iteration to the next).
       step_rule: ``StepInfo -> η`` per unit.
       max_iter: static iteration cap.
       tol: relative gap tolerance: a unit stops once ``gap ≤ tol · L``.
@@ -156,6 +160,7 @@ def frank_wolfe(
     units = weight.shape[0]
     snap = 32 * jnp.finfo(dtype).eps
     batched_lmo = batched_oracle(lmo)
+    hinted = getattr(lmo, "hinted", False)  # warm-start the oracle's threshold search
     target = gram_matmul(weight, gram, precision)  # H = W G
 
     def product_of(mask, precision=precision):
@@ -180,7 +185,10 @@ def frank_wolfe(
         product = lax.cond(refresh, lambda: product_of(mask), lambda: state.product)
         loss, rg = loss_and_rg(mask, product)
         gradient = -2 * weight * rg
-        vertex = batched_lmo(gradient, fixed)
+        if hinted:
+            vertex, hint = lmo.batched_hinted(gradient, fixed, state.hint)
+        else:
+            vertex, hint = batched_lmo(gradient, fixed), None
         vertex_product, sparse = state.vertex_product, jnp.zeros((), bool)
         if incremental:
             delta = vertex - state.vertex
@@ -231,6 +239,7 @@ def frank_wolfe(
             vertex=vertex if incremental else None,
             vertex_product=vertex_product,
             sparse_updates=state.sparse_updates + sparse.astype(jnp.int32),
+            hint=hint,
             lower_bound=jnp.maximum(state.lower_bound, loss - gap),
             iterations=state.iterations + (~done).astype(jnp.int32),
             done=done,
@@ -245,6 +254,7 @@ def frank_wolfe(
         vertex=init_mask.astype(dtype) if incremental else None,
         vertex_product=init_product if incremental else None,
         sparse_updates=jnp.zeros((), jnp.int32),
+        hint=lmo.empty_hint(units, dtype) if hinted else None,
         lower_bound=jnp.full((units,), -jnp.inf, dtype),
         iterations=jnp.zeros((units,), jnp.int32),
         done=jnp.zeros((units,), bool),

@@ -19,12 +19,14 @@ import jax.numpy as jnp
 from jax import Array
 
 from fw_jax.solver._select import (
+    ThresholdHint,
     group_ranks,
     lexicographic_better,
     smallest_mask_bisect,
     smallest_mask_search,
     smallest_mask_topk,
     smallest_mask_units,
+    smallest_mask_units_hinted,
 )
 
 __all__ = ["TopKLMO", "NMLMO"]
@@ -47,11 +49,14 @@ class TopKLMO:
       method: ``"bisect"`` (threshold bisection on the float bits: streaming passes, the
         fastest on CPU, see ``benchmarks/``), ``"search"`` (interpolation + bisection on the
         same keys, fewer passes) or ``"top_k"`` (``lax.top_k``). Same result.
+      hint: for the threshold methods, let iterative callers (the Frank-Wolfe loops) start each
+        search from the previous call's thresholds (:meth:`batched_hinted`). Same result.
     """
 
     k: int
     method: Literal["bisect", "search", "top_k"] = "bisect"
     exact: bool = False
+    hint: bool = True
 
     def _smallest(self, values: Array, count: Array, eligible: Array) -> Array:
         if self.method == "bisect":
@@ -76,6 +81,25 @@ class TopKLMO:
         free_budget = self.k - jnp.sum(fixed.reshape(units, -1), axis=-1, dtype=jnp.int32)
         eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
         return (smallest_mask_units(gradient, free_budget, eligible, self.method) | fixed).astype(gradient.dtype)
+
+    @property
+    def hinted(self) -> bool:
+        """Whether callers should use :meth:`batched_hinted` (threshold methods, ``hint`` on)."""
+        return self.hint and self.method in ("bisect", "search")
+
+    def empty_hint(self, units: int, dtype) -> ThresholdHint:
+        """The hint of :meth:`batched_hinted`'s first call."""
+        return ThresholdHint.empty(units, dtype)
+
+    def batched_hinted(self, gradient: Array, fixed: Array, hint: ThresholdHint) -> tuple[Array, ThresholdHint]:
+        """:meth:`batched`, warm-started from the thresholds of the previous call (the same
+        vertices in fewer counting passes when the gradient changes a little between calls).
+        Returns the vertices and the hint for the next call."""
+        units = gradient.shape[0]
+        free_budget = self.k - jnp.sum(fixed.reshape(units, -1), axis=-1, dtype=jnp.int32)
+        eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
+        chosen, hint = smallest_mask_units_hinted(gradient, free_budget, eligible, hint)
+        return (chosen | fixed).astype(gradient.dtype), hint
 
     def away(self, gradient: Array, mask: Array, fixed: Array) -> Array:
         """Away vertex of the hypersimplex in decomposition-invariant form: the worst vertex

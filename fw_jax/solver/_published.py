@@ -38,22 +38,30 @@ def _published(weight, gram, alpha, *, budget, iterations, warm_start, lmo_metho
     warm = round_to_budget((scores,), budget)
     per_unit = budget.n if isinstance(budget, NM) else budget.k
     fixed = round_to_budget((scores,), budget, count=jnp.floor(alpha * per_unit + 1e-9).astype(jnp.int32))
+    # lmo: (gradient, fixed, hint) -> (vertex, hint); the threshold oracles carry their last
+    # thresholds from one iteration to the next (same vertices, fewer counting passes).
+    hint = None
     if isinstance(budget, NM):
-        lmo = jax.vmap(NMLMO(budget.n, budget.m))
+        lmo = lambda g, f, h: (jax.vmap(NMLMO(budget.n, budget.m))(g, f), h)  # noqa: E731
     elif budget.is_separable:
-        lmo = TopKLMO(budget.k, lmo_method).batched  # vmap's semantics, one threshold search per row
+        rows = TopKLMO(budget.k, lmo_method)
+        if rows.hinted:
+            lmo, hint = rows.batched_hinted, rows.empty_hint(weight.shape[0], weight.dtype)
+        else:
+            lmo = lambda g, f, h: (rows.batched(g, f), h)  # noqa: E731
     else:
         single = TopKLMO(budget.k, lmo_method)
-        lmo = lambda g, f: single(g, f)  # noqa: E731  (one unit: the whole layer)
+        lmo = lambda g, f, h: (single(g, f), h)  # noqa: E731  (one unit: the whole layer)
     target = weight @ gram
 
-    def step(t, mask):
+    def step(t, carry):
+        mask, hint = carry
         gradient = -2 * weight * (target - (weight * mask) @ gram)
-        vertex = lmo(gradient, fixed)
+        vertex, hint = lmo(gradient, fixed, hint)
         eta = 2.0 / (t + 2.0)
-        return mask + eta * (vertex - mask)
+        return mask + eta * (vertex - mask), hint
 
-    relaxed = lax.fori_loop(0, iterations, step, warm.astype(weight.dtype))
+    relaxed, _ = lax.fori_loop(0, iterations, step, (warm.astype(weight.dtype), hint))
     mask = round_to_budget((fixed, relaxed), budget)
     return PublishedResult(
         mask=mask,

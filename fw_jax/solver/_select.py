@@ -7,6 +7,8 @@ weights have many exact ties, so this rule is what makes masks reproducible.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
@@ -74,14 +76,55 @@ def smallest_mask_units(values: Array, count: Array, eligible: Array, method: st
     per unit; the lowest-index tie-break (a running count, the only non-streaming step) runs only
     when some unit has more entries at its threshold than room for them.
     """
+    find = _threshold_search if method == "search" else _threshold_bisect
+    return _select_units(values, count, eligible, lambda k, c, dtype: find(k, c, dtype))[0]
+
+
+class ThresholdHint(NamedTuple):
+    """Per-unit memory of a threshold search, carried from one selection to the next.
+
+    ``value``: the last threshold (NaN: none yet); ``move``: how far it moved at the last call.
+    """
+
+    value: Array
+    move: Array
+
+    @classmethod
+    def empty(cls, units: int, dtype) -> "ThresholdHint":
+        return cls(jnp.full((units,), jnp.nan, dtype), jnp.zeros((units,), dtype))
+
+
+def smallest_mask_units_hinted(
+    values: Array, count: Array, eligible: Array, hint: ThresholdHint
+) -> tuple[Array, ThresholdHint]:
+    """:func:`smallest_mask_units` (same selection, whatever the hint) warm-started from the
+    thresholds of a previous, similar selection, for iterations whose values change a little
+    at a time (the gradients of Frank-Wolfe).
+
+    Per unit, the search first counts at the hinted threshold, then gallops away from it in
+    steps of twice the last move (growing ×4) until the answer is bracketed, then narrows the
+    bracket as :func:`smallest_mask_search` does. When the threshold moves little, that is a
+    few counting passes instead of ~20.
+
+    Returns:
+      The selection and the hint for the next call.
+    """
+    mask, keys = _select_units(values, count, eligible, lambda k, c, dtype, h: _threshold_search(k, c, dtype, h), hint)
+    value = float_of_key(keys, values.dtype)
+    move = jnp.where(jnp.isfinite(hint.value) & jnp.isfinite(value), jnp.abs(value - hint.value), 0).astype(values.dtype)
+    return mask, ThresholdHint(value, move)
+
+
+def _select_units(values, count, eligible, find, *extra):
+    """Shared body of the unit selections: keys, per-unit threshold by ``find``, tie-break.
+    Returns the selection and the threshold keys."""
     dtype = values.dtype
     int_dtype, bits = _int_type(dtype)
     info = jnp.iinfo(int_dtype)
     keys = jnp.where(eligible, sortable_keys(values), jnp.array(info.max, int_dtype))
     flat = keys.reshape(keys.shape[0], -1)
     count = jnp.minimum(jnp.asarray(count, int_dtype), jnp.sum(eligible.reshape(flat.shape), axis=-1, dtype=int_dtype))
-    find = _threshold_search if method == "search" else _threshold_bisect
-    threshold = jax.vmap(lambda k, c: find(k, c, dtype))(flat, count)
+    threshold = jax.vmap(lambda k, c, *e: find(k, c, dtype, *e))(flat, count, *extra)
     shape = (-1,) + (1,) * (values.ndim - 1)
     below = keys < threshold.reshape(shape)
     at = keys == threshold.reshape(shape)
@@ -89,7 +132,7 @@ def smallest_mask_units(values: Array, count: Array, eligible: Array, method: st
     spill = jnp.any(jnp.sum(at.reshape(flat.shape), axis=-1, dtype=int_dtype) > room)
     ties = lax.cond(spill, lambda: jax.vmap(lambda a: running_count(a, int_dtype))(at) <= room.reshape(shape),
                     lambda: jnp.ones_like(at))
-    return (below | (ties & at)) & (count > 0).reshape(shape)
+    return (below | (ties & at)) & (count > 0).reshape(shape), threshold
 
 
 def _threshold_bisect(keys: Array, count: Array, dtype) -> Array:
@@ -109,33 +152,63 @@ def _threshold_bisect(keys: Array, count: Array, dtype) -> Array:
     return lax.fori_loop(0, bits, halve, (lo, hi))[1]
 
 
-def _threshold_search(keys: Array, count: Array, dtype) -> Array:
+_GALLOPS = 8  # most galloping passes of a hinted search before it falls back to narrowing
+
+
+def _threshold_search(keys: Array, count: Array, dtype, hint: Optional[ThresholdHint] = None) -> Array:
     """A key ``τ`` selecting the same entries as :func:`_threshold_bisect`'s (see
-    :func:`smallest_mask_search`)."""
+    :func:`smallest_mask_search`), optionally starting from a hint (see
+    :func:`smallest_mask_units_hinted`).
+
+    Every pass counts the keys at or below a trial key strictly inside the bracket
+    ``#{key ≤ lo} < count ≤ #{key ≤ hi}`` and moves one end to it, so the answer is the same
+    whichever trial keys are chosen; the phases only choose them: 0 probes the hint, 1 gallops
+    away from it, 2 alternates an interpolation guess with a bisection step.
+    """
     int_dtype, bits = _int_type(dtype)
     info = jnp.iinfo(int_dtype)
     lo = jnp.min(keys) - 1
     hi = jnp.max(jnp.where(keys < info.max, keys, jnp.array(info.min, int_dtype)))
     fcount = count.astype(jnp.float32)
+    zero = jnp.zeros((), int_dtype)
+    if hint is None:
+        anchor, step, phase = jnp.zeros((), dtype), jnp.zeros((), dtype), jnp.array(2, jnp.int32)
+        hint_key = lo
+    else:
+        anchor = hint.value.astype(dtype)
+        hint_key = sortable_keys(jnp.where(jnp.isfinite(anchor), anchor, 0))
+        usable = jnp.isfinite(anchor) & (hint_key > lo) & (hint_key < hi)
+        phase = jnp.where(usable, 0, 2).astype(jnp.int32)
+        tiny = jnp.finfo(dtype).tiny
+        step = jnp.maximum(jnp.maximum(2 * hint.move.astype(dtype), jnp.abs(anchor) * 2.0**-10), tiny)
+    down = jnp.zeros((), bool)  # the hint held enough keys: gallop downwards
 
     def cond(state):
-        lo, hi, _, c_hi, passes = state
-        return (lo + 1 < hi) & (c_hi != count) & (passes < 2 * bits)  # (hi − lo can overflow)
+        lo, hi, _, c_hi, passes, *_ = state
+        return (lo + 1 < hi) & (c_hi != count) & (passes < 2 * bits + _GALLOPS + 1)  # (hi − lo can overflow)
 
     def body(state):
-        lo, hi, c_lo, c_hi, passes = state
+        lo, hi, c_lo, c_hi, passes, phase, refine, step, down = state
         lo_v, hi_v = float_of_key(lo, dtype), float_of_key(hi, dtype)
         frac = (fcount - c_lo.astype(jnp.float32)) / jnp.maximum(c_hi - c_lo, 1).astype(jnp.float32)
         guess = sortable_keys(lo_v + frac.astype(dtype) * (hi_v - lo_v))
-        guess = jnp.clip(jnp.where(jnp.isfinite(lo_v) & jnp.isfinite(hi_v), guess, lo), lo + 1, hi - 1)
-        mid = jnp.where(passes % 2 == 0, guess, _floor_mean(lo, hi))
+        guess = jnp.where(jnp.isfinite(lo_v) & jnp.isfinite(hi_v), guess, lo)
+        narrow = jnp.where(refine % 2 == 0, guess, _floor_mean(lo, hi))
+        gallop = sortable_keys(jnp.where(down, anchor - step, anchor + step))
+        mid = jnp.select([phase == 0, phase == 1], [hint_key, gallop], narrow)
+        mid = jnp.clip(mid, lo + 1, hi - 1)
         c = jnp.sum(keys <= mid, dtype=int_dtype)
         enough = c >= count
+        # Phase 0 → 1; phase 1 → 2 once the far end of the bracket moved (or after _GALLOPS).
+        crossed = enough != down
+        next_phase = jnp.where(phase == 0, 1, jnp.where((phase == 1) & (crossed | (passes >= _GALLOPS)), 2, phase))
         return (jnp.where(enough, lo, mid), jnp.where(enough, mid, hi),
-                jnp.where(enough, c_lo, c), jnp.where(enough, c, c_hi), passes + 1)
+                jnp.where(enough, c_lo, c), jnp.where(enough, c, c_hi), passes + 1,
+                next_phase.astype(jnp.int32), refine + (phase == 2), jnp.where(phase == 1, 4 * step, step),
+                jnp.where(phase == 0, enough, down))
 
-    zero = jnp.zeros((), int_dtype)
-    return lax.while_loop(cond, body, (lo, hi, zero, jnp.sum(keys <= hi, dtype=int_dtype), zero))[1]
+    init = (lo, hi, zero, jnp.sum(keys <= hi, dtype=int_dtype), zero, phase, zero, step, down)
+    return lax.while_loop(cond, body, init)[1]
 
 
 def float_of_key(keys: Array, dtype) -> Array:
@@ -225,6 +298,8 @@ __all__ = [
     "smallest_mask_bisect",
     "smallest_mask_search",
     "smallest_mask_units",
+    "smallest_mask_units_hinted",
+    "ThresholdHint",
     "smallest_mask_topk",
     "group_ranks",
     "lexicographic_better",
