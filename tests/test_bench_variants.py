@@ -23,3 +23,15 @@ def test_variant_benchmark_runs_and_writes_its_table(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == json.loads(json.dumps(rows))
     assert "| exact | bisect |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_threshold_hint_benchmark_runs_and_finds_the_same_masks(tmp_path):
+    import bench_lmo_hint
+
+    out = tmp_path / "lmo_hint"
+    rows = bench_lmo_hint.main(["--tiny", "--iterations", "20", "--repeats", "1", "--out", str(out)])
+    assert [r["solver"] for r in rows] == ["solve_layer (defaults)", "sparsefw_published (20 it)"]
+    for r in rows:
+        assert r["same_mask"] and r["cold_s"] > 0 and r["hinted_s"] > 0
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "| synthetic 48×64 |" in out.with_suffix(".md").read_text()
