@@ -103,8 +103,10 @@ def smallest_mask_units_hinted(
 
     Per unit, the search first counts at the hinted threshold, then gallops away from it in
     steps of twice the last move (growing ×4) until the answer is bracketed, then narrows the
-    bracket as :func:`smallest_mask_search` does. When the threshold moves little, that is a
-    few counting passes instead of ~20.
+    bracket as :func:`smallest_mask_search` does. When the threshold moves little this needs
+    fewer counting passes than a search over the whole range (``benchmarks/bench_lmo_hint.py``
+    times it inside the Frank-Wolfe loops). A stale or absurd hint costs passes, never
+    correctness: every pass keeps a valid bracket.
 
     Returns:
       The selection and the hint for the next call.
