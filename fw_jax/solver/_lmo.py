@@ -77,10 +77,13 @@ class TopKLMO:
         their tie-break step is skipped for the whole stack when no unit needs it."""
         if self.method == "top_k":
             return jax.vmap(self)(gradient, fixed)
-        units = gradient.shape[0]
-        free_budget = self.k - jnp.sum(fixed.reshape(units, -1), axis=-1, dtype=jnp.int32)
-        eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
+        free_budget, eligible = self._units_room(gradient, fixed)
         return (smallest_mask_units(gradient, free_budget, eligible, self.method) | fixed).astype(gradient.dtype)
+
+    def _units_room(self, gradient: Array, fixed: Array) -> tuple[Array, Array]:
+        """Per unit of a stack: the budget left after ``fixed``, and the entries that may take it."""
+        free_budget = self.k - jnp.sum(fixed.reshape(gradient.shape[0], -1), axis=-1, dtype=jnp.int32)
+        return free_budget, ~fixed if self.exact else (gradient < 0) & ~fixed
 
     @property
     def hinted(self) -> bool:
@@ -95,9 +98,7 @@ class TopKLMO:
         """:meth:`batched`, warm-started from the thresholds of the previous call (the same
         vertices in fewer counting passes when the gradient changes a little between calls).
         Returns the vertices and the hint for the next call."""
-        units = gradient.shape[0]
-        free_budget = self.k - jnp.sum(fixed.reshape(units, -1), axis=-1, dtype=jnp.int32)
-        eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
+        free_budget, eligible = self._units_room(gradient, fixed)
         chosen, hint = smallest_mask_units_hinted(gradient, free_budget, eligible, hint)
         return (chosen | fixed).astype(gradient.dtype), hint
 

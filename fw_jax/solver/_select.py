@@ -77,7 +77,7 @@ def smallest_mask_units(values: Array, count: Array, eligible: Array, method: st
     when some unit has more entries at its threshold than room for them.
     """
     find = _threshold_search if method == "search" else _threshold_bisect
-    return _select_units(values, count, eligible, lambda k, c, dtype: find(k, c, dtype))[0]
+    return _select_units(values, count, eligible, find)[0]
 
 
 class ThresholdHint(NamedTuple):
@@ -111,7 +111,7 @@ def smallest_mask_units_hinted(
     Returns:
       The selection and the hint for the next call.
     """
-    mask, keys = _select_units(values, count, eligible, lambda k, c, dtype, h: _threshold_search(k, c, dtype, h), hint)
+    mask, keys = _select_units(values, count, eligible, _threshold_search, hint)
     value = float_of_key(keys, values.dtype)
     move = jnp.where(jnp.isfinite(hint.value) & jnp.isfinite(value), jnp.abs(value - hint.value), 0).astype(values.dtype)
     return mask, ThresholdHint(value, move)
