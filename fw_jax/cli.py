@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -58,6 +59,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+USAGE_ERROR = 2  #: exit code of every refused command (bad option, file, folder or data), as argparse's
+INTERRUPTED = 130  #: exit code after Ctrl-C (128 + SIGINT)
+
+
+class UsageError(Exception):
+    """A refused command: its message is printed as ``fw-jax CMD: message``, exit code 2."""
+
+
 def _settings(args: argparse.Namespace, method: str | None = None):
     from fw_jax.pipeline import PruneSettings
 
@@ -66,7 +75,7 @@ def _settings(args: argparse.Namespace, method: str | None = None):
         try:
             n, m = (int(x) for x in args.pattern.split(":"))
         except ValueError:
-            raise SystemExit(f"--pattern must look like N:M (keep N of every M), got {args.pattern!r}")
+            raise UsageError(f"--pattern must look like N:M (keep N of every M), got {args.pattern!r}") from None
         pattern = (n, m)
     try:
         return PruneSettings(
@@ -76,11 +85,12 @@ def _settings(args: argparse.Namespace, method: str | None = None):
             step_rule=args.step_rule, swaps=not args.no_swaps, reconstruct=args.reconstruct,
         )
     except ValueError as e:
-        raise SystemExit(f"fw-jax: {e}")
+        raise UsageError(str(e)) from None
 
 
 def _prune(args: argparse.Namespace) -> int:
     from fw_jax.pipeline import prune_to_folder
+    from fw_jax.pipeline.run import AlreadyPruned
 
     settings = _settings(args)
     out = args.out or os.path.join("runs", f"{os.path.basename(str(args.model)).replace('.gguf', '')}-{settings.method}")
@@ -89,9 +99,9 @@ def _prune(args: argparse.Namespace) -> int:
             args.model, out, settings, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
             seed=args.seed, overwrite=args.overwrite, devices=_devices(args.devices),
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except AlreadyPruned as e:
         print(f"fw-jax prune: {e}", file=sys.stderr)
-        return 2
+        return 0
     summary = report.summary()
     print(f"pruned {summary['layers']} layers in {report.seconds:.0f}s; kept {summary['kept_fraction']:.1%} "
           f"of their weights; mean layer error {summary['mean_error_vs_wanda']:.3f}× Wanda's")
@@ -104,12 +114,8 @@ def _prune(args: argparse.Namespace) -> int:
 def _evaluate(models_by_name: dict, data: str, seqlen: int, max_windows: int | None) -> int:
     from fw_jax.pipeline import evaluate_perplexity, format_table, load_documents
 
-    try:
-        documents = load_documents(data, split="evaluation")
-        results = evaluate_perplexity(models_by_name, documents, seqlen=seqlen, max_windows=max_windows)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fw-jax eval: {e}", file=sys.stderr)
-        return 2
+    documents = load_documents(data, split="evaluation")
+    results = evaluate_perplexity(models_by_name, documents, seqlen=seqlen, max_windows=max_windows)
     print(format_table({name: {f"{data} ppl": value} for name, value in results.items()}))
     return 0
 
@@ -175,7 +181,7 @@ def _devices(count: int):
 
     available = jax.local_devices()
     if count < 0 or count > len(available):
-        raise ValueError(f"--devices must be between 0 (all) and {len(available)} (the local devices), got {count}")
+        raise UsageError(f"--devices must be between 0 (all) and {len(available)} (the local devices), got {count}")
     return available[: count or len(available)]
 
 
@@ -222,8 +228,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``fw-jax``. Refused commands print one line, ``fw-jax CMD: what is wrong``, and exit
+    with 2 (as argparse does for bad options); Ctrl-C says what was kept and exits with 130."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    from fw_jax.pipeline.data import CalibrationWarning
+
+    with warnings.catch_warnings():
+        plain = warnings.showwarning
+
+        def show(message, category, *rest, **kw):  # ours on one line, to stderr
+            if issubclass(category, CalibrationWarning):
+                print(f"fw-jax: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                plain(message, category, *rest, **kw)
+
+        warnings.simplefilter("always", CalibrationWarning)
+        warnings.showwarning = show
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fw_jax.models import CheckpointError
+    from fw_jax.pipeline.prune import PruneInterrupted
+
+    try:
+        return args.run(args)
+    except PruneInterrupted as e:
+        if e.work_dir:
+            kept = f"{e.blocks_done} of {e.blocks} blocks are saved in {e.work_dir}" if e.blocks_done else \
+                f"no block was finished (0 of {e.blocks})"
+            print(f"fw-jax {args.command}: stopped by Ctrl-C; {kept}. Run the same command again to resume.",
+                  file=sys.stderr)
+        else:
+            print(f"fw-jax {args.command}: stopped by Ctrl-C after {e.blocks_done} of {e.blocks} blocks.", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"fw-jax {args.command}: stopped by Ctrl-C; nothing was lost (a prune run resumes where it stopped).",
+              file=sys.stderr)
+        return INTERRUPTED
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            CheckpointError) as e:
+        print(f"fw-jax {args.command}: {e}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

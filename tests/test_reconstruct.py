@@ -75,8 +75,7 @@ def test_error_not_above_masked_weights(method, damp):
         after = float(weights_error(weight, gram, np.asarray(new_weight, np.float64)))
         assert new_weight.dtype == jnp.float32
         assert np.all(np.asarray(new_weight)[~mask] == 0)
-        assert after <= before
-        assert after < 0.5 * before  # and reconstruction is worth something on correlated inputs
+        assert after < 0.5 * before  # not above the masked weights' error, by a wide margin on correlated inputs
 
 
 def test_undamped_is_least_squares_on_support():

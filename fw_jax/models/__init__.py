@@ -26,7 +26,7 @@ from ._eval import perplexity
 from ._gemma3 import Gemma3ForCausalLM, Gemma3Spec
 from ._gguf import load_gguf
 from ._gpt2 import GPT2LMHeadModel, GPT2Spec
-from ._hf import load_hf_folder, save_hf_folder
+from ._hf import load_hf_folder, save_hf_folder, write_hf_files
 from ._linen import LinenLinear, linen_grams, linen_linears, set_linen_linears
 from ._llama import LlamaForCausalLM, LlamaSpec
 from ._loaded import LoadedModel
@@ -78,6 +78,7 @@ __all__ = [
     "run_block",
     "save_flax_folder",
     "save_hf_folder",
+    "write_hf_files",
     "set_linear_weight",
     "set_linear_weights",
     "set_linen_linears",

@@ -19,3 +19,9 @@ class CheckpointError(ValueError):
 
 class UnsupportedModelError(CheckpointError):
     """The checkpoint is readable but describes an architecture fw_jax has no model for."""
+
+
+def config_problem(error: Exception) -> str:
+    """The reason of a config validation error on one line (transformers puts it on the last)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -21,7 +21,7 @@ import warnings
 import jax
 import numpy as np
 
-from ._errors import CheckpointError, UnsupportedModelError
+from ._errors import CheckpointError, UnsupportedModelError, config_problem
 from ._gguf_file import GGUFFile, GGUFTensorInfo
 from ._loaded import LoadedModel, build_abstract_model, fill_model
 
@@ -211,7 +211,12 @@ def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
     reader = GGUFFile(path)
-    config = gguf_config(reader, path)
+    try:
+        config = gguf_config(reader, path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # transformers' own config validation
+        raise CheckpointError(path, f"invalid model metadata: {config_problem(e)}") from e
     model, family = build_abstract_model(config, path)
     arch = _field(reader, path, "general.architecture")
     fill_model(model, family, _gguf_tensors(reader, path, config, arch), path)

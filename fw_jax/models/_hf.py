@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from ._errors import CheckpointError, UnsupportedModelError
+from ._errors import CheckpointError, UnsupportedModelError, config_problem
 from ._loaded import (
     HF_ARCHITECTURES,
     LoadedModel,
@@ -48,7 +48,11 @@ def read_hf_config(folder: str | os.PathLike):
         config_cls = transformers.AutoConfig.for_model(model_type).__class__
     except (ValueError, KeyError) as e:
         raise UnsupportedModelError(path, f"unknown architecture model_type={model_type!r}") from e
-    return config_cls.from_pretrained(folder)
+    try:
+        return config_cls.from_pretrained(folder)
+    except Exception as e:  # transformers validates configs (huggingface_hub's strict dataclasses)
+        raise CheckpointError(path, f"invalid {model_type} config: {config_problem(e)}") from e
+
 
 
 def safetensors_files(folder: str | os.PathLike) -> list[SafetensorsFile]:
@@ -173,12 +177,12 @@ def save_hf_folder(
     renamed to ``out_dir`` only when complete. Returns the absolute path written.
     """
 
-    def write(tmp):
-        hf_config_for_saving(loaded).save_pretrained(tmp)
-        write_safetensors(
-            os.path.join(tmp, "model.safetensors"), hf_state_items(loaded), {"format": "pt"}
-        )
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
+    return atomic_folder_write(out_dir, lambda tmp: write_hf_files(loaded, tmp), overwrite=overwrite)
 
-    return atomic_folder_write(out_dir, write, overwrite=overwrite)
+
+def write_hf_files(loaded: LoadedModel, folder: str | os.PathLike) -> None:
+    """Write the Hugging Face files of :func:`save_hf_folder` into an existing ``folder``."""
+    hf_config_for_saving(loaded).save_pretrained(folder)
+    write_safetensors(os.path.join(folder, "model.safetensors"), hf_state_items(loaded), {"format": "pt"})
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(folder)

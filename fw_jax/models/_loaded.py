@@ -99,7 +99,8 @@ def fill_model(model: nnx.Module, family: str, tensors, source) -> None:
     """Copy ``(hf_name, array, file)`` triples into an abstract model, checking every tensor.
 
     Arrays are converted to float32 one at a time. Raises :class:`CheckpointError` for a shape
-    mismatch, an unknown tensor, or a parameter that no tensor provided.
+    mismatch, an unknown tensor, a tensor with NaN or inf values, or a parameter that no tensor
+    provided.
     """
     shapes = param_shapes(model)
     tied = getattr(model, "lm_head", "absent") is None
@@ -124,6 +125,11 @@ def fill_model(model: nnx.Module, family: str, tensors, source) -> None:
             # Always an owned copy: handing JAX a view of a memory-mapped file made it
             # allocate far more than the tensor (seen: +1 GB for a 256-float norm).
             value = np.array(array, dtype=np.float32, copy=True)
+        bad = int(jnp.sum(~jnp.isfinite(value))) if isinstance(value, jax.Array) else int(np.sum(~np.isfinite(value)))
+        if bad:
+            raise CheckpointError(
+                file, f"tensor {hf_name!r} {tuple(array.shape)} holds {bad} non-finite values (NaN or inf)"
+            )
         if is_transposed_in_hf(family, name):
             value = value.T
         set_param(model, name, value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -306,6 +307,7 @@ def calibration_tokens(
     seed: int = 0,
     *,
     bos_id: int | None = None,
+    source: str = "<calibration data>",
 ) -> np.ndarray:
     """Random calibration windows, as SparseGPT and Wanda draw them (DESIGN.md §9).
 
@@ -323,12 +325,15 @@ def calibration_tokens(
       bos_id: if given, every window starts with this token followed by ``seqlen - 1`` text
         tokens (for models that need BOS at the start of a sequence, see
         :func:`needs_bos_per_window`).
+      source: what the documents are (a file name), for messages.
 
     Returns:
-      ``(nsamples, seqlen)`` ``int32`` token ids.
+      ``(nsamples, seqlen)`` ``int32`` token ids. Windows overlap when the text has fewer
+      tokens than ``nsamples × seqlen``: that is allowed, with a ``CalibrationWarning`` giving
+      the numbers.
 
     Raises:
-      DataError: no document is longer than the window.
+      DataError: no document is longer than the window (naming ``source``).
 
     Example:
       >>> ids = calibration_tokens(tokenizer, load_documents("pydoc-calib"), 128, 2048, seed=0)
@@ -341,7 +346,7 @@ def calibration_tokens(
         raise ValueError("seqlen must be at least 2 when each window starts with BOS")
     documents = list(documents)
     if not documents:
-        raise DataError("<calibration data>", "no documents")
+        raise DataError(source, "no documents")
     body = seqlen - 1 if bos_id is not None else seqlen
     rng = np.random.default_rng(seed)
     cache: dict[int, np.ndarray] = {}
@@ -354,7 +359,7 @@ def calibration_tokens(
             if len(cache) == len(documents) and not long_enough:
                 longest = max(len(ids) for ids in cache.values())
                 raise DataError(
-                    "<calibration data>",
+                    source,
                     f"no document is longer than a window: the longest has {longest} tokens, "
                     f"windows need more than {body} (seqlen={seqlen}); use a smaller --seqlen "
                     "or longer documents",
@@ -369,7 +374,21 @@ def calibration_tokens(
         ids = cache[index]
         start = int(rng.integers(len(ids) - body))
         samples[s, seqlen - body :] = ids[start : start + body]
+    if len(cache) == len(documents):  # every document was read: is there text for every window?
+        available = sum(len(cache[i]) for i in long_enough)
+        if available < nsamples * body:
+            warnings.warn(
+                f"{source}: only {available} tokens of calibration text for {nsamples} windows of "
+                f"{body} tokens ({nsamples * body} tokens): the windows overlap, so calibration "
+                "sees the same text several times; use more text, fewer --nsamples or a shorter --seqlen",
+                CalibrationWarning,
+                stacklevel=2,
+            )
     return samples
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration text is usable but thinner than asked for (overlapping windows)."""
 
 
 def evaluation_tokens(tokenizer, documents: str | Iterable[str]) -> np.ndarray:

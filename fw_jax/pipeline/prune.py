@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -33,9 +34,12 @@ from fw_jax.solver import (
 from fw_jax.solver._objective import weights_error
 from fw_jax.solver._published import sparsefw_published
 
-__all__ = ["METHODS", "PruneSettings", "PruneReport", "prune_layer", "prune_model"]
+__all__ = ["METHODS", "PruneInterrupted", "PruneSettings", "PruneReport", "ResumeMismatch", "check_model",
+           "prune_layer", "prune_model", "run_fingerprint"]
 
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "sparsefw", "sparsefw-published")
+STEP_RULES = ("exact", "open_loop", "short")
+WARM_STARTS = ("wanda", "ria", "magnitude")
 DEFAULT_SHRINKAGE = 0.5  # sparsefw's, chosen by perplexity (results/quality.md)
 
 
@@ -100,13 +104,24 @@ class PruneSettings:
                     step_rule=self.step_rule, swaps=self.swaps)
 
     def __post_init__(self):
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1] (the fraction of each budget fixed to the top "
+                             f"saliency weights), got {self.alpha}")
+        if isinstance(self.max_iter, bool) or not (isinstance(self.max_iter, int) and self.max_iter >= 0):
+            raise ValueError(f"max_iter must be an integer ≥ 0, got {self.max_iter!r}")
+        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol >= 0):
+            raise ValueError(f"tol must be a finite number ≥ 0, got {self.tol}")
+        if self.step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {', '.join(STEP_RULES)}; got {self.step_rule!r}")
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start must be one of {', '.join(WARM_STARTS)}; got {self.warm_start!r}")
         if isinstance(self.certify_iter, bool) or not (isinstance(self.certify_iter, int) and self.certify_iter >= 0):
             raise ValueError(f"certify_iter must be an integer ≥ 0, got {self.certify_iter!r}")
         if self.shrinkage is not None and not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if self.pattern is None and not 0.0 <= self.sparsity < 1.0:
+        if self.pattern is None and not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
             n, m = self.pattern
@@ -230,13 +245,74 @@ def certify_mask(weight, gram, budget, mask, iterations: int) -> float:
     return float(check.lower_bound)
 
 
-def _fingerprint(loaded, settings: PruneSettings, calibration: dict) -> str:
-    payload = json.dumps(
-        {"source": str(loaded.source), "calibration": calibration,
-         "settings": {**dataclasses.asdict(settings), "shrinkage": settings.effective_shrinkage}},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def _run_record(loaded, settings: PruneSettings, calibration: dict, tokens: np.ndarray) -> dict:
+    """What makes two runs the same run: model, settings, calibration and its very tokens."""
+    tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+    return {
+        "source": str(loaded.source),
+        "calibration": calibration,
+        "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        "settings": {**dataclasses.asdict(settings), "shrinkage": settings.effective_shrinkage},
+    }
+
+
+def _digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_fingerprint(loaded, settings: PruneSettings, calibration: dict, tokens: np.ndarray) -> str:
+    """A digest of the run (model, settings, calibration and the digest of its tokens): equal iff
+    a checkpointed run can be resumed by this one."""
+    return _digest(_run_record(loaded, settings, calibration, tokens))
+
+
+def _differences(then: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: X there, Y now`` for every leaf that differs between two run records."""
+    out = []
+    for key in sorted(set(then) | set(now)):
+        a, b = then.get(key, "(absent)"), now.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            if key == "tokens_sha256":
+                out.append("calibration tokens: different (same source, but its text or tokenizer changed)")
+            else:
+                out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint folder holds a different run than the one asked for; nothing was written."""
+
+
+class PruneInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`prune_model`: ``blocks_done`` blocks are saved in ``work_dir``."""
+
+    def __init__(self, blocks_done: int, blocks: int, work_dir: Optional[str]):
+        super().__init__(f"stopped after {blocks_done} of {blocks} blocks")
+        self.blocks_done, self.blocks, self.work_dir = blocks_done, blocks, work_dir
+
+
+def _max_positions(config) -> Optional[int]:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_model(loaded, settings: PruneSettings, seqlen: Optional[int] = None) -> None:
+    """Raise ``ValueError`` unless ``settings`` can prune every linear layer of ``loaded`` (each
+    layer's budget fits its shape: an n:m pattern must divide its inputs) and ``seqlen`` fits the
+    model's positions. Reads shapes only; run before anything is written."""
+    model = loaded.model
+    for b in range(models.num_blocks(model)):
+        for layer in models.block_linears(model, b):
+            d_out, d_in = layer.weight.shape
+            try:
+                settings.budget(d_in).check(d_out, d_in)
+            except ValueError as e:
+                raise ValueError(f"layer {layer.name} ({d_out}×{d_in}): {e}") from e
+    limit = _max_positions(loaded.config)
+    if seqlen is not None and limit and seqlen > limit:
+        raise ValueError(f"seqlen={seqlen} is longer than the model supports ({limit} positions): "
+                         f"use --seqlen {limit} or less")
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -276,22 +352,36 @@ def _load_block_records(work_dir: str, b: int) -> tuple[list[dict], float]:
     return saved["layers"], float(saved["seconds"])
 
 
-def _finished_blocks(work_dir: str, fingerprint: str) -> int:
-    """Number of leading blocks already pruned in ``work_dir`` (0 if none); checks settings."""
+def _finished_blocks(work_dir: str, record: dict) -> int:
+    """Number of leading blocks already pruned in ``work_dir`` (0 if none) by the run ``record``
+    describes; raises :class:`ResumeMismatch`, saying what differs, if it holds another run."""
     state = os.path.join(work_dir, "state.json")
     if not os.path.exists(state):
         return 0
     with open(state) as f:
         saved = json.load(f)
-    if saved.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"{work_dir} holds a run with different settings, model or calibration "
-            f"({saved.get('describe', '?')}); delete it or choose another output folder"
+    if saved.get("fingerprint") != _digest(record):
+        then = saved.get("run")
+        differs = _differences(then, json.loads(json.dumps(record, default=str))) if isinstance(then, dict) else [
+            "it was written by an older fw_jax, which did not record its settings"]
+        raise ResumeMismatch(
+            f"{work_dir} holds an unfinished run of another model, settings or calibration "
+            f"({saved.get('describe', '?')}), so it cannot be resumed by this one:\n  - "
+            + "\n  - ".join(differs or ["(the run records differ)"])
+            + "\nRun the earlier command to resume it, or pass --overwrite (overwrite=True) to discard it and start over."
         )
     done = 0
     while os.path.exists(os.path.join(work_dir, f"block_{done:04d}.json")):
         done += 1
     return done
+
+
+def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool):
+    """:func:`prune_layer`, with the layer's name in any ``ValueError`` it raises."""
+    try:
+        return prune_layer(weight, gram, settings, history=history)
+    except ValueError as e:
+        raise ValueError(f"layer {name}: {e}") from e
 
 
 def _log(message: str) -> None:
@@ -331,17 +421,25 @@ def prune_model(
     """
     model = loaded.model
     calibration = dict(calibration or {}, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
-    fingerprint = _fingerprint(loaded, settings, calibration)
+    check_model(loaded, settings, int(tokens.shape[1]))
+    record = _run_record(loaded, settings, calibration, tokens)
+    fingerprint = run_fingerprint(loaded, settings, calibration, tokens)
     blocks = models.num_blocks(model)
     start_block = 0
     records: list[dict] = []
     earlier_seconds = 0.0  # wall time of the blocks an interrupted run finished
     if work_dir is not None:
+        if os.path.isdir(work_dir):
+            start_block = _finished_blocks(work_dir, record)  # checked before anything is written
         os.makedirs(work_dir, exist_ok=True)
-        start_block = _finished_blocks(work_dir, fingerprint)
+        from fw_jax.pipeline.output import PARTIAL, read_marker, write_marker
+
+        if read_marker(work_dir) is None:
+            write_marker(work_dir, PARTIAL, describe=settings.describe())
         atomic_write(
             os.path.join(work_dir, "state.json"),
-            json.dumps({"fingerprint": fingerprint, "describe": settings.describe(), "blocks": blocks}),
+            json.dumps({"fingerprint": fingerprint, "describe": settings.describe(), "blocks": blocks,
+                        "run": record}, default=str),
         )
         for b in range(start_block):
             with np.load(os.path.join(work_dir, f"block_{b:04d}.npz")) as saved:
@@ -358,52 +456,60 @@ def prune_model(
              "(cert - when it proves nothing); --certify N adds N plain Frank-Wolfe iterations for one")
     started = time.perf_counter()
     history = None
-    hidden = models.embed(model, jnp.asarray(tokens))
-    for b in range(start_block):
-        hidden = models.run_block(model, b, hidden)
-    for b in range(start_block, blocks):
-        block_start = time.perf_counter()
-        grams = models.block_grams(model, b, hidden)
-        new_weights, block_records = {}, []
-        linears = list(models.block_linears(model, b))
-        wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
-        if devices is not None and len(devices) > 1:
-            def on_device(i):
-                device = devices[i % len(devices)]
-                w, g = jax.device_put(linears[i].weight, device), jax.device_put(grams[linears[i].input_key], device)
-                new_weight, record = prune_layer(w, g, settings, history=wants[i])
-                return jax.device_put(new_weight, jax.devices()[0]), record
+    done = start_block  # blocks finished (and saved, with a work_dir)
+    try:
+        hidden = models.embed(model, jnp.asarray(tokens))
+        for replayed in range(start_block):
+            hidden = models.run_block(model, replayed, hidden)
+        for b in range(start_block, blocks):
+            block_start = time.perf_counter()
+            grams = models.block_grams(model, b, hidden)
+            new_weights, block_records = {}, []
+            linears = list(models.block_linears(model, b))
+            wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
+            if devices is not None and len(devices) > 1:
+                def on_device(i):
+                    device = devices[i % len(devices)]
+                    w, g = jax.device_put(linears[i].weight, device), jax.device_put(grams[linears[i].input_key], device)
+                    new_weight, record = _prune_named(linears[i].name, w, g, settings, wants[i])
+                    return jax.device_put(new_weight, jax.devices()[0]), record
 
-            with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
-                results = list(pool.map(on_device, range(len(linears))))
-        else:
-            results = (prune_layer(layer.weight, grams[layer.input_key], settings, history=want)
-                       for layer, want in zip(linears, wants))
-        for layer, want_history, (new_weight, record) in zip(linears, wants, results):
-            if want_history:
-                history = dict(record.pop("_history"), layer=layer.name)
-            record = dict(name=layer.name, block=b, shape=list(layer.weight.shape),
-                          budget=str(settings.budget(layer.weight.shape[1])), method=settings.method, **record)
-            new_weights[layer.name] = new_weight
-            block_records.append(record)
+                with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+                    results = list(pool.map(on_device, range(len(linears))))
+            else:
+                results = (_prune_named(layer.name, layer.weight, grams[layer.input_key], settings, want)
+                           for layer, want in zip(linears, wants))
+            for layer, want_history, (new_weight, record) in zip(linears, wants, results):
+                if want_history:
+                    history = dict(record.pop("_history"), layer=layer.name)
+                record = dict(name=layer.name, block=b, shape=list(layer.weight.shape),
+                              budget=str(settings.budget(layer.weight.shape[1])), method=settings.method, **record)
+                new_weights[layer.name] = new_weight
+                block_records.append(record)
+                if progress:
+                    reduction = 1 - record["error"] / record["wanda_error"] if record["wanda_error"] > 0 else 0.0
+                    extra = ""
+                    if "certificate" in record:  # a bound ≤ 0 proves nothing: say so rather than "cert 1.00"
+                        extra = f"  cert {record['certificate']:.2f}" if record["lower_bound"] > 0 else "  cert -"
+                    _log(f"  {layer.name:<36} {record['seconds']:6.1f}s  error {record['error']:.4g}  "
+                         f"vs Wanda {-reduction:+.1%}{extra}")
+            models.set_linear_weights(model, new_weights)
+            del grams
+            if work_dir is not None:
+                _save_block(work_dir, b, new_weights, block_records, time.perf_counter() - block_start)
+            records.extend(block_records)
+            done = b + 1
+            if b + 1 < blocks:
+                hidden = models.run_block(model, b, hidden)
             if progress:
-                reduction = 1 - record["error"] / record["wanda_error"] if record["wanda_error"] > 0 else 0.0
-                extra = ""
-                if "certificate" in record:  # a bound ≤ 0 proves nothing: say so rather than "cert 1.00"
-                    extra = f"  cert {record['certificate']:.2f}" if record["lower_bound"] > 0 else "  cert -"
-                _log(f"  {layer.name:<36} {record['seconds']:6.1f}s  error {record['error']:.4g}  "
-                     f"vs Wanda {-reduction:+.1%}{extra}")
-        models.set_linear_weights(model, new_weights)
-        del grams
-        if work_dir is not None:
-            _save_block(work_dir, b, new_weights, block_records, time.perf_counter() - block_start)
-        records.extend(block_records)
-        if b + 1 < blocks:
-            hidden = models.run_block(model, b, hidden)
-        if progress:
-            _log(f"block {b + 1}/{blocks} done in {time.perf_counter() - block_start:.1f}s "
-                 f"(elapsed {time.perf_counter() - started:.0f}s)")
-        if after_block is not None:
-            after_block(b)
+                _log(f"block {b + 1}/{blocks} done in {time.perf_counter() - block_start:.1f}s "
+                     f"(elapsed {time.perf_counter() - started:.0f}s)")
+            if after_block is not None:
+                after_block(b)
+    except KeyboardInterrupt:
+        if work_dir is not None:  # what is on disk counts: the block being saved may have made it
+            while os.path.exists(os.path.join(work_dir, f"block_{done:04d}.json")):
+                done += 1
+        raise PruneInterrupted(done, blocks, work_dir) from None
     return PruneReport(settings=settings, layers=records, seconds=earlier_seconds + time.perf_counter() - started,
                        calibration=calibration, history=history, resumed_blocks=start_block)

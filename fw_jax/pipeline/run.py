@@ -1,14 +1,17 @@
 """From a model name to a pruned checkpoint folder with its report and plots, resumable.
 
 ``prune_to_folder`` is what ``fw-jax prune`` runs: load the model and the calibration text, draw
-the calibration windows, prune block by block (checkpointing into ``OUT.partial``), save a
-Hugging Face folder atomically, write ``prune_report.json`` and PNG plots next to it, and only
-then delete ``OUT.partial``. Killing the process at any point and running the same command
-again finishes the job with the same result.
+the calibration windows, prune block by block (checkpointing into ``OUT.partial``), assemble the
+Hugging Face folder, ``prune_report.json`` and PNG plots in a hidden temporary folder, rename it
+to ``OUT`` in one step, and only then delete ``OUT.partial``. Killing the process at any point
+and running the same command again finishes the job with the same result; what may be written,
+replaced or deleted is decided in ``output.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -17,9 +20,13 @@ from typing import Optional, Sequence, Union
 
 from fw_jax import models
 from fw_jax.pipeline.data import calibration_tokens, load_documents, needs_bos_per_window
-from fw_jax.pipeline.prune import PruneReport, PruneSettings, prune_model
+from fw_jax.pipeline.output import (
+    FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, publish_folder,
+    remove_own_folder, write_marker,
+)
+from fw_jax.pipeline.prune import PruneReport, PruneSettings, atomic_write, check_model, prune_model, run_fingerprint
 
-__all__ = ["prune_to_folder", "REPORT_NAME"]
+__all__ = ["AlreadyPruned", "prune_to_folder", "REPORT_NAME"]
 
 REPORT_NAME = "prune_report.json"
 
@@ -40,6 +47,31 @@ def _write_plots(report: PruneReport, out_dir: str) -> list[str]:
     return written
 
 
+class AlreadyPruned(FileExistsError):
+    """``OUT`` already holds the result of this very run (same model, settings and calibration):
+    nothing to do. Leftovers of its finishing (if it was killed) have been cleaned up."""
+
+
+def _request(model: str, settings: PruneSettings, calib, documents: Sequence[str], nsamples: int,
+             seqlen: int, seed: int) -> str:
+    """A digest of what the command asks for, computable before the model is loaded: the model
+    path, the settings and the calibration (its text's digest, not only its name)."""
+    text = hashlib.sha256()
+    for doc in documents:
+        text.update(hashlib.sha256(doc.encode("utf-8")).digest())
+    model_id = os.path.realpath(model) if os.path.exists(model) else str(model)
+    payload = {"model": model_id, "settings": {**dataclasses.asdict(settings), "shrinkage": settings.effective_shrinkage},
+               "calib": calib if isinstance(calib, str) else list(calib), "text_sha256": text.hexdigest(),
+               "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_counts(nsamples, seqlen, seed) -> None:
+    for name, value, least in (("nsamples", nsamples, 1), ("seqlen", seqlen, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer ≥ {least}, got {value!r}")
+
+
 def prune_to_folder(
     model: str,
     out_dir: str,
@@ -57,35 +89,81 @@ def prune_to_folder(
 ) -> tuple[models.LoadedModel, PruneReport]:
     """Prune ``model`` (a folder, a GGUF file or ``"smollm2-135m"``) into ``out_dir``.
 
-    Returns the pruned model (in memory) and the report. Raises ``FileExistsError`` if
-    ``out_dir`` already holds a finished checkpoint and ``overwrite`` is false. ``devices``: see
-    :func:`prune_model` (the layers of a block solved concurrently, one per device).
+    Everything is checked before anything is written (:mod:`fw_jax.pipeline.output`): the output
+    folder (never the input, never a folder fw_jax did not write), the options, every layer's
+    budget and ``seqlen`` against the model's positions. Blocks are checkpointed in
+    ``OUT.partial``; the same call resumes there. The finished folder is assembled aside and
+    renamed into place, then ``OUT.partial`` is removed.
+
+    Returns the pruned model (in memory) and the report.
+
+    Raises:
+      AlreadyPruned: ``out_dir`` holds this very run's result (a ``FileExistsError``).
+      FileExistsError: ``out_dir`` holds another finished run and ``overwrite`` is false.
+      OutputError, ResumeMismatch, DataError, CheckpointError (all ``ValueError``): what the
+        message says; nothing was written.
+      PruneInterrupted: Ctrl-C while pruning; the finished blocks are saved.
     """
-    if os.path.exists(os.path.join(out_dir, REPORT_NAME)) and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a finished pruned model; pass --overwrite to replace it")
-    work_dir = out_dir.rstrip("/") + ".partial"
+    _check_counts(nsamples, seqlen, seed)
+    plan = check_output(out_dir, model)
+    out, work_dir = plan.out_dir, plan.work_dir
+    documents = load_documents(calib)
+    request = _request(model, settings, calib, documents, nsamples, seqlen, seed)
+    if plan.finished is not None and plan.finished.get("request") == request:
+        # This very run finished earlier (perhaps killed while tidying up): finish tidying.
+        if plan.partial is not None and plan.partial.get("request") == request:
+            remove_own_folder(work_dir)
+        for folder in (out, work_dir):
+            clean_stale_temporaries(folder)
+        if not overwrite:
+            raise AlreadyPruned(f"{out_dir} already holds this run's result (same model, settings and "
+                                "calibration); nothing to do (--overwrite runs it again)")
+    plan.check_replace(overwrite)
+    for folder in (out, work_dir):
+        clean_stale_temporaries(folder)
+
     loaded = models.load_model(model)
     if loaded.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer; calibration needs one")
-    documents = load_documents(calib)
+    check_model(loaded, settings, seqlen)
     bos_id = None
     if needs_bos_per_window(loaded):
         bos_id = getattr(loaded.tokenizer, "bos_token_id", None)
-    tokens = calibration_tokens(loaded.tokenizer, documents, nsamples, seqlen, seed, bos_id=bos_id)
+    tokens = calibration_tokens(loaded.tokenizer, documents, nsamples, seqlen, seed, bos_id=bos_id,
+                                source=str(calib))
     if history_layer == "auto":
         history_layer = models.block_linears(loaded.model, 0)[0].name
     calibration = {"source": calib if isinstance(calib, str) else list(calib), "seed": seed}
+    if plan.partial is not None and overwrite:  # discard another run's checkpoints, as asked
+        state = os.path.join(work_dir, "state.json")
+        try:
+            with open(state) as f:
+                held = json.load(f).get("fingerprint")
+        except (OSError, ValueError):
+            held = None
+        full = dict(calibration, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
+        if held != run_fingerprint(loaded, settings, full, tokens):
+            remove_own_folder(work_dir)
+    if not os.path.isdir(work_dir):
+        os.makedirs(work_dir)
+        write_marker(work_dir, PARTIAL, describe=settings.describe(), request=request)
     if progress:
         print(f"pruning {model}: {settings.describe()}, calibration {nsamples}×{seqlen} tokens of {calib}",
               file=sys.stderr, flush=True)
     report = prune_model(loaded, tokens, settings, work_dir=work_dir, calibration=calibration,
                          history_layer=history_layer, progress=progress, after_block=after_block,
                          devices=devices)
-    models.save_hf_folder(loaded, out_dir, overwrite=True)
-    _write_plots(report, out_dir)
-    tmp = os.path.join(out_dir, REPORT_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(report.to_json() | {"model": model, "history": report.history}, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, REPORT_NAME))
-    shutil.rmtree(work_dir, ignore_errors=True)
+    tmp = new_temporary(out)
+    try:
+        models.write_hf_files(loaded, tmp)
+        _write_plots(report, tmp)
+        atomic_write(os.path.join(tmp, REPORT_NAME),
+                     json.dumps(report.to_json() | {"model": model, "history": report.history}, indent=1))
+        files = sorted(name for name in os.listdir(tmp) if name != MARKER_NAME)
+        write_marker(tmp, FINISHED, describe=settings.describe(), request=request, files=files)
+        publish_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    remove_own_folder(work_dir)
     return loaded, report

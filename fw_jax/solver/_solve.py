@@ -26,11 +26,12 @@ from fw_jax.solver._budgets import NM, Budget, LayerBudget, as_budget
 from fw_jax.solver._frank_wolfe import PRECISIONS, FWHistory, frank_wolfe, full_polytope_bound
 from fw_jax.solver._lmo import NMLMO, TopKLMO
 from fw_jax.solver._objective import row_errors
+from fw_jax.solver._psd import PSD_TOLERANCE, negative_curvature
 from fw_jax.solver._rounding import round_to_budget
 from fw_jax.solver._saliency import saliency_scores
 from fw_jax.solver._steps import ShortStep, as_step_rule
 from fw_jax.solver._swaps import swap_refine
-from fw_jax.solver._validation import check_alpha, check_layer_inputs, check_warm_mask
+from fw_jax.solver._validation import check_alpha, check_layer_inputs, check_tol, check_warm_mask
 
 __all__ = ["Status", "LayerSolution", "mask_lower_bound", "solve_layer", "trace_count"]
 
@@ -41,8 +42,10 @@ class Status:
     CONVERGED = 0  #: every unit reached ``gap ≤ tol · error``.
     MAX_ITERATIONS = 1  #: the iteration cap came first (the mask is still valid and checked).
     NONFINITE = 2  #: a non-finite value appeared; the mask falls back to the warm start.
+    INDEFINITE = 3  #: (under an outer ``jit`` only) the Gram matrix is clearly not PSD: no bound
+    #: is proved (``lower_bound = -inf``). Outside ``jit`` such a matrix raises ``ValueError``.
 
-    names = {0: "converged", 1: "max_iterations", 2: "nonfinite"}
+    names = {0: "converged", 1: "max_iterations", 2: "nonfinite", 3: "indefinite"}
 
 
 class LayerSolution(NamedTuple):
@@ -93,6 +96,7 @@ class _Config:
     pairwise: bool
     max_changes: Optional[int]
     precision: str
+    check_psd: bool = False  # in the compiled call: the Gram matrix was traced, not checked before
 
 
 _TRACES = [0]
@@ -189,14 +193,24 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
     if not config.pairwise:  # FW's running bound is over the same ≤-budget polytope
         bounds.append(jnp.where(unit_has_fixed, 0, fw.lower_bound))
     lower_bound = jnp.sum(functools.reduce(jnp.maximum, bounds))
+    indefinite = jnp.zeros((), bool)
+    if config.check_psd:  # a traced G was not checked by check_layer_inputs: never claim a bound on it
+        smallest, largest = negative_curvature(gram)
+        indefinite = smallest < -PSD_TOLERANCE * jnp.maximum(largest, 0)
+        lower_bound = jnp.where(indefinite, -jnp.inf, lower_bound)
 
     loss = jnp.sum(mask_rows)
     warm_loss = jnp.sum(warm_rows)
-    finite = jnp.isfinite(loss) & jnp.isfinite(lower_bound) & jnp.all(jnp.isfinite(relaxed))
+    # (an indefinite G's "bound" is -inf by design, not a non-finite failure)
+    finite = jnp.isfinite(loss) & (jnp.isfinite(lower_bound) | indefinite) & jnp.all(jnp.isfinite(relaxed))
     status = jnp.where(
-        ~finite,
-        Status.NONFINITE,
-        jnp.where(jnp.all(fw.converged), Status.CONVERGED, Status.MAX_ITERATIONS),
+        indefinite,
+        Status.INDEFINITE,
+        jnp.where(
+            ~finite,
+            Status.NONFINITE,
+            jnp.where(jnp.all(fw.converged), Status.CONVERGED, Status.MAX_ITERATIONS),
+        ),
     ).astype(jnp.int32)
     mask = jnp.where(finite, mask, warm)
     return LayerSolution(
@@ -282,6 +296,13 @@ def solve_layer(
     Returns:
       A :class:`LayerSolution`.
 
+    Raises:
+      ValueError: on bad input, naming it: shapes, dtypes, budgets, non-finite values, ``alpha``
+        outside ``[0, 1]``, ``tol`` not finite or negative, and a Gram matrix that is clearly
+        not positive semidefinite (the lower bound is proved only for a PSD one; the message
+        gives the smallest eigenvalue found). Under an outer ``jit`` value checks cannot raise:
+        an indefinite ``gram`` then gives ``status`` "indefinite" and ``lower_bound = -inf``.
+
     Example:
       >>> sol = fw_jax.solve_layer(W, G, W.shape[1] // 2)
       >>> float(sol.loss) <= float(sol.warm_loss), float(sol.certificate)
@@ -289,6 +310,7 @@ def solve_layer(
     budget = as_budget(budget)
     weight, gram = check_layer_inputs(weight, gram, budget)
     check_alpha(alpha)
+    check_tol(tol)
     step = as_step_rule(step_rule)
     for name, value in (("max_iter", max_iter), ("max_swaps", max_swaps), ("refresh_every", refresh_every)):
         if not isinstance(value, (int, np.integer)) or value < (1 if name == "refresh_every" else 0):
@@ -322,6 +344,7 @@ def solve_layer(
         pairwise=bool(pairwise),
         max_changes=None if product == "dense" else int(max_changes or max(1, weight.shape[1] // 16)),
         precision=precision,
+        check_psd=isinstance(gram, jax.core.Tracer),
     )
     solution = _solve(
         weight,

@@ -10,8 +10,9 @@ import numpy as np
 from jax import Array
 
 from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow
+from fw_jax.solver._psd import check_gram_psd
 
-__all__ = ["check_layer_inputs", "check_alpha", "check_warm_mask", "compute_dtype"]
+__all__ = ["check_layer_inputs", "check_alpha", "check_tol", "check_warm_mask", "compute_dtype"]
 
 
 def _is_concrete(x) -> bool:
@@ -27,17 +28,25 @@ def compute_dtype(*dtypes) -> jnp.dtype:
 
 def check_layer_inputs(weight, gram, budget: Budget) -> tuple[Array, Array]:
     """Validate ``weight (d_out, d_in)``, ``gram (d_in, d_in)`` and the budget; cast to the
-    compute dtype. Returns the cast arrays."""
+    compute dtype. Returns the cast arrays. A concrete ``gram`` must also be finite, symmetric
+    and positive semidefinite up to rounding (``_psd.py``): the lower bound needs it."""
+    arrays = []
     for name, x in (("weight", weight), ("gram", gram)):
-        dtype = getattr(x, "dtype", None)
-        if dtype is None:
-            x = np.asarray(x)
-            dtype = x.dtype
+        if getattr(x, "dtype", None) is None:  # lists, tuples, scalars
+            try:
+                x = np.asarray(x)
+            except ValueError as e:
+                raise ValueError(f"{name} must be a 2-D array of floats; could not read it as one ({e}).") from e
+            if x.dtype == object:
+                raise ValueError(f"{name} must be a 2-D array of floats; got ragged or non-numeric values.")
+        arrays.append(x)
+        dtype = x.dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(
                 f"{name} has dtype {dtype}; a floating dtype (float32, float64, bfloat16, float16) "
                 "is expected."
             )
+    weight, gram = arrays
     if jnp.ndim(weight) != 2:
         raise ValueError(f"weight must be 2-D (d_out, d_in), got shape {jnp.shape(weight)}.")
     d_out, d_in = jnp.shape(weight)
@@ -48,6 +57,8 @@ def check_layer_inputs(weight, gram, budget: Budget) -> tuple[Array, Array]:
             f"gram is {jnp.shape(gram)} but weight is ({d_out}, {d_in}): gram must be "
             f"({d_in}, {d_in}), the Gram matrix of the layer's {d_in} inputs."
         )
+    if d_out == 0 or d_in == 0:
+        raise ValueError(f"weight has shape ({d_out}, {d_in}); a layer needs at least one row and one input.")
     budget.check(d_out, d_in)
     dtype = compute_dtype(weight.dtype, gram.dtype)
     weight = jnp.asarray(weight, dtype)
@@ -64,6 +75,7 @@ def check_layer_inputs(weight, gram, budget: Budget) -> tuple[Array, Array]:
                 f"gram is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g}); "
                 "G = X Xᵀ is symmetric positive semidefinite."
             )
+        check_gram_psd(gram)
     return weight, gram
 
 
@@ -72,6 +84,13 @@ def check_alpha(alpha) -> None:
         value = float(alpha)
         if not 0.0 <= value <= 1.0 or not np.isfinite(value):
             raise ValueError(f"alpha = {alpha!r} is outside [0, 1]: it is the fixed fraction of each budget.")
+
+
+def check_tol(tol) -> None:
+    if _is_concrete(tol):
+        value = float(tol)
+        if not (np.isfinite(value) and value >= 0.0):
+            raise ValueError(f"tol = {tol!r} must be a finite number ≥ 0: a unit stops once gap ≤ tol · error.")
 
 
 def check_warm_mask(mask, shape: tuple[int, int], budget: Budget) -> Array:
