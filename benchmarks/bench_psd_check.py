@@ -51,7 +51,7 @@ def gram_of(d, tokens, seed):
     key = jax.random.PRNGKey(seed)
     x = jax.random.normal(key, (d, tokens), jnp.float32)
     x = x.at[: max(1, d // 64)].multiply(20.0)
-    return jax.jit(lambda x: x @ x.T)(x)
+    return jax.block_until_ready(jax.jit(lambda x: x @ x.T)(x))
 
 
 def row(d, rows, tokens, repeats):

@@ -35,3 +35,16 @@ def test_threshold_hint_benchmark_runs_and_finds_the_same_masks(tmp_path):
         assert r["same_mask"] and r["cold_s"] > 0 and r["hinted_s"] > 0
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == json.loads(json.dumps(rows))
     assert "| synthetic 48×64 |" in out.with_suffix(".md").read_text()
+
+
+def test_psd_check_benchmark_runs_and_finds_its_grams_psd(tmp_path):
+    import bench_psd_check
+
+    out = tmp_path / "psd_check"
+    rows = bench_psd_check.main(["--tiny", "--repeats", "1", "--out", str(out)])
+    assert [r["d"] for r in rows] == [64, 128]
+    for r in rows:
+        assert r["lanczos_s"] > 0 and r["cholesky_s"] > 0 and r["cholesky_ok"]
+        assert r["smallest_over_largest"] > -1e-4  # built PSD; the check must let them pass
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "| 64 |" in out.with_suffix(".md").read_text()

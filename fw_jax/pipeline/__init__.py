@@ -3,6 +3,7 @@
   * ``data.py``      calibration windows (SparseGPT/Wanda protocol) and evaluation text
   * ``prune.py``     ``prune_model``: sequential block-by-block pruning, resumable
   * ``run.py``       ``prune_to_folder``: model in, pruned checkpoint + report + plots out
+  * ``output.py``    which folders a run may write, replace or delete (fw_jax's marker), atomically
   * ``evaluate.py``  perplexity of one or several models, as a table
   * ``plots.py``     per-layer error reduction and convergence plots
 """
@@ -15,11 +16,20 @@ from fw_jax.pipeline.data import (
     needs_bos_per_window,
 )
 from fw_jax.pipeline.evaluate import evaluate_perplexity, format_table
-from fw_jax.pipeline.prune import METHODS, PruneReport, PruneSettings, atomic_write, prune_layer, prune_model
-from fw_jax.pipeline.run import prune_to_folder
+from fw_jax.pipeline.output import OutputError
+from fw_jax.pipeline.prune import (
+    METHODS, PruneInterrupted, PruneReport, PruneSettings, ResumeMismatch, atomic_write, check_model, prune_layer,
+    prune_model,
+)
+from fw_jax.pipeline.run import AlreadyPruned, prune_to_folder
 
 __all__ = [
+    "AlreadyPruned",
     "DataError",
+    "OutputError",
+    "PruneInterrupted",
+    "ResumeMismatch",
+    "check_model",
     "METHODS",
     "PruneReport",
     "PruneSettings",

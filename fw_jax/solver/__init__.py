@@ -7,6 +7,7 @@ Where things live:
   * ``_rounding.py``     relaxed → binary masks; ``_swaps.py`` 1-swap refinement
   * ``_saliency.py``     magnitude / Wanda / RIA scores and masks
   * ``_solve.py``        ``solve_layer``: warm start → fix → FW → round → swaps → certificate
+  * ``_psd.py``          is the Gram matrix PSD? (Lanczos: the bound needs it); ``_validation.py`` input checks
   * ``_published.py``    the published SparseFW recipe, plainly (the reference)
   * ``_sparsegpt.py``    SparseGPT; ``_reconstruct.py`` refitting kept weights for a fixed mask
 """
