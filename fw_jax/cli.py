@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Hugging Face folder, .gguf file, or smollm2-135m (default)")
     _add_prune_options(prune, nsamples=128, seqlen=2048)
     prune.add_argument("--out", default=None, help="output folder (default runs/<model>-<method>)")
-    prune.add_argument("--overwrite", action="store_true")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace a finished output of fw_jax's in --out (never a folder fw_jax did not write), "
+                            "or discard another run's checkpoints in OUT.partial and start over")
     prune.add_argument("--eval", default=None, help="after pruning, compare perplexity with the dense model on this data")
     prune.add_argument("--eval-seqlen", type=int, default=2048)
     prune.add_argument("--max-windows", type=int, default=None)

@@ -323,6 +323,14 @@ KILL_SCRIPT = textwrap.dedent("""
                 die()
             real_rmtree(path, **kw)
         output.shutil.rmtree = rmtree
+    elif moment == "ctrl-c after block 0":  # a real SIGINT, as the terminal sends it
+        from fw_jax.pipeline import prune
+        real_save = prune._save_block
+        def save(work_dir, b, *args):
+            real_save(work_dir, b, *args)
+            if b == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+        prune._save_block = save
     from fw_jax.cli import main
     sys.exit(main({argv!r}))
 """)
@@ -346,6 +354,17 @@ def test_sigkill_while_finishing_then_the_same_command_finishes_cleanly(world, t
     assert cli_main([*argv[:3], str(reference), *argv[4:]]) == 0
     a, b = load_file(str(out / "model.safetensors")), load_file(str(reference / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_real_ctrl_c_prints_no_traceback_and_exits_130(world, tmp_path):
+    argv = _prune(tmp_path, world)
+    script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), moment="ctrl-c after block 0", argv=argv)
+    done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == INTERRUPTED, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+    assert "stopped by Ctrl-C; 1 of 2 blocks are saved in" in done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out.partial"]
 
 
 def test_read_only_out_is_refused_before_loading(world, tmp_path, monkeypatch, capsys):
