@@ -19,9 +19,7 @@ import pathlib
 import platform
 import resource
 import shlex
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,21 +27,10 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_solver import timed  # noqa: E402  (first call, median of the repeats, last result)
 from fw_jax.pipeline import atomic_write  # noqa: E402
 from fw_jax.solver._psd import negative_curvature  # noqa: E402
-
-
-def timed(fn, repeats):
-    """(first call seconds, compile included; median of ``repeats`` later calls; last result)."""
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times), out
 
 
 def gram_of(d, tokens, seed):
