@@ -41,6 +41,15 @@ def test_error_reduction():
     assert math.isnan(error_reduction(1.0, 0.0))
 
 
+def test_only_a_proved_bound_is_drawn_as_best_possible():
+    from fw_jax.pipeline.plots import bound_reduction
+
+    assert bound_reduction({"error": 2.1, "wanda_error": 3.0, "lower_bound": 1.5}) == 50.0
+    for unproved in (0.0, -1.0, None):  # 0 proves nothing; it must not show as "100% possible"
+        assert math.isnan(bound_reduction({"error": 2.1, "wanda_error": 3.0, "lower_bound": unproved}))
+    assert math.isnan(bound_reduction({"error": 2.1, "wanda_error": 3.0}))
+
+
 @pytest.mark.parametrize("blocks", [2, 30])  # labelled per layer, and per block
 def test_error_reduction_plot_is_a_png(tmp_path, blocks):
     path = tmp_path / "reduction.png"

@@ -12,10 +12,11 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import warnings
 
 import numpy as np
+
+from fw_jax._files import new_folder_beside, replace_folder
 
 from ._errors import CheckpointError, UnsupportedModelError, config_problem
 from ._loaded import (
@@ -146,21 +147,10 @@ def atomic_folder_write(out_dir: str | os.PathLike, write, *, overwrite: bool = 
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp = new_folder_beside(out_dir)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         write(tmp)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,11 +20,12 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional
 
+from fw_jax._files import atomic_write, move_aside, new_folder_beside
+
 __all__ = ["MARKER_NAME", "OutputError", "OutputPlan", "check_output", "clean_stale_temporaries",
-           "read_marker", "write_marker", "publish_folder", "remove_own_folder"]
+           "new_temporary", "read_marker", "write_marker", "remove_own_folder"]
 
 MARKER_NAME = ".fw_jax.json"  #: in every folder fw_jax writes: who wrote it, what it is, its files
 FINISHED, PARTIAL, BUILDING = "pruned-model", "partial-run", "building"
@@ -46,8 +47,6 @@ def read_marker(folder: str) -> Optional[dict]:
 
 def write_marker(folder: str, kind: str, **fields) -> None:
     """Mark ``folder`` as written by fw_jax (atomically: a reader sees the old marker or the new)."""
-    from fw_jax.pipeline.prune import atomic_write
-
     atomic_write(os.path.join(folder, MARKER_NAME), json.dumps({"written_by": "fw_jax", "kind": kind, **fields}))
 
 
@@ -173,16 +172,9 @@ def clean_stale_temporaries(out_dir: str) -> list[str]:
 
 
 def new_temporary(out_dir: str, kind: str = BUILDING) -> str:
-    """A fresh hidden folder next to ``out_dir`` (same file system, so it can be renamed into
-    place), marked as fw_jax's at once so a kill leaves something :func:`clean_stale_temporaries`
-    recognises. It has the permissions of an ordinary folder."""
-    out = os.path.realpath(out_dir)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    """A fresh hidden folder next to ``out_dir``, marked as fw_jax's at once so that a kill
+    leaves something :func:`clean_stale_temporaries` recognises."""
+    tmp = new_folder_beside(out_dir)
     write_marker(tmp, kind)
     return tmp
 
@@ -190,23 +182,5 @@ def new_temporary(out_dir: str, kind: str = BUILDING) -> str:
 def remove_own_folder(folder: str) -> None:
     """Delete a folder fw_jax wrote, so that a kill at any moment leaves either the whole folder
     or a hidden ``.X.old-*`` leftover that the next run cleans: rename it aside, then delete."""
-    if not os.path.isdir(folder):
-        return
-    parent, base = os.path.dirname(os.path.realpath(folder)), os.path.basename(os.path.realpath(folder))
-    aside = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-    os.rename(folder, os.path.join(aside, "x"))
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def publish_folder(tmp: str, out_dir: str) -> None:
-    """Rename the finished ``tmp`` to ``out_dir`` in one step; an existing ``out_dir`` (empty, or
-    fw_jax's, as :func:`check_output` allowed) is moved aside first and deleted after."""
-    out = os.path.realpath(out_dir)
-    if os.path.isdir(out):
-        parent = os.path.dirname(out)
-        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-        os.rename(out, os.path.join(aside, "x"))
-        os.rename(tmp, out)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    if os.path.isdir(folder):
+        shutil.rmtree(move_aside(folder), ignore_errors=True)

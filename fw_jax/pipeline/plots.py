@@ -40,6 +40,21 @@ def error_reduction(error: float, wanda_error: float) -> float:
     return 100.0 * (wanda_error - error) / wanda_error
 
 
+def bound_reduction(layer: Mapping[str, Any]) -> float:
+    """The largest reduction vs Wanda any mask could reach, from a *proved* lower bound: NaN when
+    the layer has none (a bound of 0, what α > 0 or shrinkage often gives, proves nothing, and
+    would draw as "100% possible").
+
+    Example:
+      >>> bound_reduction({"error": 2.1, "wanda_error": 3.0, "lower_bound": 1.5})
+      50.0
+    """
+    bound = layer.get("lower_bound")
+    if bound is None or not float(bound) > 0:
+        return math.nan
+    return error_reduction(float(bound), float(layer["wanda_error"]))
+
+
 def plot_error_reduction(
     layers: Sequence[Mapping[str, Any]],
     path: str | os.PathLike,
@@ -47,9 +62,8 @@ def plot_error_reduction(
 ) -> str:
     """Bar chart of each layer's error reduction vs Wanda, in model order.
 
-    Bars are coloured by layer kind (q/k/v/o, gate/up/down, ...). Where a layer has a
-    ``"lower_bound"`` (the Frank-Wolfe certificate: no mask of that budget has a smaller
-    error), a black tick marks the largest reduction any mask could reach,
+    Bars are coloured by layer kind (q/k/v/o, gate/up/down, ...). Where a layer has a positive
+    ``"lower_bound"`` (a proved one: no mask of that budget has a smaller error), a black tick marks the largest reduction any mask could reach,
     ``100 · (wanda_error - lower_bound) / wanda_error``. With many layers the x axis is
     labelled by block; with few, by layer.
 
@@ -78,11 +92,7 @@ def plot_error_reduction(
             raise ValueError(f"layer {i} ({layer.get('name', '?')}) has no {', '.join(missing)}")
     names = [str(layer["name"]) for layer in layers]
     reduction = np.array([error_reduction(float(l["error"]), float(l["wanda_error"])) for l in layers])
-    bound = np.array([
-        error_reduction(float(l["lower_bound"]), float(l["wanda_error"]))
-        if l.get("lower_bound") is not None else math.nan
-        for l in layers
-    ])
+    bound = np.array([bound_reduction(l) for l in layers])
     kinds = [_kind(n) for n in names]
     rank = {k: i for i, k in enumerate(_KIND_ORDER)}
     kind_list = sorted(set(kinds), key=lambda k: (rank.get(k, len(rank)), k))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fw_jax import models
+from fw_jax._files import atomic_write
 from fw_jax.solver import (
     NM, Budget, PerRow, layer_error, mask_lower_bound, saliency_mask, saliency_scores, solve_layer,
 )
@@ -93,6 +94,10 @@ class PruneSettings:
             return float(self.shrinkage)
         return DEFAULT_SHRINKAGE if self.method == "sparsefw" else 0.0
 
+    def record(self) -> dict:
+        """The settings as JSON-ready fields, ``shrinkage`` resolved (reports, fingerprints)."""
+        return {**dataclasses.asdict(self), "shrinkage": self.effective_shrinkage}
+
     def fitted_gram(self, gram):
         """The Gram matrix every fitting step uses: ``(1 − ρ) G + ρ diag(G)`` (``G`` when ρ = 0)."""
         rho = self.effective_shrinkage
@@ -152,7 +157,7 @@ class PruneReport:
 
     def to_json(self) -> dict:
         return {
-            "settings": {**dataclasses.asdict(self.settings), "shrinkage": self.settings.effective_shrinkage},
+            "settings": self.settings.record(),
             "calibration": self.calibration,
             "seconds": self.seconds,
             "resumed_blocks": self.resumed_blocks,
@@ -252,7 +257,7 @@ def _run_record(loaded, settings: PruneSettings, calibration: dict, tokens: np.n
         "source": str(loaded.source),
         "calibration": calibration,
         "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
-        "settings": {**dataclasses.asdict(settings), "shrinkage": settings.effective_shrinkage},
+        "settings": settings.record(),
     }
 
 
@@ -313,24 +318,6 @@ def check_model(loaded, settings: PruneSettings, seqlen: Optional[int] = None) -
     if seqlen is not None and limit and seqlen > limit:
         raise ValueError(f"seqlen={seqlen} is longer than the model supports ({limit} positions): "
                          f"use --seqlen {limit} or less")
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` (``str`` as UTF-8) to ``path`` so that a reader, or a run killed midway,
-    sees either the old file or the whole new one: a synced temporary file renamed over it."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _save_block(work_dir: str, b: int, weights: dict, records: list[dict], seconds: float) -> None:

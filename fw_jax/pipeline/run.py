@@ -10,7 +10,6 @@ replaced or deleted is decided in ``output.py``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -19,12 +18,13 @@ import sys
 from typing import Optional, Sequence, Union
 
 from fw_jax import models
+from fw_jax._files import atomic_write, replace_folder
 from fw_jax.pipeline.data import calibration_tokens, load_documents, needs_bos_per_window
 from fw_jax.pipeline.output import (
-    FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, publish_folder,
-    remove_own_folder, write_marker,
+    FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, remove_own_folder,
+    write_marker,
 )
-from fw_jax.pipeline.prune import PruneReport, PruneSettings, atomic_write, check_model, prune_model, run_fingerprint
+from fw_jax.pipeline.prune import PruneReport, PruneSettings, _digest, check_model, prune_model, run_fingerprint
 
 __all__ = ["AlreadyPruned", "prune_to_folder", "REPORT_NAME"]
 
@@ -60,10 +60,9 @@ def _request(model: str, settings: PruneSettings, calib, documents: Sequence[str
     for doc in documents:
         text.update(hashlib.sha256(doc.encode("utf-8")).digest())
     model_id = os.path.realpath(model) if os.path.exists(model) else str(model)
-    payload = {"model": model_id, "settings": {**dataclasses.asdict(settings), "shrinkage": settings.effective_shrinkage},
-               "calib": calib if isinstance(calib, str) else list(calib), "text_sha256": text.hexdigest(),
-               "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest({"model": model_id, "settings": settings.record(),
+                    "calib": calib if isinstance(calib, str) else list(calib), "text_sha256": text.hexdigest(),
+                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed})
 
 
 def _check_counts(nsamples, seqlen, seed) -> None:
@@ -109,18 +108,15 @@ def prune_to_folder(
     out, work_dir = plan.out_dir, plan.work_dir
     documents = load_documents(calib)
     request = _request(model, settings, calib, documents, nsamples, seqlen, seed)
-    if plan.finished is not None and plan.finished.get("request") == request:
-        # This very run finished earlier (perhaps killed while tidying up): finish tidying.
-        if plan.partial is not None and plan.partial.get("request") == request:
-            remove_own_folder(work_dir)
-        for folder in (out, work_dir):
-            clean_stale_temporaries(folder)
-        if not overwrite:
-            raise AlreadyPruned(f"{out_dir} already holds this run's result (same model, settings and "
-                                "calibration); nothing to do (--overwrite runs it again)")
-    plan.check_replace(overwrite)
+    same_run = plan.finished is not None and plan.finished.get("request") == request
+    if same_run and plan.partial is not None and plan.partial.get("request") == request:
+        remove_own_folder(work_dir)  # this very run finished earlier and was killed while tidying up
     for folder in (out, work_dir):
-        clean_stale_temporaries(folder)
+        clean_stale_temporaries(folder)  # fw_jax's own leftovers of killed runs
+    if same_run and not overwrite:
+        raise AlreadyPruned(f"{out_dir} already holds this run's result (same model, settings and "
+                            "calibration); nothing to do (--overwrite runs it again)")
+    plan.check_replace(overwrite)
 
     loaded = models.load_model(model)
     if loaded.tokenizer is None:
@@ -161,7 +157,7 @@ def prune_to_folder(
                      json.dumps(report.to_json() | {"model": model, "history": report.history}, indent=1))
         files = sorted(name for name in os.listdir(tmp) if name != MARKER_NAME)
         write_marker(tmp, FINISHED, describe=settings.describe(), request=request, files=files)
-        publish_folder(tmp, out)
+        replace_folder(tmp, out)  # what was there (empty, or fw_jax's as allowed above) goes
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,9 +18,10 @@ indefinite (the extreme eigenvalues are the ones Lanczos finds first, so a clear
 matrix is found in a few dozen products). A value within the tolerance is not proof that ``G`` is
 PSD; it says the smallest eigenvalue is rounding-sized as far as ``steps`` products can see.
 
-Cost at ``d_in = 11008`` (LLaMA-7B's ``down_proj``): 32 products with a ``(d, d)`` matrix, a
-fraction of one Frank-Wolfe iteration, which multiplies ``(d_out, d) × (d, d)``; measured against
-a Cholesky factorisation in ``benchmarks/bench_psd_check.py`` (``results/psd_check.md``).
+Cost at ``d_in = 11008`` (LLaMA-7B's ``down_proj``): 32 products of the ``(d, d)`` matrix with a
+vector, against one ``(d_out, d) × (d, d)`` product per Frank-Wolfe iteration; measured against a
+Cholesky factorisation and a 256-row product in ``benchmarks/bench_psd_check.py``
+(``results/psd_check.md``).
 """
 
 from __future__ import annotations
