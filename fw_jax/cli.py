@@ -88,6 +88,13 @@ def _settings(args: argparse.Namespace, method: str | None = None):
         raise UsageError(str(e)) from None
 
 
+def _progress(args: argparse.Namespace):
+    """The progress reporter ``-q``/``-v`` ask for (bars on a terminal, lines otherwise)."""
+    from fw_jax._progress import NORMAL, QUIET, VERBOSE, Progress
+
+    return Progress(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
+
+
 def _prune(args: argparse.Namespace) -> int:
     from fw_jax.pipeline import prune_to_folder
     from fw_jax.pipeline.run import AlreadyPruned
@@ -97,26 +104,32 @@ def _prune(args: argparse.Namespace) -> int:
     try:
         _, report = prune_to_folder(
             args.model, out, settings, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-            seed=args.seed, overwrite=args.overwrite, devices=_devices(args.devices),
+            seed=args.seed, overwrite=args.overwrite, devices=_devices(args.devices), progress=_progress(args),
         )
     except AlreadyPruned as e:
         print(f"fw-jax prune: {e}", file=sys.stderr)
         return 0
     summary = report.summary()
+    compared = (f"; mean layer error {summary['mean_error_vs_wanda']:.3f}× Wanda's"
+                if settings.compares_with_wanda else "")
     print(f"pruned {summary['layers']} layers in {report.seconds:.0f}s; kept {summary['kept_fraction']:.1%} "
-          f"of their weights; mean layer error {summary['mean_error_vs_wanda']:.3f}× Wanda's")
+          f"of their weights{compared}")
     print(f"saved to {out} (Hugging Face folder, prune_report.json, PNG plots)")
     if args.eval:
-        return _evaluate({"dense": args.model, settings.method: out}, args.eval, args.eval_seqlen, args.max_windows)
+        return _evaluate({"dense": args.model, settings.method: out}, args.eval, args.eval_seqlen, args.max_windows,
+                         _progress(args))
     return 0
 
 
-def _evaluate(models_by_name: dict, data: str, seqlen: int, max_windows: int | None) -> int:
+def _evaluate(models_by_name: dict, data: str, seqlen: int, max_windows: int | None, progress) -> int:
     from fw_jax.pipeline import evaluate_perplexity, format_table, load_documents
 
     documents = load_documents(data, split="evaluation")
-    results = evaluate_perplexity(models_by_name, documents, seqlen=seqlen, max_windows=max_windows)
+    results = evaluate_perplexity(models_by_name, documents, seqlen=seqlen, max_windows=max_windows,
+                                  progress=progress)
+    windows = f"the first {max_windows} windows" if max_windows else "all windows"
     print(format_table({name: {f"{data} ppl": value} for name, value in results.items()}))
+    print(f"perplexity: {windows} of {seqlen} tokens of {data} (non-overlapping; --seqlen, --max-windows)")
     return 0
 
 
@@ -125,55 +138,91 @@ def _eval(args: argparse.Namespace) -> int:
     for model in args.models:
         name = os.path.basename(str(model).rstrip("/")) or str(model)
         names[name if name not in names else str(model)] = model
-    return _evaluate(names, args.data, args.seqlen, args.max_windows)
+    return _evaluate(names, args.data, args.seqlen, args.max_windows, _progress(args))
 
 
 def _main_job(args: argparse.Namespace) -> int:
     """Dense vs Wanda vs SparseFW on the built-in SmolLM2-135M, offline, in minutes."""
     from fw_jax.pipeline import prune_to_folder
 
+    progress = _progress(args)
     outs = {}
     for method in ("wanda", "sparsefw"):
         settings = _settings(args, method)
         out = os.path.join(args.out, f"{method}-{args.pattern.replace(':', 'of') if args.pattern else f'{args.sparsity:.2f}'}")
         outs[method] = out
         if os.path.exists(os.path.join(out, "prune_report.json")):
-            print(f"{out} is already pruned; reusing it", file=sys.stderr)
+            progress.say(f"reusing {out}: pruned by an earlier demo with these options (remove it to prune again)")
             continue
         prune_to_folder(args.model, out, settings, calib=args.calib, nsamples=args.nsamples,
-                        seqlen=args.seqlen, seed=args.seed, devices=_devices(args.devices))
-    return _evaluate({"dense": args.model, **{f"{m} ({_settings(args, m).describe().split(', ', 1)[1]})": o for m, o in outs.items()}},
-                     args.eval, args.eval_seqlen, args.max_windows)
+                        seqlen=args.seqlen, seed=args.seed, devices=_devices(args.devices), progress=progress)
+    code = _evaluate({"dense": args.model, **{f"{m} ({_settings(args, m).describe().split(', ', 1)[1]})": o for m, o in outs.items()}},
+                     args.eval, args.eval_seqlen, args.max_windows, progress)
+    print(f"pruned models (Hugging Face folders with prune_report.json and plots): {', '.join(outs.values())}")
+    return code
 
 
-def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int, max_iter: int = 100) -> None:
-    from fw_jax.pipeline import METHODS
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it has none, or says it already)."""
 
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned in every row (default 0.5)")
-    p.add_argument("--pattern", default=None, help="N:M, keep N of every M consecutive inputs (2:4 keeps 2)")
-    p.add_argument("--method", choices=METHODS, default="sparsefw")
-    p.add_argument("--warm-start", choices=("wanda", "ria", "magnitude"), default="wanda")
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == argparse.SUPPRESS or "default" in text or not action.option_strings
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: {default})"
+
+
+def _verbosity_options(p: argparse.ArgumentParser, pruning: bool = True) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="print only the result (no progress)")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="more detail: a line per pruned layer (time, error, vs Wanda, certificate)"
+                       if pruning else "more detail (the same as the default for this command)")
+
+
+def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int, max_iter: int = 100,
+                       method: bool = True) -> None:
+    from fw_jax.pipeline import METHOD_SUMMARIES
+
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row's weights pruned")
+    p.add_argument("--pattern", default=None, metavar="N:M",
+                   help="keep N of every M consecutive inputs instead of --sparsity (2:4 keeps 2)")
+    if method:
+        p.add_argument("--method", choices=tuple(METHOD_SUMMARIES), default="sparsefw", metavar="METHOD",
+                       help="how each layer's mask is chosen: " + "; ".join(
+                           f"{name}: {summary}" for name, summary in METHOD_SUMMARIES.items()))
+    p.add_argument("--warm-start", choices=("wanda", "ria", "magnitude"), default="wanda",
+                   help="sparsefw: the saliency mask Frank-Wolfe starts from")
     p.add_argument("--alpha", type=float, default=0.9,
-                   help="fraction of each budget fixed to top saliency (default 0.9, as published; 0: plain Frank-Wolfe)")
-    p.add_argument("--max-iter", type=int, default=max_iter, help=f"Frank-Wolfe iterations (default {max_iter})")
+                   help="sparsefw: fraction of each budget fixed to the top-saliency weights (0.9 as published; "
+                        "0: plain Frank-Wolfe)")
+    p.add_argument("--max-iter", type=int, default=max_iter, help="sparsefw: Frank-Wolfe iterations per layer")
     p.add_argument("--tol", type=float, default=1e-4,
-                   help="stop a row's Frank-Wolfe early once gap/error (its relaxed certificate) is below this")
-    p.add_argument("--step-rule", choices=("exact", "open_loop", "short"), default="exact")
-    p.add_argument("--no-swaps", action="store_true", help="skip the 1-swap refinement")
-    p.add_argument("--reconstruct", action="store_true", help="refit the kept weights after the mask")
+                   help="sparsefw: stop a row early once gap/error (its relaxed certificate) is below this")
+    p.add_argument("--step-rule", choices=("exact", "open_loop", "short"), default="exact",
+                   help="sparsefw: Frank-Wolfe step size: exact line search, 2/(t+2) as published, or short step")
+    p.add_argument("--no-swaps", action="store_true", help="sparsefw: skip the 1-swap refinement after rounding")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after the mask, refit the kept weights to the calibration inputs (least squares)")
     p.add_argument("--shrinkage", type=float, default=None,
                    help="shrink the calibration Gram matrix toward its diagonal by this fraction (0 to 1) "
                         "in every step that fits it (sparsefw mask, sparsegpt, --reconstruct); "
                         "default 0.5 for sparsefw, 0 for the other methods")
     p.add_argument("--certify", type=int, default=0, metavar="N",
                    help="sparsefw: prove each layer's lower bound with N plain Frank-Wolfe iterations on G "
-                        "from the chosen mask (the bound of α > 0 or --shrinkage runs is weak); 50 is a good value")
-    p.add_argument("--calib", default="pydoc-calib", help="text file, folder, JSONL, parquet, pydoc-calib, c4")
-    p.add_argument("--nsamples", type=int, default=nsamples)
-    p.add_argument("--seqlen", type=int, default=seqlen)
-    p.add_argument("--seed", type=int, default=0)
+                        "from the chosen mask (without it, α > 0 or shrinkage usually proves none); "
+                        "50 adds about half the solve time")
+    p.add_argument("--calib", default="pydoc-calib",
+                   help="calibration text: a text file, folder, JSONL (a 'text' field), parquet, pydoc-calib "
+                        "(CPython's own documentation, offline), or c4/wikitext2 (needs datasets, online)")
+    p.add_argument("--nsamples", type=int, default=nsamples, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=seqlen, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' positions in the text")
     p.add_argument("--devices", type=int, default=1,
                    help="solve the layers of a block concurrently on this many local devices (0: all)")
+    _verbosity_options(p)
 
 
 def _devices(count: int):
@@ -185,46 +234,75 @@ def _devices(count: int):
     return available[: count or len(available)]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fw-jax", description="Prune LLMs with Frank-Wolfe, in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+EVAL_PROTOCOL = """\
+Perplexity is exp(mean next-token loss) over non-overlapping windows of --seqlen tokens of the
+evaluation text (its documents joined by blank lines, tokenized once, the tail dropped; Gemma
+models get BOS first in every window), over all windows unless --max-windows. Numbers are
+comparable only at the same --data, --seqlen and --max-windows: `fw-jax demo` evaluates 16
+windows of 512 tokens, so its dense perplexity differs from the default 2048 and all windows."""
 
-    prune = sub.add_parser("prune", help="prune a model into a Hugging Face folder (resumable)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fw-jax", description="Prune LLMs with Frank-Wolfe, in JAX.",
+                                     formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prune = sub.add_parser(
+        "prune", formatter_class=_HelpFormatter, help="prune a model into a Hugging Face folder (resumable)",
+        description="Prune every linear layer of every decoder block, block by block, into a Hugging Face "
+                    "folder with prune_report.json and plots. Blocks are checkpointed in OUT.partial: run the "
+                    "same command again to resume.")
     prune.add_argument("model", nargs="?", default="smollm2-135m",
-                       help="Hugging Face folder, .gguf file, or smollm2-135m (default)")
+                       help="Hugging Face folder, .gguf file, Flax msgpack folder, or smollm2-135m (built in)")
     _add_prune_options(prune, nsamples=128, seqlen=2048)
-    prune.add_argument("--out", default=None, help="output folder (default runs/<model>-<method>)")
+    prune.add_argument("--out", default=None, help="output folder (default: runs/<model>-<method>)")
     prune.add_argument("--overwrite", action="store_true",
                        help="replace a finished output of fw_jax's in --out (never a folder fw_jax did not write), "
                             "or discard another run's checkpoints in OUT.partial and start over")
-    prune.add_argument("--eval", default=None, help="after pruning, compare perplexity with the dense model on this data")
-    prune.add_argument("--eval-seqlen", type=int, default=2048)
-    prune.add_argument("--max-windows", type=int, default=None)
+    prune.add_argument("--eval", default=None, metavar="DATA",
+                       help="after pruning, compare perplexity with the dense model on this text (as fw-jax eval "
+                            "--data)")
+    prune.add_argument("--eval-seqlen", type=int, default=2048, help="--eval: tokens per window")
+    prune.add_argument("--max-windows", type=int, default=None, help="--eval: only the first N windows (default: all)")
     prune.set_defaults(run=_prune)
 
-    evaluate = sub.add_parser("eval", help="perplexity of one or more models, as a table")
+    evaluate = sub.add_parser("eval", formatter_class=_HelpFormatter, help="perplexity of one or more models, as a table",
+                              description=EVAL_PROTOCOL)
     evaluate.add_argument("models", nargs="+", help="folders, .gguf files or smollm2-135m")
-    evaluate.add_argument("--data", default="pydoc-eval")
-    evaluate.add_argument("--seqlen", type=int, default=2048)
-    evaluate.add_argument("--max-windows", type=int, default=None)
+    evaluate.add_argument("--data", default="pydoc-eval",
+                          help="evaluation text: pydoc-eval (held out from pydoc-calib, offline), a text file, "
+                               "folder, JSONL, parquet, or wikitext2/c4 (needs datasets, online)")
+    evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    evaluate.add_argument("--max-windows", type=int, default=None,
+                          help="evaluate only the first N windows (default: all)")
+    _verbosity_options(evaluate, pruning=False)
     evaluate.set_defaults(run=_eval)
 
-    main_job = sub.add_parser("demo", help="the main job: dense vs Wanda vs SparseFW on SmolLM2-135M, offline")
-    main_job.add_argument("--model", default="smollm2-135m")
-    _add_prune_options(main_job, nsamples=32, seqlen=512, max_iter=40)
-    main_job.add_argument("--out", default=os.path.join("runs", "demo"))
-    main_job.add_argument("--eval", default="pydoc-eval")
-    main_job.add_argument("--eval-seqlen", type=int, default=512)
-    main_job.add_argument("--max-windows", type=int, default=16)
+    main_job = sub.add_parser(
+        "demo", formatter_class=_HelpFormatter,
+        help="the main job: dense vs Wanda vs SparseFW on SmolLM2-135M, offline",
+        description="Prune a model with Wanda and with fw_jax (sparsefw) at the same budget into OUT/wanda-* and "
+                    "OUT/sparsefw-*, then print their perplexities beside the dense model's. A second run reuses "
+                    "the pruned folders. The options below apply to both passes (the sparsefw ones to fw_jax's).")
+    main_job.add_argument("--model", default="smollm2-135m", help="the model to prune (as for fw-jax prune)")
+    _add_prune_options(main_job, nsamples=32, seqlen=512, max_iter=40, method=False)
+    main_job.add_argument("--out", default=os.path.join("runs", "demo"), help="folder of the two pruned models")
+    main_job.add_argument("--eval", default="pydoc-eval", metavar="DATA", help="evaluation text (as fw-jax eval --data)")
+    main_job.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+    main_job.add_argument("--max-windows", type=int, default=16, help="evaluation windows")
     main_job.set_defaults(run=_main_job)
 
-    block = sub.add_parser("solve-block", help="solve one real SmolLM2 block's layers and compare with the baselines")
-    block.add_argument("--block", type=int, default=3)
-    block.add_argument("--sparsity", type=float, default=0.5)
-    block.add_argument("--pattern", default=None, help="n:m, n kept of every m (e.g. 2:4)")
-    block.add_argument("--nsamples", type=int, default=16)
-    block.add_argument("--seqlen", type=int, default=256)
-    block.add_argument("--seed", type=int, default=0)
+    block = sub.add_parser("solve-block", formatter_class=_HelpFormatter,
+                           help="solve one real SmolLM2 block's layers and compare with the baselines",
+                           description="Solve the mask problem of every linear layer of one SmolLM2-135M block "
+                                       "with fw_jax.solve_layer and the published recipe; print their errors "
+                                       "relative to Wanda's, the proved bound and the time.")
+    block.add_argument("--block", type=int, default=3, help="which decoder block (0-based)")
+    block.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row's weights pruned")
+    block.add_argument("--pattern", default=None, metavar="N:M", help="keep N of every M consecutive inputs (2:4 keeps 2)")
+    block.add_argument("--nsamples", type=int, default=16, help="calibration windows of pydoc text")
+    block.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    block.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' positions")
     block.set_defaults(run=_demo)
     return parser
 
@@ -232,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``fw-jax``. Refused commands print one line, ``fw-jax CMD: what is wrong``, and exit
     with 2 (as argparse does for bad options); Ctrl-C says what was kept and exits with 130."""
+    # transformers' advice that PyTorch is missing does not concern fw_jax, which never needs it
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     from fw_jax.pipeline.data import CalibrationWarning
 

@@ -251,12 +251,15 @@ def test_certify_iterations_prove_a_better_bound_without_changing_the_mask():
 
 
 def test_progress_says_when_a_layer_has_no_useful_bound(tiny_folder, capsys):
+    from fw_jax._progress import VERBOSE, Progress
+
     loaded = models.load_model(tiny_folder)
-    records = prune_model(loaded, calib_tokens(), PruneSettings(sparsity=0.5, max_iter=10), progress=True).layers
+    records = prune_model(loaded, calib_tokens(), PruneSettings(sparsity=0.5, max_iter=10),
+                          progress=Progress(VERBOSE)).layers
     err = capsys.readouterr().err
     assert "--certify N" in err  # the default (α = 0.9, ρ = 0.5) is told how to get a bound
     certified = prune_model(models.load_model(tiny_folder), calib_tokens(),
-                            PruneSettings(sparsity=0.5, max_iter=10, certify_iter=20), progress=True).layers
+                            PruneSettings(sparsity=0.5, max_iter=10, certify_iter=20), progress=Progress(VERBOSE)).layers
     certified_err = capsys.readouterr().err
     assert "--certify N" not in certified_err
     # Both branches are exercised: the default leaves some layer without a bound, --certify proves one.
@@ -264,6 +267,10 @@ def test_progress_says_when_a_layer_has_no_useful_bound(tiny_folder, capsys):
     for text, layer_records in ((err, records), (certified_err, certified)):
         lines = [line for line in text.splitlines() if line.strip().startswith("model.layers")]
         assert len(lines) == len(layer_records)
+        for b in {r["block"] for r in layer_records}:  # the block's summary counts the proved bounds
+            proved = [r for r in layer_records if r["block"] == b and r["lower_bound"] > 0]
+            summary = next(line for line in text.splitlines() if line.startswith(f"block {b + 1}/"))
+            assert (f"bound proved for {len(proved)}/7 layers" if proved else "no bound proved") in summary
         for line, record in zip(lines, layer_records):
             if record["lower_bound"] > 0:
                 assert line.rstrip().endswith(f"cert {record['certificate']:.2f}")

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fw_jax import _progress
+
 from ._calibration import logits
 
 
@@ -27,11 +29,13 @@ def perplexity(
     bos_per_window: bool = False,
     bos_id: int | None = None,
     batch_size: int = 4,
+    desc: str = "perplexity",
 ) -> float:
     """``exp(mean NLL)`` over non-overlapping windows of ``seqlen`` tokens (tail dropped).
 
     Each window predicts its tokens 2..seqlen from the previous ones. With ``bos_per_window``
     every window starts with ``bos_id`` followed by ``seqlen - 1`` text tokens (Gemma needs it).
+    Progress over the windows goes to :func:`fw_jax._progress.current`, titled ``desc``.
     """
     ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
     body = seqlen - 1 if bos_per_window else seqlen
@@ -44,10 +48,12 @@ def perplexity(
     if bos_per_window:
         windows = np.concatenate([np.full((n, 1), bos_id, np.int32), windows], axis=1)
     total, count = 0.0, 0
-    for i in range(0, n, batch_size):
-        batch = jnp.asarray(windows[i : i + batch_size])
-        out = logits(model, batch)
-        nll, c = _window_nll(out[:, :-1], batch[:, 1:])
-        total += float(nll)
-        count += int(c)
+    with _progress.current().steps(n, desc, unit="window") as steps:
+        for i in range(0, n, batch_size):
+            batch = jnp.asarray(windows[i : i + batch_size])
+            out = logits(model, batch)
+            nll, c = _window_nll(out[:, :-1], batch[:, 1:])
+            total += float(nll)
+            count += int(c)
+            steps.advance(len(batch), note=f"ppl {math.exp(total / count):.2f}")
     return math.exp(total / count)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fw_jax import _progress
+
 from ._errors import CheckpointError, UnsupportedModelError
 from ._gemma3 import GEMMA3_MODEL_TYPES, Gemma3ForCausalLM, Gemma3Spec
 from ._gpt2 import CONV1D_SUFFIXES, GPT2LMHeadModel, GPT2Spec
@@ -105,39 +107,48 @@ def fill_model(model: nnx.Module, family: str, tensors, source) -> None:
     shapes = param_shapes(model)
     tied = getattr(model, "lm_head", "absent") is None
     seen = set()
-    for hf_name, array, file in tensors:
-        name = hf_to_model_name(family, tied, hf_name)
-        if name is None:
-            continue
-        if name not in shapes:
-            raise CheckpointError(file, f"unexpected tensor {hf_name!r} for a {family} model")
-        shape = tuple(array.shape)
-        if is_transposed_in_hf(family, name):
-            shape = shape[::-1]
-        if shape != shapes[name]:
-            raise CheckpointError(
-                file,
-                f"shape mismatch for {hf_name!r}: {tuple(array.shape)}, expected {shapes[name]}",
-            )
-        if isinstance(array, jax.Array):  # already on the device: no host round trip
-            value = array.astype(jnp.float32)
-        else:
-            # Always an owned copy: handing JAX a view of a memory-mapped file made it
-            # allocate far more than the tensor (seen: +1 GB for a 256-float norm).
-            value = np.array(array, dtype=np.float32, copy=True)
-        bad = int(jnp.sum(~jnp.isfinite(value))) if isinstance(value, jax.Array) else int(np.sum(~np.isfinite(value)))
-        if bad:
-            raise CheckpointError(
-                file, f"tensor {hf_name!r} {tuple(array.shape)} holds {bad} non-finite values (NaN or inf)"
-            )
-        if is_transposed_in_hf(family, name):
-            value = value.T
-        set_param(model, name, value)
-        del value, array
-        seen.add(name)
+    with _progress.current().steps(len(shapes), f"loading {os.path.basename(os.fspath(source))}",
+                                   unit="tensor") as steps:
+        for hf_name, array, file in tensors:
+            if _fill_one(model, family, tied, shapes, hf_name, array, file, seen):
+                steps.advance()
     missing = [n for n in shapes if n not in seen]
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise CheckpointError(source, f"missing tensors: {shown}")
+
+
+def _fill_one(model, family: str, tied: bool, shapes: dict, hf_name: str, array, file, seen: set) -> bool:
+    """Check one checkpoint tensor and copy it into ``model`` (see :func:`fill_model`); False for
+    a tensor the model has no parameter for by design (e.g. a tied head's copy)."""
+    name = hf_to_model_name(family, tied, hf_name)
+    if name is None:
+        return False
+    if name not in shapes:
+        raise CheckpointError(file, f"unexpected tensor {hf_name!r} for a {family} model")
+    shape = tuple(array.shape)
+    if is_transposed_in_hf(family, name):
+        shape = shape[::-1]
+    if shape != shapes[name]:
+        raise CheckpointError(
+            file,
+            f"shape mismatch for {hf_name!r}: {tuple(array.shape)}, expected {shapes[name]}",
+        )
+    if isinstance(array, jax.Array):  # already on the device: no host round trip
+        value = array.astype(jnp.float32)
+    else:
+        # Always an owned copy: handing JAX a view of a memory-mapped file made it
+        # allocate far more than the tensor (seen: +1 GB for a 256-float norm).
+        value = np.array(array, dtype=np.float32, copy=True)
+    bad = int(jnp.sum(~jnp.isfinite(value))) if isinstance(value, jax.Array) else int(np.sum(~np.isfinite(value)))
+    if bad:
+        raise CheckpointError(
+            file, f"tensor {hf_name!r} {tuple(array.shape)} holds {bad} non-finite values (NaN or inf)"
+        )
+    if is_transposed_in_hf(family, name):
+        value = value.T
+    set_param(model, name, value)
+    seen.add(name)
+    return True

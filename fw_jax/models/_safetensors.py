@@ -16,6 +16,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from fw_jax import _progress
+
 from ._errors import CheckpointError
 
 _DTYPES = {
@@ -126,9 +128,12 @@ def write_safetensors(path: str | os.PathLike, tensors, metadata: dict | None = 
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, shape, dtype, get_array in tensors:
-            arr = np.ascontiguousarray(np.asarray(get_array(), dtype=dtype))
-            if arr.shape != tuple(shape):
-                raise ValueError(f"{name}: shape {arr.shape} != declared {tuple(shape)}")
-            f.write(arr.reshape(-1).view(np.uint8))
-            del arr
+        with _progress.current().steps(len(tensors), f"saving {os.path.basename(os.fspath(path))}",
+                                       unit="tensor") as steps:
+            for name, shape, dtype, get_array in tensors:
+                arr = np.ascontiguousarray(np.asarray(get_array(), dtype=dtype))
+                if arr.shape != tuple(shape):
+                    raise ValueError(f"{name}: shape {arr.shape} != declared {tuple(shape)}")
+                f.write(arr.reshape(-1).view(np.uint8))
+                del arr
+                steps.advance()

@@ -9,6 +9,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from fw_jax import _progress
 from fw_jax.models import LoadedModel, load_model, perplexity
 
 from .data import evaluation_tokens, needs_bos_per_window
@@ -28,6 +29,7 @@ def evaluate_perplexity(
     *,
     tokenizer: Any = None,
     batch_size: int = 4,
+    progress: bool | _progress.Progress = True,
 ) -> dict[str, float]:
     """Perplexity of each model on the same documents (the protocol of DESIGN.md §9).
 
@@ -49,6 +51,8 @@ def evaluate_perplexity(
         decides per model family.
       tokenizer: used for models that have no tokenizer of their own.
       batch_size: windows per forward pass.
+      progress: report loading and the windows of each model (a bar on a terminal, a line per
+        model otherwise) to stderr; a :class:`fw_jax._progress.Progress` chooses where and how much.
 
     Returns:
       ``{name: perplexity}`` in the order of ``models``.
@@ -66,6 +70,11 @@ def evaluate_perplexity(
         raise ValueError(f"seqlen must be at least 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be positive or None, got {max_windows}")
+    with _progress.use(progress):
+        return _evaluate(models, documents, seqlen, max_windows, bos_per_window, tokenizer, batch_size)
+
+
+def _evaluate(models, documents, seqlen, max_windows, bos_per_window, tokenizer, batch_size) -> dict[str, float]:
     stream_of: dict[int, np.ndarray] = {}  # models that share a tokenizer object share its stream
     results: dict[str, float] = {}
     for name, model_or_path in models.items():
@@ -92,7 +101,8 @@ def evaluate_perplexity(
         if max_windows is not None:
             ids = ids[: max_windows * body]
         results[name] = perplexity(
-            loaded.model, ids, seqlen, bos_per_window=bos, bos_id=bos_id, batch_size=batch_size
+            loaded.model, ids, seqlen, bos_per_window=bos, bos_id=bos_id, batch_size=batch_size,
+            desc=f"perplexity of {name}",
         )
         del loaded  # a model loaded here is released before the next one is loaded
     return results

@@ -1,7 +1,10 @@
-"""PNG plots of a pruning run: per-layer error reduction vs Wanda, and Frank-Wolfe convergence.
+"""PNG plots of a pruning run: per-layer error reduction vs Wanda, a per-block summary of the
+whole model, and Frank-Wolfe convergence on one layer.
 
 matplotlib is used with its Agg backend through an explicit ``Figure`` (no pyplot state, no
-display needed), so plotting works in headless jobs and never changes the user's backend.
+display needed), so plotting works in headless jobs and never changes the user's backend. Each
+``plot_*`` function builds its figure in a ``_*_figure`` helper and saves it; tests read the
+helper's axes (labels, lines, bars, legends) instead of the PNG.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ _KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 _PALETTE = ("#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974", "#64B5CD", "#DD8452",
             "#937860", "#DA8BC3", "#8C8C8C")
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks?)\.(\d+)\.")
+_BETTER, _WORSE = "#4C72B0", "#C44E52"  # bars above / below Wanda
+NO_BOUND = "no lower bound proved in any layer (use --certify N)"
+NO_BOUNDS_COMPUTED = "no lower bounds: this method computes none"
 
 
 def error_reduction(error: float, wanda_error: float) -> float:
@@ -49,10 +55,45 @@ def bound_reduction(layer: Mapping[str, Any]) -> float:
       >>> bound_reduction({"error": 2.1, "wanda_error": 3.0, "lower_bound": 1.5})
       50.0
     """
-    bound = layer.get("lower_bound")
-    if bound is None or not float(bound) > 0:
+    if not has_proved_bound(layer):
         return math.nan
-    return error_reduction(float(bound), float(layer["wanda_error"]))
+    return error_reduction(float(layer["lower_bound"]), float(layer["wanda_error"]))
+
+
+def has_proved_bound(layer: Mapping[str, Any]) -> bool:
+    """Whether the layer's record holds a proved lower bound: one that is > 0 (a bound of 0 is
+    true of every layer and proves nothing).
+
+    Example:
+      >>> has_proved_bound({"lower_bound": 1.5}), has_proved_bound({"lower_bound": 0.0}), has_proved_bound({})
+      (True, False, False)
+    """
+    bound = layer.get("lower_bound")
+    return bound is not None and float(bound) > 0
+
+
+def _bound_note(layers: Sequence[Mapping[str, Any]]) -> str:
+    """What the records say about lower bounds, for a subtitle."""
+    proved = sum(has_proved_bound(layer) for layer in layers)
+    if proved:
+        return f"proved lower bound in {proved} of {len(layers)} layers"
+    if any("lower_bound" in layer for layer in layers):
+        return NO_BOUND
+    return NO_BOUNDS_COMPUTED
+
+
+def _check_keys(layers: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
+    if not layers:
+        raise ValueError("no layers to plot")
+    for i, layer in enumerate(layers):
+        missing = [k for k in keys if k not in layer]
+        if missing:
+            raise ValueError(f"layer {i} ({layer.get('name', '?')}) has no {', '.join(missing)}")
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> str:
+    fig.savefig(os.fspath(path), dpi=120)
+    return os.fspath(path)
 
 
 def plot_error_reduction(
@@ -63,9 +104,12 @@ def plot_error_reduction(
     """Bar chart of each layer's error reduction vs Wanda, in model order.
 
     Bars are coloured by layer kind (q/k/v/o, gate/up/down, ...). Where a layer has a positive
-    ``"lower_bound"`` (a proved one: no mask of that budget has a smaller error), a black tick marks the largest reduction any mask could reach,
-    ``100 · (wanda_error - lower_bound) / wanda_error``. With many layers the x axis is
-    labelled by block; with few, by layer.
+    ``"lower_bound"`` (a proved one: no mask of that budget has a smaller error), a black tick
+    marks the largest reduction any mask could reach,
+    ``100 · (wanda_error - lower_bound) / wanda_error``. The subtitle says in how many layers a
+    bound was proved, or that none was. With many layers the x axis is labelled by block; with
+    few, by layer. Not meaningful for ``wanda`` without reconstruction (all zeros): see
+    :attr:`fw_jax.pipeline.PruneSettings.compares_with_wanda`.
 
     Args:
       layers: one dict per layer, in model order, with ``"name"``, ``"error"`` and
@@ -84,12 +128,13 @@ def plot_error_reduction(
       ... ], "out/error_reduction.png")
       'out/error_reduction.png'
     """
-    if not layers:
-        raise ValueError("no layers to plot")
-    for i, layer in enumerate(layers):
-        missing = [k for k in ("name", "error", "wanda_error") if k not in layer]
-        if missing:
-            raise ValueError(f"layer {i} ({layer.get('name', '?')}) has no {', '.join(missing)}")
+    return _save(_error_reduction_figure(layers, title), path)
+
+
+def _error_reduction_figure(layers: Sequence[Mapping[str, Any]], title: str) -> Figure:
+    """The figure :func:`plot_error_reduction` saves: one axes, a bar per layer (in
+    ``ax.patches``), the proved bounds as a scatter (``ax.collections``, only if any)."""
+    _check_keys(layers, ("name", "error", "wanda_error"))
     names = [str(layer["name"]) for layer in layers]
     reduction = np.array([error_reduction(float(l["error"]), float(l["wanda_error"])) for l in layers])
     bound = np.array([bound_reduction(l) for l in layers])
@@ -107,13 +152,14 @@ def plot_error_reduction(
     handles = [Patch(color=colour[k], label=k) for k in kind_list]
     if np.isfinite(bound).any():
         handles.append(ax.scatter(x, bound, marker="_", s=max(30.0, 900.0 / n), color="black", zorder=3,
-                                  label="best possible (certified bound)"))
+                                  label="best possible\n(proved lower bound)"))
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.grid(axis="y", alpha=0.3, zorder=0)
     ax.set_xlim(-0.7, n - 0.3)
     ax.set_ylabel("error reduction vs Wanda (%)")
     mean = np.nanmean(reduction) if np.isfinite(reduction).any() else math.nan
-    ax.set_title(f"{title}\n{n} layers, mean {mean:+.1f}% (positive: lower error than Wanda)")
+    ax.set_title(f"{title}\n{n} layers, mean {mean:+.1f}% (positive: lower error than Wanda); "
+                 f"{_bound_note(layers)}")
     blocks = [_block(name) for name in names]
     if n > 40 and all(b is not None for b in blocks):
         starts = [i for i in range(n) if i == 0 or blocks[i] != blocks[i - 1]]
@@ -130,8 +176,160 @@ def plot_error_reduction(
         ax.set_xticklabels([_short_name(name) for name in names], rotation=60, ha="right", fontsize=8)
         ax.set_xlabel("layer (model order)")
     ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="layer")
-    fig.savefig(os.fspath(path), dpi=120)
-    return os.fspath(path)
+    return fig
+
+
+def layer_block(layer: Mapping[str, Any], index: int = 0) -> int:
+    """The decoder block a layer record belongs to: its ``"block"``, else the block number in
+    its name (``model.layers.12.mlp.up_proj`` → 12). Raises ``ValueError`` naming the layer
+    when neither says (e.g. a linen model's ``dense_1``); ``index`` is its place, for the message.
+
+    Example:
+      >>> layer_block({"name": "model.layers.12.mlp.up_proj"}), layer_block({"name": "x", "block": 3})
+      (12, 3)
+    """
+    if layer.get("block") is not None:
+        return int(layer["block"])
+    block = _block(str(layer.get("name", "")))
+    if block is None:
+        raise ValueError(f"layer {index} ({layer.get('name', '?')}) has no \"block\" and its name "
+                         f"names none (like model.layers.N.…): cannot plot it per block")
+    return block
+
+
+def plot_blocks(
+    layers: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    title: str = "Per-block summary",
+    compare_wanda: bool = True,
+) -> str:
+    """The whole model at a glance, one bar per decoder block (x axis: block index), in panels
+    that share the x axis:
+
+    * (a) mean error reduction vs Wanda of the block's layers, in % (positive: better than
+      Wanda); only with ``compare_wanda`` (see :attr:`fw_jax.pipeline.PruneSettings.compares_with_wanda`);
+    * (b) time per block: the sum of its layers' ``"seconds"``;
+    * (c) certificate ``(error − lower bound) / error`` (0: proved optimal), mean over the
+      block's layers with a proved bound (``lower_bound > 0``), with ``k/n`` (layers proved /
+      layers) above each bar. Records without ``"certificate"`` (Wanda, SparseGPT, ...) have no
+      such panel; when no layer of the model has a proved bound there is none either, and the
+      title says "no lower bound proved".
+
+    Args:
+      layers: one dict per layer with ``"seconds"`` and ``"block"`` (or a name like
+        ``model.layers.N.…``); ``"error"`` and ``"wanda_error"`` with ``compare_wanda``;
+        optionally ``"lower_bound"`` and ``"certificate"``.
+      path: PNG file to write.
+      title: figure title.
+      compare_wanda: draw panel (a).
+
+    Returns:
+      ``path`` as a string.
+
+    Raises:
+      ValueError: no layers, a key missing, or a layer whose block is unknown.
+
+    Example:
+      >>> plot_blocks([
+      ...     {"name": "model.layers.0.mlp.up_proj", "block": 0, "seconds": 1.5, "error": 0.8,
+      ...      "wanda_error": 1.0, "lower_bound": 0.5, "certificate": 0.375},
+      ...     {"name": "model.layers.1.mlp.up_proj", "block": 1, "seconds": 1.2, "error": 0.9,
+      ...      "wanda_error": 1.0, "lower_bound": 0.0, "certificate": 1.0},
+      ... ], "out/blocks.png", title="SmolLM2, sparsefw 50%")
+      'out/blocks.png'
+    """
+    return _save(_blocks_figure(layers, title, compare_wanda), path)
+
+
+def _per_block(layers: Sequence[Mapping[str, Any]], compare_wanda: bool) -> dict[str, np.ndarray]:
+    """Per-block series of :func:`plot_blocks`, blocks in increasing order."""
+    _check_keys(layers, ("seconds",) + (("error", "wanda_error") if compare_wanda else ()))
+    of_layer = np.array([layer_block(layer, i) for i, layer in enumerate(layers)])
+    blocks = np.unique(of_layer)
+    reduction = np.array([error_reduction(float(l["error"]), float(l["wanda_error"])) if compare_wanda
+                          else math.nan for l in layers])
+    seconds = np.array([float(l["seconds"]) for l in layers])
+    proved = np.array([has_proved_bound(l) and "certificate" in l for l in layers])
+    certificate = np.array([float(l["certificate"]) if p else math.nan for l, p in zip(layers, proved)])
+    out = {"block": blocks, "reduction": [], "seconds": [], "certificate": [], "proved": [], "layers": []}
+    for b in blocks:
+        here = of_layer == b
+        r, c = reduction[here], certificate[here]
+        out["reduction"].append(np.nanmean(r) if np.isfinite(r).any() else math.nan)
+        out["seconds"].append(seconds[here].sum())
+        out["certificate"].append(np.nanmean(c) if np.isfinite(c).any() else math.nan)
+        out["proved"].append(int(proved[here].sum()))
+        out["layers"].append(int(here.sum()))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _blocks_figure(layers: Sequence[Mapping[str, Any]], title: str, compare_wanda: bool = True) -> Figure:
+    """The figure :func:`plot_blocks` saves. Its axes carry gids ``"reduction"``, ``"seconds"``
+    and ``"certificate"`` (those drawn, top to bottom); each has one bar per block in
+    ``ax.patches``, at x = the block index."""
+    data = _per_block(layers, compare_wanda)
+    blocks = data["block"]
+    has_certificates = any("certificate" in layer for layer in layers)
+    any_proved = bool(data["proved"].sum())
+    panels = (["reduction"] if compare_wanda else []) + ["seconds"] + (["certificate"] if any_proved else [])
+    width = min(max(9.0, 0.28 * len(blocks) + 3.5), 16.0)
+    fig = Figure(figsize=(width, 1.2 + 2.5 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    notes = [f"{len(blocks)} blocks, {len(layers)} layers"]
+    if not compare_wanda:
+        notes.append("not compared with Wanda (the masks are Wanda's)")
+    if has_certificates and not any_proved:
+        notes.append(f"{NO_BOUND}: no certificate panel")
+    elif not has_certificates:
+        notes.append(NO_BOUNDS_COMPUTED)
+    fig.suptitle("\n".join([title, "; ".join(notes)]))
+    letters = iter("abc")
+    for ax, panel in zip(axes, panels):
+        ax.set_gid(panel)
+        ax.grid(axis="y", alpha=0.3, zorder=0)
+        letter = next(letters)
+        if panel == "reduction":
+            values = data["reduction"]
+            ax.bar(blocks, values, width=0.8, zorder=2,
+                   color=[_BETTER if not v < 0 else _WORSE for v in values])
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            mean = np.nanmean(values) if np.isfinite(values).any() else math.nan
+            ax.set_title(f"({letter}) mean error reduction of the block's layers vs Wanda "
+                         f"(positive: lower error than Wanda); mean over blocks {mean:+.1f}%",
+                         fontsize=10, loc="left")
+            ax.set_ylabel("error reduction\nvs Wanda (%)")
+        elif panel == "seconds":
+            values = data["seconds"]
+            ax.bar(blocks, values, width=0.8, color="#8C8C8C", zorder=2)
+            ax.set_title(f"({letter}) time per block (sum of its layers' times); total "
+                         f"{_duration(values.sum())}", fontsize=10, loc="left")
+            ax.set_ylabel("time (s)")
+        else:
+            values = data["certificate"]
+            ax.bar(blocks, values, width=0.8, color="#55A868", zorder=2)
+            top = max(float(np.nanmax(values)), 0.1)  # all 0 (every layer proved optimal) still reads
+            for b, v, k, n in zip(blocks, values, data["proved"], data["layers"]):
+                ax.text(b, (v if np.isfinite(v) else 0.0) + 0.02 * top, f"{k}/{n}",
+                        ha="center", va="bottom", fontsize=7 if len(blocks) <= 40 else 6)
+            ax.set_ylim(0.0, top * 1.18)
+            ax.set_title(f"({letter}) certificate (error − bound) / error, mean over layers with a proved "
+                         f"bound (0: proved optimal); k/n = layers proved / layers", fontsize=10, loc="left")
+            ax.set_ylabel("certificate")
+    bottom = axes[-1]
+    step = max(1, math.ceil(len(blocks) / 40))
+    bottom.set_xticks(blocks[::step])
+    bottom.set_xlim(blocks.min() - 0.7, blocks.max() + 0.7)
+    bottom.set_xlabel("block")
+    return fig
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
 
 
 def plot_convergence(
@@ -139,13 +337,17 @@ def plot_convergence(
     path: str | os.PathLike,
     title: str,
     references: Mapping[str, float] | None = None,
+    *,
+    matrix: str = "G",
 ) -> str:
     """Relaxed and rounded layer error, and the Frank-Wolfe gap, against iteration (log scale).
 
-    Top panel: the error ``||(W - M⊙W) X||²`` of the relaxed iterate and of its rounding to a
-    binary mask, with optional horizontal reference lines (e.g. Wanda's error). Bottom panel:
-    the FW gap, the certificate ``relaxed error - optimum ≤ gap``. Entries that are NaN (past the
-    last iteration) are not drawn; non-positive values are left out of the log scale.
+    Top panel: the error ``tr(ΔW · M · ΔWᵀ)`` of the relaxed iterate and of its rounding to a
+    binary mask on the matrix the solver fitted (``‖(W - M⊙W) X‖²`` for ``G = XXᵀ``), with
+    optional horizontal reference lines (e.g. the warm start's error, a proved lower bound) that
+    must be measured on that same matrix. Bottom panel: the FW gap, the certificate
+    ``relaxed error - optimum ≤ gap``. Entries that are NaN (past the last iteration) are not
+    drawn; non-positive values (and references) are left out of the log scale.
 
     Args:
       history: ``"relaxed_loss"``, ``"rounded_loss"`` and ``"gap"`` arrays of one length, as a
@@ -153,15 +355,25 @@ def plot_convergence(
       path: PNG file to write.
       title: plot title (e.g. the layer name).
       references: ``{label: error}`` drawn as dashed horizontal lines on the error panel.
+      matrix: the matrix the history and every reference are measured on, as shown in the y
+        label (``"G"``, ``"F = 0.5·G + 0.5·diag(G)"``); the curve labels name it by what
+        precedes its ``=``.
 
     Returns:
       ``path`` as a string.
 
     Example:
-      >>> plot_convergence(solution.history, "out/convergence.png",
-      ...                  "model.layers.3.mlp.down_proj", references={"Wanda": 1.9})
+      >>> plot_convergence(solution.history, "out/convergence.png", "model.layers.3.mlp.down_proj",
+      ...                  references={"warm start (wanda)": 1.9}, matrix="F = 0.5·G + 0.5·diag(G)")
       'out/convergence.png'
     """
+    return _save(_convergence_figure(history, title, references, matrix=matrix), path)
+
+
+def _convergence_figure(history: Mapping[str, Any] | Any, title: str,
+                        references: Mapping[str, float] | None = None, *, matrix: str = "G") -> Figure:
+    """The figure :func:`plot_convergence` saves: two axes (error, gap), their curves in
+    ``ax.lines`` (references are the dashed ones)."""
     series = {}
     for key in ("relaxed_loss", "rounded_loss", "gap"):
         value = history.get(key) if isinstance(history, Mapping) else getattr(history, key, None)
@@ -174,33 +386,34 @@ def plot_convergence(
     if not done.any():
         raise ValueError("history has no finite values (was it recorded with history=True?)")
     iterations = np.arange(len(done))[: int(np.nonzero(done)[0][-1]) + 1]
+    symbol = matrix.split("=", 1)[0].strip() or matrix
 
     fig = Figure(figsize=(7.5, 6.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax_err, ax_gap = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    for key, label, style in (("relaxed_loss", "relaxed mask (continuous)", "-"),
-                              ("rounded_loss", "rounded mask (binary)", "-")):
-        ax_err.plot(iterations, _positive(series[key][: len(iterations)]), style, label=label, linewidth=1.6)
+    for key, label in (("relaxed_loss", "relaxed mask (continuous)"), ("rounded_loss", "rounded mask (binary)")):
+        ax_err.plot(iterations, _positive(series[key][: len(iterations)]), "-", label=f"{label} on {symbol}",
+                    linewidth=1.6)
     for i, (label, value) in enumerate((references or {}).items()):
         if math.isfinite(value) and value > 0:
             ax_err.axhline(value, linestyle="--", linewidth=1.2, color=_PALETTE[(i + 2) % len(_PALETTE)],
-                           label=f"{label}: {value:.4g}")
+                           label=f"{label} on {symbol}: {value:.4g}")
     ax_err.set_yscale("log")
     for axis_formatter in (ax_err.yaxis.set_major_formatter, ax_err.yaxis.set_minor_formatter):
         axis_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))  # "2", not "2×10⁰"
-    ax_err.set_ylabel("layer error ‖(W − M⊙W)X‖²")
+    ax_err.set_ylabel(f"layer error on {matrix}\n" + ("‖(W − M⊙W)X‖²" if symbol == "G"
+                                                    else f"tr(ΔW·{symbol}·ΔWᵀ), ΔW = W − M⊙W"))
     ax_err.grid(which="both", alpha=0.3)
     ax_err.legend(fontsize=9)
     ax_err.set_title(title)
     ax_gap.plot(iterations, _positive(series["gap"][: len(iterations)]), color="#C44E52", linewidth=1.4,
-                label="Frank-Wolfe gap (bound on relaxed error − optimum)")
+                label=f"Frank-Wolfe gap on {symbol} (bound on relaxed error − optimum)")
     ax_gap.set_yscale("log")
-    ax_gap.set_ylabel("FW gap")
+    ax_gap.set_ylabel(f"FW gap on {symbol}")
     ax_gap.set_xlabel("iteration")
     ax_gap.grid(which="both", alpha=0.3)
     ax_gap.legend(fontsize=9)
-    fig.savefig(os.fspath(path), dpi=120)
-    return os.fspath(path)
+    return fig
 
 
 def _positive(values: np.ndarray) -> np.ndarray:

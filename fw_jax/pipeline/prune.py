@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fw_jax import models
+from fw_jax import _progress, models
 from fw_jax._files import atomic_write
 from fw_jax.solver import (
     NM, Budget, PerRow, layer_error, mask_lower_bound, saliency_mask, saliency_scores, solve_layer,
@@ -35,10 +34,19 @@ from fw_jax.solver import (
 from fw_jax.solver._objective import weights_error
 from fw_jax.solver._published import sparsefw_published
 
-__all__ = ["METHODS", "PruneInterrupted", "PruneSettings", "PruneReport", "ResumeMismatch", "check_model",
+__all__ = ["METHODS", "METHOD_SUMMARIES", "PruneInterrupted", "PruneSettings", "PruneReport", "ResumeMismatch", "check_model",
            "prune_layer", "prune_model", "run_fingerprint"]
 
-METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "sparsefw", "sparsefw-published")
+#: Each method's name and what it does, in one line (the CLI's ``--method`` help).
+METHOD_SUMMARIES = {
+    "magnitude": "keep the largest |W|",
+    "wanda": "keep the largest |W|·‖x‖ (Wanda; the warm start and the yardstick of the reports)",
+    "ria": "keep the largest relative importance × ‖x‖^0.5 (RIA)",
+    "sparsegpt": "SparseGPT: greedy mask with second-order updates of the kept weights",
+    "sparsefw": "fw_jax: Frank-Wolfe on each layer's mask problem from a Wanda warm start, then 1-swaps",
+    "sparsefw-published": "the seed paper's recipe: α = 0.9, 2000 open-loop Frank-Wolfe iterations",
+}
+METHODS = tuple(METHOD_SUMMARIES)
 STEP_RULES = ("exact", "open_loop", "short")
 WARM_STARTS = ("wanda", "ria", "magnitude")
 DEFAULT_SHRINKAGE = 0.5  # sparsefw's, chosen by perplexity (results/quality.md)
@@ -93,6 +101,12 @@ class PruneSettings:
         if self.shrinkage is not None:
             return float(self.shrinkage)
         return DEFAULT_SHRINKAGE if self.method == "sparsefw" else 0.0
+
+    @property
+    def compares_with_wanda(self) -> bool:
+        """Whether a layer's error can differ from Wanda's: not for Wanda's own mask with its
+        weights kept (``method="wanda"`` without ``reconstruct``), where the comparison is empty."""
+        return self.method != "wanda" or self.reconstruct
 
     def record(self) -> dict:
         """The settings as JSON-ready fields, ``shrinkage`` resolved (reports, fingerprints)."""
@@ -371,8 +385,62 @@ def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool
         raise ValueError(f"layer {name}: {e}") from e
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _prune_block(model, b: int, hidden, settings: PruneSettings, history_layer, devices, progress, compare: bool):
+    """Prune the linear layers of block ``b`` given its calibration inputs ``hidden``, write the
+    new weights into ``model``; returns them, the layer records and the history (or ``None``)."""
+    grams = models.block_grams(model, b, hidden)
+    linears = list(models.block_linears(model, b))
+    wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
+    if devices is not None and len(devices) > 1:
+        def on_device(i):
+            device = devices[i % len(devices)]
+            w, g = jax.device_put(linears[i].weight, device), jax.device_put(grams[linears[i].input_key], device)
+            new_weight, record = _prune_named(linears[i].name, w, g, settings, wants[i])
+            return jax.device_put(new_weight, jax.devices()[0]), record
+
+        with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+            results = list(pool.map(on_device, range(len(linears))))
+    else:
+        results = (_prune_named(layer.name, layer.weight, grams[layer.input_key], settings, want)
+                   for layer, want in zip(linears, wants))
+    new_weights, records, history = {}, [], None
+    with progress.steps(len(linears), f"block {b}", unit="layer", leave=False) as steps:
+        for layer, want_history, (new_weight, record) in zip(linears, wants, results):
+            if want_history:
+                history = dict(record.pop("_history"), layer=layer.name)
+            record = dict(name=layer.name, block=b, shape=list(layer.weight.shape),
+                          budget=str(settings.budget(layer.weight.shape[1])), method=settings.method, **record)
+            new_weights[layer.name] = new_weight
+            records.append(record)
+            progress.say(_layer_line(record, compare), _progress.VERBOSE)
+            steps.advance(note=layer.name.rsplit(".", 1)[-1])
+    models.set_linear_weights(model, new_weights)
+    return new_weights, records, history
+
+
+def _layer_line(record: dict, compare: bool) -> str:
+    """The ``-v`` line of one pruned layer."""
+    line = f"  {record['name']:<36} {record['seconds']:6.1f}s  error {record['error']:.4g}"
+    if compare:
+        change = record["error"] / record["wanda_error"] - 1 if record["wanda_error"] > 0 else 0.0
+        line += f"  vs Wanda {change:+.1%}"
+    if "certificate" in record:  # a bound ≤ 0 proves nothing: say so rather than "cert 1.00"
+        line += f"  cert {record['certificate']:.2f}" if record["lower_bound"] > 0 else "  cert -"
+    return line
+
+
+def _block_line(b: int, blocks: int, records: list[dict], seconds: float, compare: bool) -> str:
+    """The one-line summary of a pruned block (the default progress output)."""
+    line = f"block {b + 1}/{blocks}: {len(records)} layers in {seconds:.1f}s"
+    if compare:
+        ratios = [r["error"] / r["wanda_error"] for r in records if r["wanda_error"] > 0]
+        if ratios:
+            line += f", error vs Wanda {float(np.mean(ratios)) - 1:+.1%} (mean over layers)"
+    if records and "certificate" in records[0]:
+        proved = [r["certificate"] for r in records if r["lower_bound"] > 0]
+        line += (f", bound proved for {len(proved)}/{len(records)} layers (mean cert {np.mean(proved):.2f})"
+                 if proved else ", no bound proved")
+    return line
 
 
 def prune_model(
@@ -383,7 +451,7 @@ def prune_model(
     work_dir: Optional[str] = None,
     calibration: Optional[dict] = None,
     history_layer: Optional[str] = None,
-    progress: bool = True,
+    progress: bool | _progress.Progress = True,
     after_block: Optional[Callable[[int], None]] = None,
     devices: Optional[Sequence[Any]] = None,
 ) -> PruneReport:
@@ -397,7 +465,9 @@ def prune_model(
       calibration: a description of the calibration data, recorded in the report and used to
         check that a resumed run is the same run.
       history_layer: name of a layer whose Frank-Wolfe history is recorded (for a plot).
-      progress: print a line per layer and per block to stderr.
+      progress: report to stderr: a bar over the blocks on a terminal, a summary line per block
+        (error vs Wanda, certificates), a line per layer at ``VERBOSE``; a
+        :class:`fw_jax._progress.Progress` chooses where and how much, ``False`` is silent.
       after_block: called with the block index after each block is finished and saved.
       devices: JAX devices to spread the layers of a block over (layer ``i`` on
         ``devices[i % len(devices)]``, solved concurrently); ``None`` solves them one by one on
@@ -406,6 +476,14 @@ def prune_model(
     Returns:
       A :class:`PruneReport`.
     """
+    report = _progress.as_progress(progress)
+    with _progress.use(report):
+        return _prune_blocks(loaded, tokens, settings, work_dir, calibration, history_layer, report,
+                             after_block, devices)
+
+
+def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration, history_layer,
+                  progress: _progress.Progress, after_block, devices) -> PruneReport:
     model = loaded.model
     calibration = dict(calibration or {}, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
     check_model(loaded, settings, int(tokens.shape[1]))
@@ -434,65 +512,44 @@ def prune_model(
             block_records, block_seconds = _load_block_records(work_dir, b)
             records.extend(block_records)
             earlier_seconds += block_seconds
-        if start_block and progress:
-            _log(f"resuming after block {start_block - 1} from {work_dir}")
+        if start_block:
+            progress.say(f"resuming after block {start_block - 1} from {work_dir}")
 
-    if progress and settings.method == "sparsefw" and settings.certify_iter == 0 and (
+    if settings.method == "sparsefw" and settings.certify_iter == 0 and (
             settings.alpha > 0 or settings.effective_shrinkage > 0):
-        _log("note: with fixed entries (α > 0) or shrinkage the solve's own lower bound on G is weak "
+        progress.say("note: with fixed entries (α > 0) or shrinkage the solve's own lower bound on G is weak "
              "(cert - when it proves nothing); --certify N adds N plain Frank-Wolfe iterations for one")
     started = time.perf_counter()
     history = None
     done = start_block  # blocks finished (and saved, with a work_dir)
+    compare = settings.compares_with_wanda
     try:
         hidden = models.embed(model, jnp.asarray(tokens))
-        for replayed in range(start_block):
-            hidden = models.run_block(model, replayed, hidden)
-        for b in range(start_block, blocks):
-            block_start = time.perf_counter()
-            grams = models.block_grams(model, b, hidden)
-            new_weights, block_records = {}, []
-            linears = list(models.block_linears(model, b))
-            wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
-            if devices is not None and len(devices) > 1:
-                def on_device(i):
-                    device = devices[i % len(devices)]
-                    w, g = jax.device_put(linears[i].weight, device), jax.device_put(grams[linears[i].input_key], device)
-                    new_weight, record = _prune_named(linears[i].name, w, g, settings, wants[i])
-                    return jax.device_put(new_weight, jax.devices()[0]), record
-
-                with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
-                    results = list(pool.map(on_device, range(len(linears))))
-            else:
-                results = (_prune_named(layer.name, layer.weight, grams[layer.input_key], settings, want)
-                           for layer, want in zip(linears, wants))
-            for layer, want_history, (new_weight, record) in zip(linears, wants, results):
-                if want_history:
-                    history = dict(record.pop("_history"), layer=layer.name)
-                record = dict(name=layer.name, block=b, shape=list(layer.weight.shape),
-                              budget=str(settings.budget(layer.weight.shape[1])), method=settings.method, **record)
-                new_weights[layer.name] = new_weight
-                block_records.append(record)
-                if progress:
-                    reduction = 1 - record["error"] / record["wanda_error"] if record["wanda_error"] > 0 else 0.0
-                    extra = ""
-                    if "certificate" in record:  # a bound ≤ 0 proves nothing: say so rather than "cert 1.00"
-                        extra = f"  cert {record['certificate']:.2f}" if record["lower_bound"] > 0 else "  cert -"
-                    _log(f"  {layer.name:<36} {record['seconds']:6.1f}s  error {record['error']:.4g}  "
-                         f"vs Wanda {-reduction:+.1%}{extra}")
-            models.set_linear_weights(model, new_weights)
-            del grams
-            if work_dir is not None:
-                _save_block(work_dir, b, new_weights, block_records, time.perf_counter() - block_start)
-            records.extend(block_records)
-            done = b + 1
-            if b + 1 < blocks:
-                hidden = models.run_block(model, b, hidden)
-            if progress:
-                _log(f"block {b + 1}/{blocks} done in {time.perf_counter() - block_start:.1f}s "
-                     f"(elapsed {time.perf_counter() - started:.0f}s)")
-            if after_block is not None:
-                after_block(b)
+        if start_block:
+            with progress.steps(start_block, "replaying the finished blocks", unit="block") as steps:
+                for replayed in range(start_block):
+                    hidden = models.run_block(model, replayed, hidden)
+                    steps.advance()
+        with progress.steps(blocks, "pruning", unit="block") as block_steps:
+            block_steps.advance(start_block)
+            for b in range(start_block, blocks):
+                block_start = time.perf_counter()
+                new_weights, block_records, block_history = _prune_block(
+                    model, b, hidden, settings, history_layer, devices, progress, compare)
+                history = block_history or history
+                if work_dir is not None:
+                    _save_block(work_dir, b, new_weights, block_records, time.perf_counter() - block_start)
+                records.extend(block_records)
+                done = b + 1
+                if b + 1 < blocks:
+                    hidden = models.run_block(model, b, hidden)
+                now = time.perf_counter()
+                left = (now - started) / (done - start_block) * (blocks - done)
+                progress.say(_block_line(b, blocks, block_records, now - block_start, compare)
+                             + (f"; about {left:.0f}s left" if done < blocks else ""))
+                block_steps.advance(note=f"block {b + 1}")
+                if after_block is not None:
+                    after_block(b)
     except KeyboardInterrupt:
         if work_dir is not None:  # what is on disk counts: the block being saved may have made it
             while os.path.exists(os.path.join(work_dir, f"block_{done:04d}.json")):

@@ -14,10 +14,9 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from typing import Optional, Sequence, Union
 
-from fw_jax import models
+from fw_jax import _progress, models
 from fw_jax._files import atomic_write, replace_folder
 from fw_jax.pipeline.data import calibration_tokens, load_documents, needs_bos_per_window
 from fw_jax.pipeline.output import (
@@ -32,18 +31,40 @@ REPORT_NAME = "prune_report.json"
 
 
 def _write_plots(report: PruneReport, out_dir: str) -> list[str]:
-    from fw_jax.pipeline.plots import plot_convergence, plot_error_reduction
+    """``blocks.png`` always; ``error_reduction.png`` unless the run is Wanda's own masks (all
+    zeros by construction); ``convergence.png`` when a layer's Frank-Wolfe history was recorded,
+    every line of it on the matrix the solver fitted. Returns the paths written."""
+    from fw_jax.pipeline.plots import plot_blocks, plot_convergence, plot_error_reduction
 
-    written = [plot_error_reduction(report.layers, os.path.join(out_dir, "error_reduction.png"),
-                                    title=f"Layer error vs Wanda — {report.settings.describe()}")]
+    settings, describe = report.settings, report.settings.describe()
+    compare = settings.compares_with_wanda
+    written = []
+    if compare:
+        written.append(plot_error_reduction(report.layers, os.path.join(out_dir, "error_reduction.png"),
+                                            title=f"Layer error vs Wanda — {describe}"))
+    written.append(plot_blocks(report.layers, os.path.join(out_dir, "blocks.png"),
+                               title=f"Per block — {describe}", compare_wanda=compare))
     if report.history is not None:
+        layer = report.history["layer"]
         history = {k: v for k, v in report.history.items() if k != "layer"}
-        record = next(r for r in report.layers if r["name"] == report.history["layer"])
-        references = {"Wanda": record["wanda_error"], "returned mask": record["error"],
-                      "lower bound": record.get("lower_bound", 0.0)}
-        written.append(plot_convergence(history, os.path.join(out_dir, "convergence.png"),
-                                        title=f"Frank-Wolfe on {report.history['layer']}",
-                                        references={k: v for k, v in references.items() if v > 0}))
+        record = next(r for r in report.layers if r["name"] == layer)
+        rho = settings.effective_shrinkage
+        warm = f"warm start ({settings.warm_start})"
+        if rho > 0:  # the history is of the shrunk problem: only its own numbers go on its axis
+            matrix = "F = diag(G)" if rho == 1 else f"F = {1 - rho:g}·G + {rho:g}·diag(G)"
+            references = {warm: record.get("shrunk_warm_error"), "lower bound": record.get("shrunk_lower_bound")}
+            title = (f"Frank-Wolfe on {layer}\nsolved on F (shrinkage ρ = {rho:g}); "
+                     f"the returned mask's\nerror on G is in prune_report.json")
+        else:
+            matrix = "G = XXᵀ"
+            references = {warm: record.get("warm_error"), "lower bound": record.get("lower_bound"),
+                          "returned mask": record.get("mask_error", record["error"])}
+            if settings.warm_start != "wanda":
+                references["Wanda"] = record["wanda_error"]
+            title = f"Frank-Wolfe on {layer}"
+        references = {k: float(v) for k, v in references.items() if v is not None and float(v) > 0}  # proved only
+        written.append(plot_convergence(history, os.path.join(out_dir, "convergence.png"), title=title,
+                                        references=references, matrix=matrix))
     return written
 
 
@@ -82,7 +103,7 @@ def prune_to_folder(
     seed: int = 0,
     overwrite: bool = False,
     history_layer: Optional[str] = "auto",
-    progress: bool = True,
+    progress: bool | _progress.Progress = True,
     after_block=None,
     devices=None,
 ) -> tuple[models.LoadedModel, PruneReport]:
@@ -94,6 +115,9 @@ def prune_to_folder(
     ``OUT.partial``; the same call resumes there. The finished folder is assembled aside and
     renamed into place, then ``OUT.partial`` is removed.
 
+    ``progress`` (see :func:`~fw_jax.pipeline.prune_model`) reports loading, every block and the
+    saving to stderr.
+
     Returns the pruned model (in memory) and the report.
 
     Raises:
@@ -103,6 +127,13 @@ def prune_to_folder(
         message says; nothing was written.
       PruneInterrupted: Ctrl-C while pruning; the finished blocks are saved.
     """
+    with _progress.use(progress) as report_to:
+        return _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, overwrite,
+                                history_layer, report_to, after_block, devices)
+
+
+def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, overwrite, history_layer,
+                     progress: _progress.Progress, after_block, devices):
     _check_counts(nsamples, seqlen, seed)
     plan = check_output(out_dir, model)
     out, work_dir = plan.out_dir, plan.work_dir
@@ -143,16 +174,15 @@ def prune_to_folder(
     if not os.path.isdir(work_dir):
         os.makedirs(work_dir)
         write_marker(work_dir, PARTIAL, describe=settings.describe(), request=request)
-    if progress:
-        print(f"pruning {model}: {settings.describe()}, calibration {nsamples}×{seqlen} tokens of {calib}",
-              file=sys.stderr, flush=True)
+    progress.say(f"pruning {model}: {settings.describe()}, calibration {nsamples}×{seqlen} tokens of {calib}")
     report = prune_model(loaded, tokens, settings, work_dir=work_dir, calibration=calibration,
                          history_layer=history_layer, progress=progress, after_block=after_block,
                          devices=devices)
     tmp = new_temporary(out)
     try:
         models.write_hf_files(loaded, tmp)
-        _write_plots(report, tmp)
+        with progress.timed("writing the report's plots"):
+            _write_plots(report, tmp)
         atomic_write(os.path.join(tmp, REPORT_NAME),
                      json.dumps(report.to_json() | {"model": model, "history": report.history}, indent=1))
         files = sorted(name for name in os.listdir(tmp) if name != MARKER_NAME)
