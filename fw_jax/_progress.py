@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import io
+import os
 import sys
 import time
 from typing import IO, Iterator, Optional, Union
@@ -80,13 +82,15 @@ class Progress:
 
     @contextlib.contextmanager
     def steps(self, total: Optional[int], desc: str, *, unit: str = "step", level: int = NORMAL,
-              leave: bool = True) -> Iterator["Steps"]:
+              leave: bool = True, running_lines: bool = True) -> Iterator["Steps"]:
         """A step of ``total`` parts: ``with progress.steps(n, "evaluating") as s: ... s.advance()``.
 
         ``leave=False`` removes the bar when done and writes no closing line (for inner steps whose
         result the caller summarises itself, such as the layers of one block).
+        ``running_lines=False`` writes only the closing line off a terminal (for steps whose
+        parts print their own lines, such as the blocks of a model).
         """
-        steps = Steps(self, total, desc, unit, level, leave)
+        steps = Steps(self, total, desc, unit, level, leave and running_lines, leave)
         try:
             yield steps
         finally:
@@ -94,9 +98,8 @@ class Progress:
 
     @contextlib.contextmanager
     def timed(self, desc: str, level: int = NORMAL) -> Iterator[None]:
-        """A step without parts: ``desc ...`` when it starts, ``desc: done in 3.1s`` when it ends."""
+        """A short step without parts: ``desc: done in 3.1s`` when it ends."""
         start = time.perf_counter()
-        self.say(f"{desc} ...", level)
         yield
         self.say(f"{desc}: done in {time.perf_counter() - start:.1f}s", level)
 
@@ -104,8 +107,10 @@ class Progress:
 class Steps:
     """One running step of a :class:`Progress` (made by :meth:`Progress.steps`)."""
 
-    def __init__(self, progress: Progress, total: Optional[int], desc: str, unit: str, level: int, leave: bool):
+    def __init__(self, progress: Progress, total: Optional[int], desc: str, unit: str, level: int,
+                 running_lines: bool, leave: bool):
         self.progress, self.total, self.desc, self.unit, self.leave = progress, total, desc, unit, leave
+        self.running_lines = running_lines
         self.done = 0
         self.note = ""
         self._active = progress.enabled(level)
@@ -115,7 +120,7 @@ class Steps:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, file=progress.stream, leave=leave,
-                             dynamic_ncols=True, mininterval=0.5)
+                             mininterval=0.5, **_width(progress.stream))
             progress._open += 1
 
     def advance(self, n: int = 1, note: Optional[str] = None) -> None:
@@ -131,7 +136,7 @@ class Steps:
             self._bar.update(n)
             return
         now = time.perf_counter()
-        if self.leave and now - self._last_line >= self.progress.interval and self.done != self.total:
+        if self.running_lines and now - self._last_line >= self.progress.interval and self.done != self.total:
             self._last_line = now
             self.progress.say(self._line(now), self.progress.verbosity)
 
@@ -151,6 +156,16 @@ class Steps:
         elif self._active and self.leave and self.done:
             self.progress.say(self._line(time.perf_counter()), self.progress.verbosity)
         self._active = False
+
+
+def _width(stream) -> dict:
+    """tqdm's width options: follow the terminal's width, or 100 columns where the terminal
+    reports none (a pseudo-terminal of size 0, where tqdm would draw nothing)."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        columns = 0
+    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 100, "nrows": 24}
 
 
 _QUIET = Progress(QUIET)

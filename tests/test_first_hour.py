@@ -76,6 +76,16 @@ def test_verbose_lines_only_at_verbose_and_inner_steps_leave_no_line():
     assert log.getvalue() == "detail\n"
 
 
+def test_a_step_whose_parts_print_their_own_lines_writes_only_its_closing_line():
+    log = io.StringIO()
+    progress = Progress(NORMAL, stream=log, interval=0.0)
+    with progress.steps(3, "pruning", unit="block", running_lines=False) as steps:
+        for _ in range(3):
+            steps.advance()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pruning: 3/3 blocks in ")
+
+
 # ----------------------------------------------------------------------------- the commands
 
 
@@ -157,6 +167,22 @@ def test_demo_says_where_its_models_are_and_that_it_reuses_them(tiny_folder, tmp
     for folder in folders:
         assert f"reusing {folder}: pruned by an earlier demo" in second.err
     assert "pruning: " not in second.err
+
+
+def test_pruning_on_a_terminal_draws_bars_and_keeps_the_block_lines(tiny_folder):
+    from fw_jax import models
+    from fw_jax.pipeline import PruneSettings, prune_model
+    from test_pipeline_prune import calib_tokens
+
+    terminal = Terminal()
+    report = prune_model(models.load_model(tiny_folder), calib_tokens(), PruneSettings(max_iter=5),
+                         progress=Progress(NORMAL, stream=terminal))
+    drawn = terminal.getvalue()
+    blocks = len({r["block"] for r in report.layers})
+    assert f"{blocks}/{blocks}" in drawn and "block/s" in drawn  # the bar over the blocks
+    assert "layer/s" in drawn  # each block's bar over its layers (removed when the block ends)
+    for b in range(blocks):
+        assert re.search(rf"(^|[\n\r])block {b + 1}/{blocks}: 7 layers in [^\r]*\n", drawn), drawn  # whole lines
 
 
 # ----------------------------------------------------------------------------- help

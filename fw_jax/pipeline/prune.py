@@ -387,8 +387,11 @@ def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool
 
 def _prune_block(model, b: int, hidden, settings: PruneSettings, history_layer, devices, progress, compare: bool):
     """Prune the linear layers of block ``b`` given its calibration inputs ``hidden``, write the
-    new weights into ``model``; returns them, the layer records and the history (or ``None``)."""
-    grams = models.block_grams(model, b, hidden)
+    new weights into ``model``; returns them, the layer records, the history (or ``None``) and the
+    seconds its Gram matrices took."""
+    calibration_start = time.perf_counter()
+    grams = jax.block_until_ready(models.block_grams(model, b, hidden))
+    calibration_seconds = time.perf_counter() - calibration_start
     linears = list(models.block_linears(model, b))
     wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
     if devices is not None and len(devices) > 1:
@@ -415,7 +418,7 @@ def _prune_block(model, b: int, hidden, settings: PruneSettings, history_layer, 
             progress.say(_layer_line(record, compare), _progress.VERBOSE)
             steps.advance(note=layer.name.rsplit(".", 1)[-1])
     models.set_linear_weights(model, new_weights)
-    return new_weights, records, history
+    return new_weights, records, history, calibration_seconds
 
 
 def _layer_line(record: dict, compare: bool) -> str:
@@ -429,9 +432,11 @@ def _layer_line(record: dict, compare: bool) -> str:
     return line
 
 
-def _block_line(b: int, blocks: int, records: list[dict], seconds: float, compare: bool) -> str:
+def _block_line(b: int, blocks: int, records: list[dict], seconds: float, compare: bool,
+                calibration_seconds: float) -> str:
     """The one-line summary of a pruned block (the default progress output)."""
-    line = f"block {b + 1}/{blocks}: {len(records)} layers in {seconds:.1f}s"
+    line = (f"block {b + 1}/{blocks}: {len(records)} layers in {seconds:.1f}s "
+            f"(calibration passes {calibration_seconds:.1f}s)")
     if compare:
         ratios = [r["error"] / r["wanda_error"] for r in records if r["wanda_error"] > 0]
         if ratios:
@@ -530,11 +535,11 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                 for replayed in range(start_block):
                     hidden = models.run_block(model, replayed, hidden)
                     steps.advance()
-        with progress.steps(blocks, "pruning", unit="block") as block_steps:
+        with progress.steps(blocks, "pruning", unit="block", running_lines=False) as block_steps:
             block_steps.advance(start_block)
             for b in range(start_block, blocks):
                 block_start = time.perf_counter()
-                new_weights, block_records, block_history = _prune_block(
+                new_weights, block_records, block_history, calibration_seconds = _prune_block(
                     model, b, hidden, settings, history_layer, devices, progress, compare)
                 history = block_history or history
                 if work_dir is not None:
@@ -542,10 +547,12 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                 records.extend(block_records)
                 done = b + 1
                 if b + 1 < blocks:
-                    hidden = models.run_block(model, b, hidden)
+                    forward_start = time.perf_counter()
+                    hidden = jax.block_until_ready(models.run_block(model, b, hidden))
+                    calibration_seconds += time.perf_counter() - forward_start
                 now = time.perf_counter()
                 left = (now - started) / (done - start_block) * (blocks - done)
-                progress.say(_block_line(b, blocks, block_records, now - block_start, compare)
+                progress.say(_block_line(b, blocks, block_records, now - block_start, compare, calibration_seconds)
                              + (f"; about {left:.0f}s left" if done < blocks else ""))
                 block_steps.advance(note=f"block {b + 1}")
                 if after_block is not None:
