@@ -5,9 +5,13 @@
   * ``run.py``       ``prune_to_folder``: model in, pruned checkpoint + report + plots out
   * ``output.py``    which folders a run may write, replace or delete (fw_jax's marker), atomically
   * ``evaluate.py``  perplexity of one or several models, as a table
-  * ``plots.py``     per-layer error reduction and convergence plots
+  * ``plots.py``     per-layer error reduction, per-block summary and convergence plots
+
+Progress (bars on a terminal, lines in a log) is chosen with ``progress=Progress(VERBOSE)``,
+``Progress(QUIET)`` or a bool, from ``fw_jax/_progress.py``.
 """
 
+from fw_jax._progress import NORMAL, QUIET, VERBOSE, Progress
 from fw_jax.pipeline.data import (
     DataError,
     calibration_tokens,
@@ -25,6 +29,10 @@ from fw_jax.pipeline.run import AlreadyPruned, prune_to_folder
 
 __all__ = [
     "AlreadyPruned",
+    "NORMAL",
+    "Progress",
+    "QUIET",
+    "VERBOSE",
     "DataError",
     "OutputError",
     "PruneInterrupted",

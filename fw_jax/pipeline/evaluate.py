@@ -52,7 +52,7 @@ def evaluate_perplexity(
       tokenizer: used for models that have no tokenizer of their own.
       batch_size: windows per forward pass.
       progress: report loading and the windows of each model (a bar on a terminal, a line per
-        model otherwise) to stderr; a :class:`fw_jax._progress.Progress` chooses where and how much.
+        model otherwise) to stderr; a :class:`fw_jax.pipeline.Progress` chooses where and how much.
 
     Returns:
       ``{name: perplexity}`` in the order of ``models``.

@@ -472,7 +472,7 @@ def prune_model(
       history_layer: name of a layer whose Frank-Wolfe history is recorded (for a plot).
       progress: report to stderr: a bar over the blocks on a terminal, a summary line per block
         (error vs Wanda, certificates), a line per layer at ``VERBOSE``; a
-        :class:`fw_jax._progress.Progress` chooses where and how much, ``False`` is silent.
+        :class:`fw_jax.pipeline.Progress` chooses where and how much, ``False`` is silent.
       after_block: called with the block index after each block is finished and saved.
       devices: JAX devices to spread the layers of a block over (layer ``i`` on
         ``devices[i % len(devices)]``, solved concurrently); ``None`` solves them one by one on
