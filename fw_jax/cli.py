@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -115,22 +116,72 @@ def _prune(args: argparse.Namespace) -> int:
     print(f"pruned {summary['layers']} layers in {report.seconds:.0f}s; kept {summary['kept_fraction']:.1%} "
           f"of their weights{compared}")
     print(f"saved to {out} (Hugging Face folder, prune_report.json, PNG plots)")
-    if args.eval:
+    if args.eval or args.eval_tasks:
         return _evaluate({"dense": args.model, settings.method: out}, args.eval, args.eval_seqlen, args.max_windows,
-                         _progress(args))
+                         _progress(args), tasks=args.eval_tasks or (), task_size=args.task_size)
     return 0
 
 
-def _evaluate(models_by_name: dict, data: str, seqlen: int, max_windows: int | None, progress) -> int:
+def _evaluate(models_by_name: dict, data: str | None, seqlen: int, max_windows: int | None, progress, *,
+              tasks=(), task_size: int = 200, json_path: str | None = None) -> int:
     from fw_jax.pipeline import evaluate_perplexity, format_table, load_documents
+    from fw_jax.pipeline.tasks import evaluate_tasks, load_task
 
-    documents = load_documents(data, split="evaluation")
-    results = evaluate_perplexity(models_by_name, documents, seqlen=seqlen, max_windows=max_windows,
-                                  progress=progress)
-    windows = f"the first {max_windows} windows" if max_windows else "all windows"
-    print(format_table({name: {f"{data} ppl": value} for name, value in results.items()}))
-    print(f"perplexity: {windows} of {seqlen} tokens of {data} (non-overlapping; --seqlen, --max-windows)")
+    loaded_tasks = [load_task(spec, size=task_size) for spec in tasks]  # bad task files fail before any model runs
+    if json_path is not None:
+        _check_json_path(json_path)
+    table: dict[str, dict] = {name: {} for name in models_by_name}
+    record: dict = {"written_by": "fw_jax", "models": {name: str(m) for name, m in models_by_name.items()}}
+    if data is not None:
+        documents = load_documents(data, split="evaluation")
+        perplexities = evaluate_perplexity(models_by_name, documents, seqlen=seqlen, max_windows=max_windows,
+                                           progress=progress)
+        for name, value in perplexities.items():
+            table[name][f"{data} ppl"] = value
+        record["perplexity"] = {"data": data, "seqlen": seqlen, "max_windows": max_windows, "results": perplexities}
+    if loaded_tasks:
+        accuracies = evaluate_tasks(models_by_name, loaded_tasks, progress=progress)
+        for name, by_task in accuracies.items():
+            for task, result in by_task.items():
+                table[name][f"{task} acc"] = _percent(result.acc, result.acc_stderr)
+                if result.acc_norm is not None:
+                    table[name][f"{task} acc_norm"] = _percent(result.acc_norm, result.acc_norm_stderr)
+        record["tasks"] = {name: {t: r.to_json() for t, r in by_task.items()} for name, by_task in accuracies.items()}
+    print(format_table(table))
+    if data is not None:
+        windows = f"the first {max_windows} windows" if max_windows else "all windows"
+        print(f"perplexity: {windows} of {seqlen} tokens of {data} (non-overlapping; --seqlen, --max-windows)")
+    if loaded_tasks:
+        print("accuracy: % ± standard error, zero-shot, each choice scored by its summed log-probability as "
+              "lm-eval does (acc_norm: per byte; cloze: greedy match); " + ", ".join(
+                  f"{t.name} {len(t.items)} items" for t in loaded_tasks))
+    if json_path is not None:
+        from fw_jax._files import atomic_write
+
+        atomic_write(json_path, json.dumps(record, indent=1))
+        print(f"wrote {json_path}")
     return 0
+
+
+def _percent(value: float, stderr: float) -> str:
+    return f"{100 * value:.1f} ± {100 * stderr:.1f}" if stderr == stderr else f"{100 * value:.1f}"
+
+
+def _check_json_path(path: str) -> None:
+    """``--json`` may replace only a results file fw_jax wrote."""
+    if os.path.isdir(path):
+        raise UsageError(f"--json {path} is a folder; give a file name such as results.json")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                ours = json.load(f).get("written_by") == "fw_jax"
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise UsageError(f"--json {path} exists and was not written by fw_jax; it is left alone (choose another name)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--json {path}: the folder {folder} does not exist")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -138,7 +189,9 @@ def _eval(args: argparse.Namespace) -> int:
     for model in args.models:
         name = os.path.basename(str(model).rstrip("/")) or str(model)
         names[name if name not in names else str(model)] = model
-    return _evaluate(names, args.data, args.seqlen, args.max_windows, _progress(args))
+    data = args.data if args.data is not None else (None if args.tasks else "pydoc-eval")
+    return _evaluate(names, data, args.seqlen, args.max_windows, _progress(args), tasks=args.tasks or (),
+                     task_size=args.task_size, json_path=args.json)
 
 
 def _main_job(args: argparse.Namespace) -> int:
@@ -172,6 +225,17 @@ class _HelpFormatter(argparse.HelpFormatter):
                 or isinstance(action, argparse._HelpAction)):
             return text
         return f"{text} (default: {default})"
+
+
+def _task_options(p: argparse.ArgumentParser, flag: str) -> None:
+    from fw_jax.pipeline.tasks import BUILTIN_TASKS
+
+    p.add_argument(flag, nargs="+", default=None, metavar="TASK",
+                   help="zero-shot accuracy on these tasks: .jsonl files, one item a line "
+                        '({"context": str, "choices": [str, ...], "gold": int}), or builtin:NAME with NAME one of '
+                        + ", ".join(BUILTIN_TASKS) + " (proxies made here from offline text, not the published "
+                        "benchmarks)")
+    p.add_argument("--task-size", type=int, default=200, help="items of each builtin task")
 
 
 def _verbosity_options(p: argparse.ArgumentParser, pruning: bool = True) -> None:
@@ -239,7 +303,11 @@ Perplexity is exp(mean next-token loss) over non-overlapping windows of --seqlen
 evaluation text (its documents joined by blank lines, tokenized once, the tail dropped; Gemma
 models get BOS first in every window), over all windows unless --max-windows. Numbers are
 comparable only at the same --data, --seqlen and --max-windows: `fw-jax demo` evaluates 16
-windows of 512 tokens, so its dense perplexity differs from the default 2048 and all windows."""
+windows of 512 tokens, so its dense perplexity differs from the default 2048 and all windows.
+With --tasks, zero-shot accuracy: each choice of each item is scored by the summed
+log-probability of its tokens given the context (the pair encoded as lm-eval encodes it); acc is
+the argmax, acc_norm the argmax per byte, with standard errors; a cloze item is right when all
+its tokens are the greedy ones."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,14 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "--data)")
     prune.add_argument("--eval-seqlen", type=int, default=2048, help="--eval: tokens per window")
     prune.add_argument("--max-windows", type=int, default=None, help="--eval: only the first N windows (default: all)")
+    _task_options(prune, "--eval-tasks")
     prune.set_defaults(run=_prune)
 
     evaluate = sub.add_parser("eval", formatter_class=_HelpFormatter, help="perplexity of one or more models, as a table",
                               description=EVAL_PROTOCOL)
     evaluate.add_argument("models", nargs="+", help="folders, .gguf files or smollm2-135m")
-    evaluate.add_argument("--data", default="pydoc-eval",
-                          help="evaluation text: pydoc-eval (held out from pydoc-calib, offline), a text file, "
-                               "folder, JSONL, parquet, or wikitext2/c4 (needs datasets, online)")
+    evaluate.add_argument("--data", default=None,
+                          help="perplexity on this text: pydoc-eval (held out from pydoc-calib, offline), a text "
+                               "file, folder, JSONL, parquet, or wikitext2/c4 (needs datasets, online); "
+                               "default: pydoc-eval, or none when --tasks is given")
+    _task_options(evaluate, "--tasks")
+    evaluate.add_argument("--json", default=None, metavar="OUT.json",
+                          help="also write every number (and the protocol) to this JSON file")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     evaluate.add_argument("--max-windows", type=int, default=None,
                           help="evaluate only the first N windows (default: all)")

@@ -128,7 +128,7 @@ def format_table(results: Mapping[str, Mapping[str, float]], *, digits: int = 2)
     shows ``-``.
 
     Args:
-      results: ``{model: {dataset: perplexity}}``.
+      results: ``{model: {column: value}}``; a value is a number or an already formatted string.
       digits: decimals shown.
 
     Returns:
@@ -158,9 +158,11 @@ def format_table(results: Mapping[str, Mapping[str, float]], *, digits: int = 2)
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def _format_value(value: float | None, digits: int) -> str:
+def _format_value(value: float | str | None, digits: int) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):  # already formatted (e.g. "61.0 ± 3.4")
+        return value
     value = float(value)
     if math.isnan(value) or math.isinf(value):
         return str(value)
