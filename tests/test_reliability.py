@@ -329,7 +329,7 @@ KILL_SCRIPT = textwrap.dedent("""
         def save(work_dir, b, *args):
             real_save(work_dir, b, *args)
             if b == 0:
-                os.kill(os.getpid(), signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)  # to this very thread, as a terminal would the main one
         prune._save_block = save
     from fw_jax.cli import main
     sys.exit(main({argv!r}))

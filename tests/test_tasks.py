@@ -160,6 +160,11 @@ def test_command_line_accuracy_table_and_json(tiny_folder, tmp_path, capsys):
     assert cli_main(argv[:-3] + ["--json", str(tmp_path / "mine.json")]) == USAGE_ERROR
     assert "was not written by fw_jax" in capsys.readouterr().err
     assert (tmp_path / "mine.json").read_text() == '{"my": "numbers"}'
+    calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
+    assert cli_main(["prune", tiny_folder, "--method", "wanda", "--out", str(tmp_path / "pruned"), "--calib", calib,
+                     "--nsamples", "2", "--seqlen", "16", "--eval-tasks", str(tasks), "-q"]) == 0
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows == ["model", "dense", "wanda"]  # the pruned model beside the dense one, right after pruning
     tasks.write_text('{"context": "a", "choices": ["x"], "gold": 3}\n', encoding="utf-8")
     assert cli_main(["eval", tiny_folder, "--tasks", str(tasks)]) == USAGE_ERROR
     assert f"{tasks}:1: \"gold\"" in capsys.readouterr().err
