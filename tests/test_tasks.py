@@ -18,6 +18,7 @@ from fw_jax.cli import main as cli_main
 from fw_jax.pipeline import DataError
 from fw_jax.pipeline.tasks import Item, Task, encode_pair, load_task, score_items, task_result
 from test_pipeline_data import char_tokenizer
+from test_models_gguf import smollm2, smollm2_torch  # noqa: F401  (fixtures)
 from test_pipeline_prune import tiny_folder  # noqa: F401  (a fixture)
 
 ITEMS = [
@@ -171,18 +172,10 @@ def test_command_line_accuracy_table_and_json(tiny_folder, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_loglikelihoods_equal_a_pytorch_computation():
-    from fw_jax.models import _loading
-
-    try:
-        path = _loading.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    loaded = models.load_model("smollm2-135m")
+def test_smollm2_loglikelihoods_equal_a_pytorch_computation(smollm2, smollm2_torch):
+    loaded, reference = smollm2, smollm2_torch  # the GGUF model in fw_jax and in transformers
     items = load_task("builtin:pydoc-next-sentence", size=6).items
     logliks, _, _ = score_items(loaded, items)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     for item, ours in zip(items, logliks):
         theirs = []
         for choice in item.choices:
