@@ -105,7 +105,8 @@ def _prune(args: argparse.Namespace) -> int:
     try:
         _, report = prune_to_folder(
             args.model, out, settings, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-            seed=args.seed, overwrite=args.overwrite, devices=_devices(args.devices), progress=_progress(args),
+            seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, devices=_devices(args.devices),
+            progress=_progress(args),
         )
     except AlreadyPruned as e:
         print(f"fw-jax prune: {e}", file=sys.stderr)
@@ -208,7 +209,8 @@ def _main_job(args: argparse.Namespace) -> int:
             progress.say(f"reusing {out}: pruned by an earlier demo with these options (remove it to prune again)")
             continue
         prune_to_folder(args.model, out, settings, calib=args.calib, nsamples=args.nsamples,
-                        seqlen=args.seqlen, seed=args.seed, devices=_devices(args.devices), progress=progress)
+                        seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, devices=_devices(args.devices),
+                        progress=progress)
     code = _evaluate({"dense": args.model, **{f"{m} ({_settings(args, m).describe().split(', ', 1)[1]})": o for m, o in outs.items()}},
                      args.eval, args.eval_seqlen, args.max_windows, progress)
     print(f"pruned models (Hugging Face folders with prune_report.json and plots): {', '.join(outs.values())}")
@@ -286,6 +288,9 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' positions in the text")
     p.add_argument("--devices", type=int, default=1,
                    help="solve the layers of a block concurrently on this many local devices (0: all)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the written weights: auto keeps each tensor's own (bfloat16 stays bfloat16, "
+                        "a quantized GGUF's become bfloat16); the model is rounded to it before pruning")
     _verbosity_options(p)
 
 
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fw_jax.models import CheckpointError
+    from fw_jax.models import CheckpointError, WriteError
     from fw_jax.pipeline.prune import PruneInterrupted
 
     try:
@@ -417,6 +422,10 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(f"fw-jax {args.command}: stopped by Ctrl-C after {e.blocks_done} of {e.blocks} blocks.", file=sys.stderr)
         return INTERRUPTED
+    except WriteError as e:
+        print(f"fw-jax {args.command}: {e}; nothing half-written was kept as finished, and the blocks "
+              "already pruned are kept: run the same command again to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fw-jax {args.command}: stopped by Ctrl-C; nothing was lost (a prune run resumes where it stopped).",
               file=sys.stderr)

@@ -197,3 +197,29 @@ def write_tiny_gguf(torch_model, config, path, quantize_mlp: bool = True) -> Non
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def folder_tensors(folder) -> dict:
+    """Every tensor of a Hugging Face folder (one file or sharded with an index), read with the
+    ``safetensors`` package (independent of fw_jax's reader), as numpy arrays of their own
+    dtype (bfloat16 through ml_dtypes, bits unchanged)."""
+    import json
+    import os
+
+    import ml_dtypes
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for name in files:
+        for key, value in load_file(os.path.join(folder, name)).items():
+            if value.dtype == torch.bfloat16:
+                out[key] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                out[key] = value.numpy()
+    return out

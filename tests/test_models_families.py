@@ -64,7 +64,7 @@ def _from_state(config, torch_model):
     fill_model(
         model,
         family,
-        ((k, v.numpy(), "state_dict") for k, v in torch_model.state_dict().items()),
+        ((k, v.numpy(), "state_dict", str(v.numpy().dtype)) for k, v in torch_model.state_dict().items()),
         "state_dict",
     )
     return model, config, None
@@ -139,7 +139,7 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
     with pytest.raises(FileExistsError):
         fm.save_hf_folder(loaded, tmp_path / "out")
     fm.save_hf_folder(loaded, tmp_path / "out", overwrite=True)
-    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 
 
@@ -151,7 +151,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("fw_jax.models._hf.write_safetensors", boom)
+    monkeypatch.setattr("fw_jax.models._shards.write_safetensors", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         fm.save_hf_folder(loaded, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

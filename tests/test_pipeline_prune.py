@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from fw_jax import models
 from fw_jax.cli import main as cli_main
 from fw_jax.pipeline import PruneSettings, evaluate_perplexity, prune_model, prune_to_folder
-from models_fixtures import random_torch_model, tiny_config
+from models_fixtures import folder_tensors, random_torch_model, tiny_config
 from tolerances import assert_le
 from test_pipeline_data import char_tokenizer
 
@@ -107,7 +107,7 @@ def test_interrupted_run_resumes_to_the_same_model(tiny_folder, tmp_path):
     with pytest.raises(Killed):
         prune_to_folder(tiny_folder, resumed, settings, after_block=kill_after_first_block, **kwargs)
     assert not os.path.exists(os.path.join(resumed, "prune_report.json"))  # nothing presented as finished
-    assert os.path.exists(resumed + ".partial/block_0000.npz")
+    assert os.path.exists(resumed + ".partial/block_0000.safetensors")
     with open(resumed + ".partial/block_0000.json") as f:
         block0_seconds = json.load(f)["seconds"]
     seen = []
@@ -116,8 +116,7 @@ def test_interrupted_run_resumes_to_the_same_model(tiny_folder, tmp_path):
     with open(os.path.join(resumed, "prune_report.json")) as f:
         report = json.load(f)
     assert report["resumed_blocks"] == 1 and report["seconds"] > block0_seconds > 0  # the time spans both runs
-    a = load_file(os.path.join(straight, "model.safetensors"))
-    b = load_file(os.path.join(resumed, "model.safetensors"))
+    a, b = folder_tensors(straight), folder_tensors(resumed)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -297,11 +296,23 @@ def test_atomic_write_replaces_whole_files_and_leaves_the_old_one_on_failure(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
 
 
-def test_checkpoints_without_block_times_still_resume(tmp_path):
-    from fw_jax.pipeline.prune import _load_block_records
+def test_checkpoints_of_the_float32_npz_format_are_refused_not_misread(tiny_folder, tmp_path):
+    # fw_jax ≤ this change checkpointed blocks as float32 .npz; those cannot be resumed by the shard
+    # format, so the run says what differs instead of failing on a missing file.
+    settings = PruneSettings(method="wanda")
+    calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
+    out = str(tmp_path / "out")
 
-    records = [{"name": "a", "seconds": 1.5}, {"name": "b", "seconds": 2.0}]
-    (tmp_path / "block_0000.json").write_text(json.dumps(records))  # the format before block times were kept
-    assert _load_block_records(str(tmp_path), 0) == (records, 3.5)
-    (tmp_path / "block_0001.json").write_text(json.dumps({"seconds": 9.0, "layers": records}))
-    assert _load_block_records(str(tmp_path), 1) == (records, 9.0)
+    def stop(b):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune_to_folder(tiny_folder, out, settings, calib=calib, nsamples=2, seqlen=16, progress=False,
+                        after_block=stop)
+    state = os.path.join(out + ".partial", "state.json")
+    saved = json.load(open(state))
+    del saved["run"]["checkpoint_format"]  # as the old version wrote it
+    saved["fingerprint"] = "0" * 16
+    open(state, "w").write(json.dumps(saved))
+    with pytest.raises(ValueError, match="checkpoint_format: '[(]absent[)]' there, 2 now"):
+        prune_to_folder(tiny_folder, out, settings, calib=calib, nsamples=2, seqlen=16, progress=False)

@@ -28,7 +28,7 @@ import fw_jax
 from fw_jax.cli import INTERRUPTED, USAGE_ERROR
 from fw_jax.cli import main as cli_main
 from fw_jax.pipeline.output import MARKER_NAME
-from models_fixtures import random_torch_model, tiny_config, write_tiny_gguf
+from models_fixtures import folder_tensors, random_torch_model, tiny_config, write_tiny_gguf
 from solver_problems import best_row_error, correlated_problem
 from test_pipeline_data import char_tokenizer
 from test_pipeline_prune import TEXT
@@ -318,7 +318,7 @@ KILL_SCRIPT = textwrap.dedent("""
         real_rmtree = output.shutil.rmtree
         def rmtree(path, **kw):
             if ".partial.old-" in path:
-                block = os.path.join(path, "x", "block_0000.npz")
+                block = os.path.join(path, "x", "block_0000.safetensors")
                 os.remove(block)
                 die()
             real_rmtree(path, **kw)
@@ -352,7 +352,7 @@ def test_sigkill_while_finishing_then_the_same_command_finishes_cleanly(world, t
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no .partial, no hidden temporaries
     reference = tmp_path.parent / f"{tmp_path.name}-reference"
     assert cli_main([*argv[:3], str(reference), *argv[4:]]) == 0
-    a, b = load_file(str(out / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    a, b = folder_tensors(out), folder_tensors(reference)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 

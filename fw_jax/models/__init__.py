@@ -4,7 +4,11 @@
   :class:`GPT2LMHeadModel` and :class:`Gemma3ForCausalLM`; parameters sit at their Hugging Face
   names.
 - Checkpoints: :func:`load_model` (HF folders, sharded safetensors, GGUF, Flax msgpack,
-  ``"smollm2-135m"``, ``"gemma3-270m"``), :func:`save_hf_folder`, :func:`save_flax_folder`.
+  ``"smollm2-135m"``, ``"gemma3-270m"``), :func:`save_hf_folder` (sharded, in the checkpoint's
+  dtype), :func:`save_flax_folder`.
+- Out of core: ``load_model(path, stream=True)`` reads a block when :func:`load_block` (or
+  ``with resident_block(loaded, b)``) asks and :func:`unload_block` drops it;
+  :func:`write_block_shard` writes one block's shard as soon as it is pruned.
 - Calibration, block by block: :func:`embed`, :func:`block_linears`, :func:`block_grams`,
   :func:`set_linear_weights`, :func:`run_block`, :func:`head` (see ``_calibration.py``).
 - Any Flax linen model: :func:`linen_linears`, :func:`linen_grams`, :func:`set_linen_linears`.
@@ -29,9 +33,19 @@ from ._gpt2 import GPT2LMHeadModel, GPT2Spec
 from ._hf import load_hf_folder, save_hf_folder, write_hf_files
 from ._linen import LinenLinear, linen_grams, linen_linears, set_linen_linears
 from ._llama import LlamaForCausalLM, LlamaSpec
-from ._loaded import LoadedModel
+from ._loaded import (
+    DTYPES,
+    LoadedModel,
+    load_block,
+    output_dtype,
+    resident_block,
+    round_to,
+    unload_block,
+)
 from ._loading import GEMMA3_NAME, SMOLLM2_NAME, gemma3_gguf_path, load_model, smollm2_gguf_path
 from ._msgpack import load_flax_folder, save_flax_folder
+from ._safetensors import WriteError
+from ._shards import INDEX_NAME, block_shard_name, read_block_shard, write_block_shard
 from ._params import (
     get_linear_weight,
     get_param,
@@ -44,6 +58,17 @@ from ._params import (
 
 __all__ = [
     "CheckpointError",
+    "DTYPES",
+    "INDEX_NAME",
+    "WriteError",
+    "block_shard_name",
+    "load_block",
+    "output_dtype",
+    "read_block_shard",
+    "resident_block",
+    "round_to",
+    "unload_block",
+    "write_block_shard",
     "GEMMA3_NAME",
     "GPT2LMHeadModel",
     "Gemma3ForCausalLM",

@@ -89,6 +89,17 @@ def _gram_step(graphdef, state, h, context, grams):
     return new
 
 
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _gram_and_inputs_step(graphdef, state, h, context, grams):
+    _, inputs = nnx.merge(graphdef, state).forward(h, context)
+    new, flat = {}, {}
+    for key, gram in grams.items():
+        x = inputs[key].reshape(-1, inputs[key].shape[-1]).astype(gram.dtype)
+        new[key] = gram + jnp.einsum("ni,nj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
+        flat[key] = x.astype(jnp.float32)
+    return new, flat
+
+
 def _block_context(model, seq_len):
     # Arrays shared by all blocks (RoPE tables); cheap, so recomputed per mini-batch.
     return model.block_context(seq_len)
@@ -103,15 +114,24 @@ def _batches(hidden, batch_size: int | None) -> Iterable[jax.Array]:
     return hidden
 
 
+def _all_in_memory(state) -> bool:
+    """False for a streamed model whose blocks are shapes only (``load_model(stream=True)``)."""
+    return all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(state))
+
+
 def embed(model: nnx.Module, tokens) -> jax.Array:
     """Block-0 inputs (token + position embeddings) for ids (B, T): (B, T, d) float32."""
     graphdef, state = nnx.split(model)
+    if not _all_in_memory(state):  # the blocks are not there to be traced: run op by op
+        return model.embed(jnp.asarray(tokens))
     return _embed(graphdef, state, jnp.asarray(tokens))
 
 
 def head(model: nnx.Module, hidden: jax.Array) -> jax.Array:
     """Final norm and LM head on the last block's outputs: (B, T, vocab) float32 logits."""
     graphdef, state = nnx.split(model)
+    if not _all_in_memory(state):
+        return model.head(hidden)
     return _head(graphdef, state, hidden)
 
 
@@ -149,7 +169,8 @@ def block_grams(
     *,
     batch_size: int | None = 4,
     dtype=jnp.float32,
-) -> dict[str, jax.Array]:
+    return_inputs: bool = False,
+):
     """Gram matrix ``G = Σ_tokens x xᵀ`` of each distinct linear input of block ``b``.
 
     Args:
@@ -159,9 +180,13 @@ def block_grams(
         step) or an iterable of (B, T, d) arrays.
       batch_size: sequences per jitted step when ``hidden`` is an array; ``None``: all at once.
       dtype: accumulation dtype, ``jnp.float32`` (default) or ``jnp.float64``.
+      return_inputs: also return the inputs themselves, ``{input_key: (n_tokens, d_in)}``
+        float32 (worth it when there are fewer tokens than inputs: they are then smaller than
+        the Gram matrices, and errors are cheaper from them).
 
     Returns:
-      ``{input_key: (d_in, d_in) array}``; see :func:`block_linears` for the keys.
+      ``{input_key: (d_in, d_in) array}`` (see :func:`block_linears` for the keys), and with
+      ``return_inputs`` the inputs as a second dict.
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.float32, jnp.float64):
@@ -172,12 +197,21 @@ def block_grams(
     graphdef, state = nnx.split(block)
     d_in = {key: _resolve(block, members[0]).d_in for key, members in block.LINEAR_GROUPS}
     grams = {key: jnp.zeros((n, n), dtype) for key, n in d_in.items()}
+    parts = []
     for h in _batches(hidden, batch_size):
         h = jnp.asarray(h, jnp.float32)
         context = _block_context(model, h.shape[1])
-        grams = _gram_step(graphdef, state, h, context, grams)
+        if return_inputs:
+            grams, flat = _gram_and_inputs_step(graphdef, state, h, context, grams)
+            parts.append(flat)
+        else:
+            grams = _gram_step(graphdef, state, h, context, grams)
     prefix = f"{model.block_path}.{b}"
-    return {f"{prefix}.{k}": g for k, g in grams.items()}
+    grams = {f"{prefix}.{k}": g for k, g in grams.items()}
+    if not return_inputs:
+        return grams
+    inputs = {f"{prefix}.{k}": jnp.concatenate([p[k] for p in parts]) for k in d_in}
+    return grams, inputs
 
 
 def logits(model: nnx.Module, tokens, *, batch_size: int | None = 4) -> jax.Array:

@@ -197,15 +197,25 @@ def _gguf_tensors(reader: GGUFFile, path: str, config, arch: str):
             value = value - np.float32(1.0)
         # Hand over a device array and drop the host copy before the next tensor is made.
         value = jax.device_put(value)
-        yield name, value, path
+        yield name, value, path, _stored_name(tensor.ggml_type)
         del value
 
 
-def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
+def _stored_name(ggml_type: int) -> str:
+    """``"float32"``/``"float16"``/``"bfloat16"`` for GGUF's float types, else the quantization
+    name (``"Q4_1"``), which :func:`~fw_jax.models._loaded.output_dtype` writes as bfloat16."""
+    import gguf
+
+    name = gguf.GGMLQuantizationType(ggml_type).name
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(name, name)
+
+
+def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | None = None) -> LoadedModel:
     """Load a llama.cpp GGUF file (LLaMA, Qwen2 or Gemma 3 architecture) into our Flax model.
 
     The tokenizer comes from the GGUF metadata via ``AutoTokenizer.from_pretrained(folder,
-    gguf_file=name)``; pass ``tokenizer=False`` to skip it (it takes a few seconds).
+    gguf_file=name)``; pass ``tokenizer=False`` to skip it (it takes a few seconds). ``dtype``:
+    see :func:`fw_jax.models.load_model` (GGUF files are read whole, never streamed).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -219,10 +229,11 @@ def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel
         raise CheckpointError(path, f"invalid model metadata: {config_problem(e)}") from e
     model, family = build_abstract_model(config, path)
     arch = _field(reader, path, "general.architecture")
-    fill_model(model, family, _gguf_tensors(reader, path, config, arch), path)
+    loaded = fill_model(model, family, _gguf_tensors(reader, path, config, arch), path, dtype=dtype)
     del reader
-    tok = gguf_tokenizer(path) if tokenizer else None
-    return LoadedModel(model=model, config=config, tokenizer=tok, family=family, source=path)
+    loaded.config = config
+    loaded.tokenizer = gguf_tokenizer(path) if tokenizer else None
+    return loaded
 
 
 def gguf_tokenizer(path: str):

@@ -1,9 +1,10 @@
 """Hugging Face folders: ``config.json`` + safetensors (single or sharded) in and out.
 
-Loading accepts float32, float16 and bfloat16 tensors and computes in float32. Saving writes
-float32 ``model.safetensors`` that ``transformers.AutoModelForCausalLM.from_pretrained`` loads;
-the folder is built next to the target under a temporary name and renamed into place, so a
-failed save never leaves a half-written folder.
+Loading accepts float32, float16 and bfloat16 tensors and computes in float32, whole or one
+block at a time (``stream=True``). Saving writes sharded safetensors in the checkpoint's own
+dtype that ``transformers.AutoModelForCausalLM.from_pretrained`` loads (``_shards.py``); the
+folder is built next to the target under a temporary name and renamed into place, so a failed
+save never leaves a half-written folder.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from ._loaded import (
     LoadedModel,
     build_abstract_model,
     fill_model,
+    hf_to_model_name,
     is_transposed_in_hf,
+    stored_dtype_name,
 )
 from ._params import get_param, param_names
-from ._safetensors import SafetensorsFile, write_safetensors
+from ._safetensors import SafetensorsFile
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -96,25 +99,50 @@ def load_tokenizer(folder: str | os.PathLike, **kwargs):
         return None
 
 
-def load_hf_folder(folder: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
+class _Lazy:
+    """A tensor of a checkpoint that is read when called (its ``shape`` is known without reading)."""
+
+    def __init__(self, file: SafetensorsFile, name: str):
+        self.file, self.name, self.shape = file, name, file.shape(name)
+
+    def __call__(self) -> np.ndarray:
+        return self.file.get(self.name)
+
+
+def load_hf_folder(folder: str | os.PathLike, *, tokenizer: bool = True, dtype: str | None = None,
+                   stream: bool = False) -> LoadedModel:
     """Load a Hugging Face checkpoint folder into our Flax model.
 
-    Tensors are read through a memory map and converted to float32 one at a time, so the peak
-    host memory is about one float32 model plus one tensor.
+    Tensors are read one at a time and converted to float32. With ``stream``, only the tensors
+    outside the decoder blocks are read now; each block is read when :func:`load_block` asks
+    for it, so the peak host memory is the embeddings, the head and one block, whatever the
+    model's depth. ``dtype``: see :func:`fw_jax.models.load_model`.
     """
     folder = os.fspath(folder)
     config = read_hf_config(folder)
     model, family = build_abstract_model(config, os.path.join(folder, "config.json"))
     files = safetensors_files(folder)
+    tied = getattr(model, "lm_head", "absent") is None
+    where = {}  # our parameter name -> (file, checkpoint name)
+    for f in files:
+        for name in f.keys():
+            ours = hf_to_model_name(family, tied, name)
+            if ours is not None:
+                where[ours] = (f, name)
+
+    def read(name: str) -> np.ndarray:
+        file, hf_name = where[name]
+        return file.get(hf_name)
 
     def tensors():
         for f in files:
             for name in f.keys():
-                yield name, f.get(name), f.path
+                yield name, _Lazy(f, name), f.path, stored_dtype_name(f.dtype(name))
 
-    fill_model(model, family, tensors(), folder)
-    tok = load_tokenizer(folder) if tokenizer else None
-    return LoadedModel(model=model, config=config, tokenizer=tok, family=family, source=folder)
+    loaded = fill_model(model, family, tensors(), folder, dtype=dtype, stream=read if stream else None)
+    loaded.config = config
+    loaded.tokenizer = load_tokenizer(folder) if tokenizer else None
+    return loaded
 
 
 def hf_state_items(loaded: LoadedModel):
@@ -160,19 +188,22 @@ def atomic_folder_write(out_dir: str | os.PathLike, write, *, overwrite: bool = 
 def save_hf_folder(
     loaded: LoadedModel, out_dir: str | os.PathLike, *, overwrite: bool = False
 ) -> str:
-    """Write ``config.json``, ``model.safetensors`` (float32) and tokenizer files to ``out_dir``.
+    """Write ``config.json``, sharded safetensors with their index, and the tokenizer to ``out_dir``.
 
-    The result loads with ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)``. Tensors
-    are streamed one at a time (never a second copy of the model), into a temporary folder that is
-    renamed to ``out_dir`` only when complete. Returns the absolute path written.
+    The result loads with ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)``. One
+    shard per decoder block plus one for the rest (see ``_shards.py``), each tensor in its
+    :meth:`LoadedModel.output_dtype` (the checkpoint's own: bfloat16 stays bfloat16). Tensors are
+    streamed one at a time (a streamed model's blocks are read one at a time too), into a
+    temporary folder that is renamed to ``out_dir`` only when complete. Returns the absolute
+    path written.
     """
 
     return atomic_folder_write(out_dir, lambda tmp: write_hf_files(loaded, tmp), overwrite=overwrite)
 
 
-def write_hf_files(loaded: LoadedModel, folder: str | os.PathLike) -> None:
-    """Write the Hugging Face files of :func:`save_hf_folder` into an existing ``folder``."""
-    hf_config_for_saving(loaded).save_pretrained(folder)
-    write_safetensors(os.path.join(folder, "model.safetensors"), hf_state_items(loaded), {"format": "pt"})
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(folder)
+def write_hf_files(loaded: LoadedModel, folder: str | os.PathLike, *, block_files=None) -> None:
+    """Write the Hugging Face files of :func:`save_hf_folder` into an existing ``folder``;
+    ``block_files`` (``{b: path}``) are block shards already written, linked in."""
+    from ._shards import write_sharded_files
+
+    write_sharded_files(loaded, folder, block_files=block_files)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -35,16 +37,46 @@ HF_ARCHITECTURES = {
 }
 
 
+#: The dtypes a checkpoint is written in (``--dtype``); ``"auto"`` keeps each tensor's own.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                 "float16": np.dtype(np.float16)}
+
+
+def output_dtype(stored: str, requested: Optional[str] = "auto") -> np.dtype:
+    """The dtype a tensor stored as ``stored`` is written in: ``requested``, or with ``"auto"``
+    its own dtype, except that quantized tensors (a GGUF ``Q4_1``) become bfloat16."""
+    if requested in (None, "auto"):
+        return _FLOAT_DTYPES.get(stored, _FLOAT_DTYPES["bfloat16"])
+    if requested not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {requested!r}")
+    return _FLOAT_DTYPES[requested]
+
+
+def stored_dtype_name(dtype) -> str:
+    """``"float32"``, ``"bfloat16"``, ``"float16"`` for a numpy dtype (others by their name)."""
+    return np.dtype(dtype).name
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A model with everything needed to run, prune and save it.
 
     Attributes:
-      model: the Flax NNX module (``LlamaForCausalLM`` or ``GPT2LMHeadModel``).
+      model: the Flax NNX module (``LlamaForCausalLM``, ``GPT2LMHeadModel`` or
+        ``Gemma3ForCausalLM``); its parameters are float32.
       config: the ``transformers`` config it was built from (also used when saving).
       tokenizer: a ``transformers`` tokenizer, or ``None`` when the checkpoint has none.
       family: ``"llama"`` (LLaMA, Mistral, Qwen2, SmolLM2), ``"gpt2"`` or ``"gemma3"``.
       source: the path it was loaded from.
+      dtypes: each parameter's dtype in the checkpoint (``"bfloat16"``, ``"float16"``,
+        ``"float32"``, or a GGUF quantization such as ``"Q4_1"``); empty when unknown (float32).
+      dtype: what the values were rounded to when loaded (see :func:`load_model`): ``None``
+        (exactly the stored values), ``"auto"`` (each tensor's :func:`output_dtype`) or a dtype
+        name. Saving writes each tensor in ``output_dtype(stored, dtype)``.
+      store: for a streamed model (``load_model(..., stream=True)``), reads one parameter from
+        the checkpoint by name; the decoder blocks are then in memory only between
+        :func:`load_block` and :func:`unload_block`. ``None``: everything is in memory.
     """
 
     model: nnx.Module
@@ -52,6 +84,111 @@ class LoadedModel:
     tokenizer: Any
     family: str
     source: str = ""
+    dtypes: dict = dataclasses.field(default_factory=dict)
+    dtype: Optional[str] = None
+    store: Optional[Callable[[str], Any]] = None
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the decoder blocks are read from the checkpoint one at a time."""
+        return self.store is not None
+
+    def output_dtype(self, name: str) -> np.dtype:
+        """The dtype parameter ``name`` is written in."""
+        return output_dtype(self.dtypes.get(name, "float32"), self.dtype)
+
+
+def block_prefix(model: nnx.Module, b: int) -> str:
+    """``"model.layers.3."``: what the names of block ``b``'s parameters start with."""
+    return f"{model.block_path}.{b}."
+
+
+def is_block_param(model: nnx.Module, name: str) -> bool:
+    """Whether parameter ``name`` belongs to a decoder block (pruning touches only those)."""
+    return name.startswith(model.block_path + ".")
+
+
+def load_block(loaded: LoadedModel, b: int, tensors: Optional[dict] = None) -> None:
+    """Read block ``b``'s parameters from the checkpoint into a streamed model (a no-op when the
+    model is all in memory). ``tensors`` (``{name: array}``, Hugging Face layout) take precedence
+    over the checkpoint: a pruned block read back from its shard."""
+    if not loaded.streamed:
+        if tensors:
+            for name, value in tensors.items():
+                _set_checked(loaded, name, value, "")
+        return
+    prefix = block_prefix(loaded.model, b)
+    for name in param_shapes(loaded.model):
+        if name.startswith(prefix):
+            value = tensors[name] if tensors and name in tensors else loaded.store(name)
+            _set_checked(loaded, name, value, loaded.source)
+
+
+def unload_block(loaded: LoadedModel, b: int) -> None:
+    """Drop block ``b``'s parameters of a streamed model (back to shapes only); a no-op otherwise."""
+    if not loaded.streamed:
+        return
+    prefix = block_prefix(loaded.model, b)
+    for path, var in nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)):
+        if ".".join(str(p) for p in path).startswith(prefix):
+            value = var.get_value()
+            var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype))
+
+
+@contextlib.contextmanager
+def resident_block(loaded: LoadedModel, b: int) -> Iterator[None]:
+    """``with resident_block(loaded, b):`` block ``b`` is in memory inside, dropped after (when streamed)."""
+    load_block(loaded, b)
+    try:
+        yield
+    finally:
+        unload_block(loaded, b)
+
+
+def _set_checked(loaded: LoadedModel, name: str, hf_value, file) -> None:
+    """Put one Hugging Face-layout tensor into the model: finite, transposed where HF stores
+    ``(d_in, d_out)``, rounded to ``loaded.dtype``'s output dtype when one was asked for."""
+    value = _float32(hf_value)
+    _check_finite(value, name, file or loaded.source)
+    if is_transposed_in_hf(loaded.family, name):
+        value = value.T
+    if loaded.dtype is not None:
+        value = round_to(value, loaded.output_dtype(name))
+    set_param(loaded.model, name, value)
+
+
+def _check_finite(value, name: str, file) -> None:
+    bad = _count_nonfinite(value)
+    if bad:
+        raise CheckpointError(file, f"tensor {name!r} {tuple(value.shape)} holds {bad} non-finite values (NaN or inf)")
+
+
+def round_to(value, dtype) -> Any:
+    """float32 ``value`` rounded to ``dtype`` (nearest even) and back: what writing it in
+    ``dtype`` and reading it again gives. The identity for float32."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return value
+    if isinstance(value, jax.Array):
+        return value.astype(jnp.dtype(dtype)).astype(jnp.float32)
+    return np.asarray(value, np.float32).astype(dtype).astype(np.float32)
+
+
+def _float32(array):
+    if isinstance(array, jax.Array):  # already on the device: no host round trip
+        return array.astype(jnp.float32)
+    # Always an owned copy: handing JAX a view of a memory-mapped file made it
+    # allocate far more than the tensor (seen: +1 GB for a 256-float norm).
+    return np.array(array, dtype=np.float32, copy=True)
+
+
+def _count_nonfinite(value) -> int:
+    if isinstance(value, jax.Array):
+        return int(jnp.sum(~jnp.isfinite(value)))
+    flat = np.asarray(value).reshape(-1)
+    step = 1 << 22  # in chunks: no float32 or boolean copy of a whole large tensor
+    return sum(int(np.count_nonzero(~np.isfinite(flat[i:i + step].astype(np.float32))))
+               for i in range(0, flat.size, step))
 
 
 def family_of(config, path: str | os.PathLike = "") -> str:
@@ -97,35 +234,55 @@ def is_transposed_in_hf(family: str, name: str) -> bool:
     return family == "gpt2" and name.endswith(CONV1D_SUFFIXES)
 
 
-def fill_model(model: nnx.Module, family: str, tensors, source) -> None:
-    """Copy ``(hf_name, array, file)`` triples into an abstract model, checking every tensor.
+def fill_model(model: nnx.Module, family: str, tensors, source, *, dtype: Optional[str] = None,
+               stream: Optional[Callable[[str], Any]] = None) -> LoadedModel:
+    """Check ``(hf_name, array, file, stored_dtype)`` tuples and copy them into an abstract model.
 
-    Arrays are converted to float32 one at a time. Raises :class:`CheckpointError` for a shape
-    mismatch, an unknown tensor, a tensor with NaN or inf values, or a parameter that no tensor
-    provided.
+    Arrays are converted to float32 one at a time (rounded to ``dtype``'s output dtype when one
+    is given, see :class:`LoadedModel`). With ``stream`` (a function reading a tensor by name),
+    only tensors outside the decoder blocks are copied; the blocks' are checked for shape only
+    and read later, a block at a time (:func:`load_block`). Raises :class:`CheckpointError` for
+    a shape mismatch, an unknown tensor, a tensor with NaN or inf values, or a parameter that no
+    tensor provided. Returns the :class:`LoadedModel` without config and tokenizer.
     """
+    if dtype is not None:
+        output_dtype("float32", dtype)  # validates the name
     shapes = param_shapes(model)
     tied = getattr(model, "lm_head", "absent") is None
+    loaded = LoadedModel(model=model, config=None, tokenizer=None, family=family, source=os.fspath(source),
+                         dtype=dtype, store=stream)
     seen = set()
     with _progress.current().steps(len(shapes), f"loading {os.path.basename(os.fspath(source))}",
                                    unit="tensor") as steps:
-        for hf_name, array, file in tensors:
-            if _fill_one(model, family, tied, shapes, hf_name, array, file, seen):
-                steps.advance()
+        for hf_name, array, file, stored in tensors:
+            name = _check_one(family, tied, shapes, hf_name, array, file)
+            if name is None:
+                continue
+            loaded.dtypes[name] = stored
+            seen.add(name)
+            value = array() if callable(array) else array
+            if stream is None or not is_block_param(model, name):
+                _set_checked(loaded, name, value, file)
+            else:  # read now only to check it: a bad tensor is refused before anything is written
+                _check_finite(value, name, file)
+            del value
+            steps.advance()
     missing = [n for n in shapes if n not in seen]
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise CheckpointError(source, f"missing tensors: {shown}")
+    return loaded
 
 
-def _fill_one(model, family: str, tied: bool, shapes: dict, hf_name: str, array, file, seen: set) -> bool:
-    """Check one checkpoint tensor and copy it into ``model`` (see :func:`fill_model`); False for
-    a tensor the model has no parameter for by design (e.g. a tied head's copy)."""
+def _check_one(family: str, tied: bool, shapes: dict, hf_name: str, array, file) -> Optional[str]:
+    """Our name for one checkpoint tensor after checking its shape (``array`` may be a lazy
+    reader with a ``shape``); ``None`` for a tensor the model has no parameter for by design
+    (e.g. a tied head's copy)."""
     name = hf_to_model_name(family, tied, hf_name)
     if name is None:
-        return False
+        return None
     if name not in shapes:
         raise CheckpointError(file, f"unexpected tensor {hf_name!r} for a {family} model")
     shape = tuple(array.shape)
@@ -136,19 +293,4 @@ def _fill_one(model, family: str, tied: bool, shapes: dict, hf_name: str, array,
             file,
             f"shape mismatch for {hf_name!r}: {tuple(array.shape)}, expected {shapes[name]}",
         )
-    if isinstance(array, jax.Array):  # already on the device: no host round trip
-        value = array.astype(jnp.float32)
-    else:
-        # Always an owned copy: handing JAX a view of a memory-mapped file made it
-        # allocate far more than the tensor (seen: +1 GB for a 256-float norm).
-        value = np.array(array, dtype=np.float32, copy=True)
-    bad = int(jnp.sum(~jnp.isfinite(value))) if isinstance(value, jax.Array) else int(np.sum(~np.isfinite(value)))
-    if bad:
-        raise CheckpointError(
-            file, f"tensor {hf_name!r} {tuple(array.shape)} holds {bad} non-finite values (NaN or inf)"
-        )
-    if is_transposed_in_hf(family, name):
-        value = value.T
-    set_param(model, name, value)
-    seen.add(name)
-    return True
+    return name

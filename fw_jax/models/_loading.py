@@ -50,7 +50,8 @@ def gemma3_gguf_path() -> str:
         ) from e
 
 
-def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
+def load_model(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | None = None,
+               stream: bool = False) -> LoadedModel:
     """Load a model for pruning.
 
     Args:
@@ -62,6 +63,13 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedMode
           safetensors with ``model.safetensors.index.json``);
         - a folder with ``config.json`` and ``flax_model.msgpack`` (transformers 4.x Flax).
       tokenizer: also load the tokenizer when the checkpoint has one.
+      dtype: ``None`` (default): the parameters are float32 holding exactly the stored values
+        (a GGUF's dequantized). ``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``: each is
+        rounded to the dtype it will be saved in (``"auto"``: its own, bfloat16 for quantized
+        tensors; see :func:`output_dtype`), so what is pruned is what is written.
+      stream: for Hugging Face folders, read the decoder blocks only when asked for, one at a
+        time (:func:`load_block`, :func:`resident_block`): memory then holds the embeddings, the
+        head and one block, whatever the depth. Other formats are read whole.
 
     Returns:
       A :class:`LoadedModel` (model, config, tokenizer or None, family).
@@ -82,7 +90,7 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedMode
     if path.endswith(".gguf"):
         from ._gguf import load_gguf
 
-        return load_gguf(path, tokenizer=tokenizer)
+        return load_gguf(path, tokenizer=tokenizer, dtype=dtype)
     if os.path.isdir(path):
         has_safetensors = any(
             os.path.isfile(os.path.join(path, f))
@@ -91,10 +99,10 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True) -> LoadedMode
         if not has_safetensors and os.path.isfile(os.path.join(path, "flax_model.msgpack")):
             from ._msgpack import load_flax_folder
 
-            return load_flax_folder(path, tokenizer=tokenizer)
+            return load_flax_folder(path, tokenizer=tokenizer, dtype=dtype)
         from ._hf import load_hf_folder
 
-        return load_hf_folder(path, tokenizer=tokenizer)
+        return load_hf_folder(path, tokenizer=tokenizer, dtype=dtype, stream=stream)
     if not os.path.exists(path):
         raise CheckpointError(
             path, f"no such file or folder (or use {SMOLLM2_NAME!r}, {GEMMA3_NAME!r})"

@@ -34,7 +34,7 @@ from ._hf import (
     read_hf_config,
 )
 from ._layers import Embedding, LayerNorm, Linear
-from ._loaded import LoadedModel, build_abstract_model, fill_model
+from ._loaded import LoadedModel, build_abstract_model, fill_model, stored_dtype_name
 from ._params import _resolve
 
 FLAX_FILE = "flax_model.msgpack"
@@ -78,8 +78,9 @@ def read_flax_params(path: str | os.PathLike) -> dict:
     return tree
 
 
-def load_flax_folder(folder: str | os.PathLike, *, tokenizer: bool = True) -> LoadedModel:
-    """Load a folder with ``config.json`` and ``flax_model.msgpack`` into our model."""
+def load_flax_folder(folder: str | os.PathLike, *, tokenizer: bool = True, dtype: str | None = None) -> LoadedModel:
+    """Load a folder with ``config.json`` and ``flax_model.msgpack`` into our model (``dtype``: see
+    :func:`fw_jax.models.load_model`)."""
     folder = os.fspath(folder)
     config = read_hf_config(folder)
     model, family = build_abstract_model(config, os.path.join(folder, "config.json"))
@@ -92,11 +93,12 @@ def load_flax_folder(folder: str | os.PathLike, *, tokenizer: bool = True) -> Lo
     def tensors():
         for path, array in _flatten(tree):
             name, value = _flax_to_hf(path, array)
-            yield name, value, file
+            yield name, value, file, stored_dtype_name(np.asarray(value).dtype)
 
-    fill_model(model, family, tensors(), file)
-    tok = load_tokenizer(folder) if tokenizer else None
-    return LoadedModel(model=model, config=config, tokenizer=tok, family=family, source=folder)
+    loaded = fill_model(model, family, tensors(), file, dtype=dtype)
+    loaded.source, loaded.config = folder, config
+    loaded.tokenizer = load_tokenizer(folder) if tokenizer else None
+    return loaded
 
 
 def _hf_to_flax(model, name: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
@@ -132,6 +134,10 @@ def save_flax_folder(
     The msgpack bytes are the one extra copy of the weights held while saving.
     """
     from flax import serialization
+
+    if loaded.streamed:
+        raise ValueError(f"{loaded.source} was loaded with stream=True; a Flax msgpack holds the whole "
+                         "model in one file, so load it without stream to save it as Flax")
 
     def write(tmp):
         config = hf_config_for_saving(loaded)

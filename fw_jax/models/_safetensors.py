@@ -2,13 +2,14 @@
 
 The format: 8 bytes little-endian header length ``n``, ``n`` bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the
-raw little-endian tensor bytes. Reading memory-maps the file and converts one tensor at a time;
+raw little-endian tensor bytes. Reading reads one tensor at a time into its own memory;
 writing streams one tensor at a time. Every inconsistency (short file, bad JSON, offsets out of
 range, sizes that do not match shapes) raises :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -86,7 +87,6 @@ class SafetensorsFile:
                     f"of a {data_size}-byte data section",
                 )
             self._entries[name] = (dtype, shape, begin)
-        self._mmap = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -94,21 +94,51 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
     def get(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as a read-only array backed by the file (no copy)."""
+        """Tensor ``name`` read into memory of its own (one read, no memory map: what was read is
+        freed with the array, so streaming a large checkpoint does not grow the process)."""
         dtype, shape, begin = self._entries[name]
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         count = int(np.prod(shape, dtype=np.int64))
-        start = self._data_start + begin
-        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=start).reshape(shape)
+        out = np.empty(count, dtype=dtype)
+        view = memoryview(out.view(np.uint8).reshape(-1))
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self._data_start + begin)
+                done = 0
+                while done < len(view):
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise CheckpointError(self.path, f"truncated file while reading tensor {name!r}")
+                    done += n
+        except OSError as e:
+            raise CheckpointError(self.path, f"cannot read tensor {name!r} ({e})") from e
+        return out.reshape(shape)
 
 
-def write_safetensors(path: str | os.PathLike, tensors, metadata: dict | None = None) -> None:
-    """Stream ``(name, array)`` pairs to ``path``; arrays are converted one at a time.
+class WriteError(OSError):
+    """A file of an output could not be written (the disk is full, a quota, permissions); the
+    message names the file. Nothing is presented as finished: the caller's temporary is removed."""
+
+    def __init__(self, path, error: OSError):
+        reason = error.strerror or str(error)
+        if error.errno == errno.ENOSPC:
+            reason += " (the disk is full: free space, or choose an --out on a larger disk)"
+        super().__init__(error.errno, f"cannot write {os.fspath(path)}: {reason}")
+        self.path = os.fspath(path)
+
+
+def write_safetensors(path: str | os.PathLike, tensors, metadata: dict | None = None, *,
+                      progress: bool = True, fsync: bool = False) -> None:
+    """Stream tensors to ``path``, converting one at a time.
 
     ``tensors`` is a list of ``(name, shape, dtype, get_array)`` so only one tensor is
-    materialised in host memory at any moment.
+    materialised in host memory at any moment; each array is converted to ``dtype`` (float32 to
+    bfloat16 or float16 rounds to nearest even). ``progress``: a bar over the tensors;
+    ``fsync``: flush to the disk before returning. Raises :class:`WriteError` when the file
+    cannot be written.
     """
     header = {}
     offset = 0
@@ -125,15 +155,24 @@ def write_safetensors(path: str | os.PathLike, tensors, metadata: dict | None = 
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        with _progress.current().steps(len(tensors), f"saving {os.path.basename(os.fspath(path))}",
-                                       unit="tensor") as steps:
-            for name, shape, dtype, get_array in tensors:
-                arr = np.ascontiguousarray(np.asarray(get_array(), dtype=dtype))
-                if arr.shape != tuple(shape):
-                    raise ValueError(f"{name}: shape {arr.shape} != declared {tuple(shape)}")
-                f.write(arr.reshape(-1).view(np.uint8))
-                del arr
-                steps.advance()
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            reporter = _progress.current() if progress else _progress.Progress(_progress.QUIET)
+            with reporter.steps(len(tensors), f"saving {os.path.basename(os.fspath(path))}",
+                                unit="tensor") as steps:
+                for name, shape, dtype, get_array in tensors:
+                    arr = np.ascontiguousarray(np.asarray(get_array(), dtype=dtype))
+                    if arr.shape != tuple(shape):
+                        raise ValueError(f"{name}: shape {arr.shape} != declared {tuple(shape)}")
+                    f.write(arr.reshape(-1).view(np.uint8))
+                    del arr
+                    steps.advance()
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(path, e) from e

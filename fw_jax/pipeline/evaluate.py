@@ -78,7 +78,7 @@ def _evaluate(models, documents, seqlen, max_windows, bos_per_window, tokenizer,
     stream_of: dict[int, np.ndarray] = {}  # models that share a tokenizer object share its stream
     results: dict[str, float] = {}
     for name, model_or_path in models.items():
-        loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path)
+        loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path, stream=True)
         tok = loaded.tokenizer if loaded.tokenizer is not None else tokenizer
         if tok is None:
             raise ValueError(f"model {name!r} ({loaded.source}) has no tokenizer; pass tokenizer=")
@@ -101,7 +101,7 @@ def _evaluate(models, documents, seqlen, max_windows, bos_per_window, tokenizer,
         if max_windows is not None:
             ids = ids[: max_windows * body]
         results[name] = perplexity(
-            loaded.model, ids, seqlen, bos_per_window=bos, bos_id=bos_id, batch_size=batch_size,
+            loaded, ids, seqlen, bos_per_window=bos, bos_id=bos_id, batch_size=batch_size,
             desc=f"perplexity of {name}",
         )
         del loaded  # a model loaded here is released before the next one is loaded

@@ -29,9 +29,9 @@ import numpy as np
 from fw_jax import _progress, models
 from fw_jax._files import atomic_write
 from fw_jax.solver import (
-    NM, Budget, PerRow, layer_error, mask_lower_bound, saliency_mask, saliency_scores, solve_layer,
+    NM, Budget, PerRow, mask_lower_bound, saliency_mask, saliency_scores, solve_layer,
 )
-from fw_jax.solver._objective import weights_error
+from fw_jax.solver._objective import inputs_error, weights_error
 from fw_jax.solver._published import sparsefw_published
 
 __all__ = ["METHODS", "METHOD_SUMMARIES", "PruneInterrupted", "PruneSettings", "PruneReport", "ResumeMismatch", "check_model",
@@ -191,8 +191,13 @@ class PruneReport:
         }
 
 
-def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False) -> tuple[jax.Array, dict]:
+def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False,
+                inputs=None) -> tuple[jax.Array, dict]:
     """Prune one ``(d_out, d_in)`` layer given its input Gram matrix.
+
+    ``inputs``: the layer's ``(n, d_in)`` calibration inputs, when there are fewer tokens than
+    inputs (``n < d_in``); the reported errors are then computed from them, at
+    ``2·d_out·d_in·n`` operations each instead of ``2·d_out·d_in²`` (the masks do not change).
 
     Returns:
       The new weights (pruned entries exactly 0) and a record with the errors
@@ -202,6 +207,12 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
     weight = jnp.asarray(weight, jnp.float32)
     gram = jnp.asarray(gram, jnp.float32)
     budget = settings.budget(weight.shape[1])
+    if inputs is not None:
+        inputs = jnp.asarray(inputs, jnp.float32)
+        error_of = lambda new: float(inputs_error(weight, inputs, new))  # noqa: E731
+    else:
+        error_of = lambda new: float(weights_error(weight, gram, new))  # noqa: E731
+    mask_error_of = lambda mask: error_of(jnp.where(mask, weight, 0))  # noqa: E731
     start = time.perf_counter()
     record: dict[str, Any] = {}
     rho = settings.effective_shrinkage
@@ -215,7 +226,7 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
             record.update(shrunk_warm_error=float(sol.warm_loss), shrunk_lower_bound=bound,
                           shrunk_certificate=float(sol.certificate))
             bound = float(mask_lower_bound(weight, gram, budget, sol.relaxed_mask, sol.mask))
-            mask_error = float(layer_error(weight, gram, sol.mask))
+            mask_error = mask_error_of(sol.mask)
         else:
             record["warm_error"] = float(sol.warm_loss)
         if settings.certify_iter > 0:
@@ -240,14 +251,19 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False)
         from fw_jax.solver._reconstruct import reconstruct
 
         new_weight = reconstruct(weight, target, mask)
-        record["mask_error"] = float(layer_error(weight, gram, mask))
+        record["mask_error"] = mask_error_of(mask)
     elif settings.method != "sparsegpt":  # SparseGPT has already updated the kept weights
         new_weight = jnp.where(mask, weight, 0)
     new_weight = jnp.where(mask, new_weight, 0).astype(jnp.float32)
-    wanda = saliency_mask(saliency_scores("wanda", weight, gram), budget)
+    error = error_of(new_weight)
+    if settings.compares_with_wanda:  # else the method's mask is Wanda's: one error product, not two
+        wanda = saliency_mask(saliency_scores("wanda", weight, gram), budget)
+        wanda_error = mask_error_of(wanda)
+    else:
+        wanda_error = error
     record.update(
-        error=float(weights_error(weight, gram, new_weight)),
-        wanda_error=float(layer_error(weight, gram, wanda)),
+        error=error,
+        wanda_error=wanda_error,
         kept=int(jnp.sum(mask)),
         size=int(mask.size),
         seconds=time.perf_counter() - start,
@@ -272,7 +288,14 @@ def _run_record(loaded, settings: PruneSettings, calibration: dict, tokens: np.n
         "calibration": calibration,
         "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
         "settings": settings.record(),
+        "dtype": loaded.dtype,
+        "checkpoint_format": _CHECKPOINT_FORMAT,
     }
+
+
+#: 2: a block's checkpoint is its shard of the output, ``block_0003.safetensors``, in the output
+#: dtype (1, before: the pruned float32 weights in ``block_0003.npz``, which cannot be resumed).
+_CHECKPOINT_FORMAT = 2
 
 
 def _digest(record: dict) -> str:
@@ -334,22 +357,21 @@ def check_model(loaded, settings: PruneSettings, seqlen: Optional[int] = None) -
                          f"use --seqlen {limit} or less")
 
 
-def _save_block(work_dir: str, b: int, weights: dict, records: list[dict], seconds: float) -> None:
-    import io
+def _block_file(work_dir: str, b: int) -> str:
+    return os.path.join(work_dir, f"block_{b:04d}.safetensors")
 
-    buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.asarray(w) for name, w in weights.items()})
-    atomic_write(os.path.join(work_dir, f"block_{b:04d}.npz"), buffer.getvalue())
+
+def _save_block(work_dir: str, b: int, loaded, records: list[dict], seconds: float) -> None:
+    """Checkpoint block ``b`` (in memory): its shard of the output, then its records, each written
+    atomically; the records file marks the block as finished."""
+    models.write_block_shard(loaded, b, _block_file(work_dir, b))
     atomic_write(os.path.join(work_dir, f"block_{b:04d}.json"), json.dumps({"seconds": seconds, "layers": records}))
 
 
 def _load_block_records(work_dir: str, b: int) -> tuple[list[dict], float]:
-    """A saved block's layer records and wall time. Checkpoints written before the wall time was
-    kept hold only the records; their time is then the sum of the layers' solve times."""
+    """A saved block's layer records and wall time."""
     with open(os.path.join(work_dir, f"block_{b:04d}.json")) as f:
         saved = json.load(f)
-    if isinstance(saved, list):
-        return saved, float(sum(r["seconds"] for r in saved))
     return saved["layers"], float(saved["seconds"])
 
 
@@ -371,41 +393,53 @@ def _finished_blocks(work_dir: str, record: dict) -> int:
             + "\n  - ".join(differs or ["(the run records differ)"])
             + "\nRun the earlier command to resume it, or pass --overwrite (overwrite=True) to discard it and start over."
         )
-    done = 0
-    while os.path.exists(os.path.join(work_dir, f"block_{done:04d}.json")):
+    return _blocks_on_disk(work_dir)
+
+
+def _blocks_on_disk(work_dir: str, done: int = 0) -> int:
+    """Leading blocks whose checkpoint (shard and records) is complete in ``work_dir``."""
+    while all(os.path.exists(p) for p in (_block_file(work_dir, done), os.path.join(work_dir, f"block_{done:04d}.json"))):
         done += 1
     return done
 
 
-def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool):
+def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool, inputs=None):
     """:func:`prune_layer`, with the layer's name in any ``ValueError`` it raises."""
     try:
-        return prune_layer(weight, gram, settings, history=history)
+        return prune_layer(weight, gram, settings, history=history, inputs=inputs)
     except ValueError as e:
         raise ValueError(f"layer {name}: {e}") from e
 
 
-def _prune_block(model, b: int, hidden, settings: PruneSettings, history_layer, devices, progress, compare: bool):
+def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer, devices, progress, compare: bool):
     """Prune the linear layers of block ``b`` given its calibration inputs ``hidden``, write the
-    new weights into ``model``; returns them, the layer records, the history (or ``None``) and the
-    seconds its Gram matrices took."""
+    new weights into the model (rounded to the dtype they will be saved in, when ``loaded.dtype``
+    asks for one, so the next block is calibrated on the model as written); returns them, the
+    layer records, the history (or ``None``) and the seconds its Gram matrices took."""
+    model = loaded.model
     calibration_start = time.perf_counter()
-    grams = jax.block_until_ready(models.block_grams(model, b, hidden))
-    calibration_seconds = time.perf_counter() - calibration_start
     linears = list(models.block_linears(model, b))
+    # With fewer tokens than a layer has inputs, its errors are cheaper from the inputs themselves.
+    few_tokens = int(np.prod(hidden.shape[:2])) < min(layer.weight.shape[1] for layer in linears)
+    grams = models.block_grams(model, b, hidden, return_inputs=few_tokens)
+    grams, inputs = grams if few_tokens else (grams, {})
+    jax.block_until_ready(grams)
+    calibration_seconds = time.perf_counter() - calibration_start
     wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
     if devices is not None and len(devices) > 1:
         def on_device(i):
             device = devices[i % len(devices)]
             w, g = jax.device_put(linears[i].weight, device), jax.device_put(grams[linears[i].input_key], device)
-            new_weight, record = _prune_named(linears[i].name, w, g, settings, wants[i])
+            x = inputs.get(linears[i].input_key)
+            x = None if x is None else jax.device_put(x, device)
+            new_weight, record = _prune_named(linears[i].name, w, g, settings, wants[i], x)
             return jax.device_put(new_weight, jax.devices()[0]), record
 
         with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
             results = list(pool.map(on_device, range(len(linears))))
     else:
-        results = (_prune_named(layer.name, layer.weight, grams[layer.input_key], settings, want)
-                   for layer, want in zip(linears, wants))
+        results = (_prune_named(layer.name, layer.weight, grams[layer.input_key], settings, want,
+                                inputs.get(layer.input_key)) for layer, want in zip(linears, wants))
     new_weights, records, history = {}, [], None
     with progress.steps(len(linears), f"block {b}", unit="layer", leave=False) as steps:
         for layer, want_history, (new_weight, record) in zip(linears, wants, results):
@@ -413,6 +447,8 @@ def _prune_block(model, b: int, hidden, settings: PruneSettings, history_layer, 
                 history = dict(record.pop("_history"), layer=layer.name)
             record = dict(name=layer.name, block=b, shape=list(layer.weight.shape),
                           budget=str(settings.budget(layer.weight.shape[1])), method=settings.method, **record)
+            if loaded.dtype is not None:
+                new_weight = models.round_to(new_weight, loaded.output_dtype(layer.name + ".weight"))
             new_weights[layer.name] = new_weight
             records.append(record)
             progress.say(_layer_line(record, compare), _progress.VERBOSE)
@@ -492,6 +528,9 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
     model = loaded.model
     calibration = dict(calibration or {}, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
     check_model(loaded, settings, int(tokens.shape[1]))
+    if loaded.streamed and work_dir is None:
+        raise ValueError(f"{loaded.source} is streamed (load_model(..., stream=True)): each pruned block "
+                         "leaves memory once done, so prune_model needs work_dir to write it to")
     record = _run_record(loaded, settings, calibration, tokens)
     fingerprint = run_fingerprint(loaded, settings, calibration, tokens)
     blocks = models.num_blocks(model)
@@ -512,8 +551,6 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                         "run": record}, default=str),
         )
         for b in range(start_block):
-            with np.load(os.path.join(work_dir, f"block_{b:04d}.npz")) as saved:
-                models.set_linear_weights(model, {name: jnp.asarray(saved[name]) for name in saved.files})
             block_records, block_seconds = _load_block_records(work_dir, b)
             records.extend(block_records)
             earlier_seconds += block_seconds
@@ -532,24 +569,28 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
         hidden = models.embed(model, jnp.asarray(tokens))
         if start_block:
             with progress.steps(start_block, "replaying the finished blocks", unit="block") as steps:
-                for replayed in range(start_block):
+                for replayed in range(start_block):  # the pruned block as saved, read back
+                    models.load_block(loaded, replayed, models.read_block_shard(loaded, _block_file(work_dir, replayed)))
                     hidden = models.run_block(model, replayed, hidden)
+                    models.unload_block(loaded, replayed)
                     steps.advance()
         with progress.steps(blocks, "pruning", unit="block", running_lines=False) as block_steps:
             block_steps.advance(start_block)
             for b in range(start_block, blocks):
                 block_start = time.perf_counter()
+                models.load_block(loaded, b)
                 new_weights, block_records, block_history, calibration_seconds = _prune_block(
-                    model, b, hidden, settings, history_layer, devices, progress, compare)
+                    loaded, b, hidden, settings, history_layer, devices, progress, compare)
                 history = block_history or history
                 if work_dir is not None:
-                    _save_block(work_dir, b, new_weights, block_records, time.perf_counter() - block_start)
+                    _save_block(work_dir, b, loaded, block_records, time.perf_counter() - block_start)
                 records.extend(block_records)
                 done = b + 1
                 if b + 1 < blocks:
                     forward_start = time.perf_counter()
                     hidden = jax.block_until_ready(models.run_block(model, b, hidden))
                     calibration_seconds += time.perf_counter() - forward_start
+                models.unload_block(loaded, b)
                 now = time.perf_counter()
                 left = (now - started) / (done - start_block) * (blocks - done)
                 progress.say(_block_line(b, blocks, block_records, now - block_start, compare, calibration_seconds)
@@ -559,8 +600,7 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                     after_block(b)
     except KeyboardInterrupt:
         if work_dir is not None:  # what is on disk counts: the block being saved may have made it
-            while os.path.exists(os.path.join(work_dir, f"block_{done:04d}.json")):
-                done += 1
+            done = _blocks_on_disk(work_dir, done)
         raise PruneInterrupted(done, blocks, work_dir) from None
     return PruneReport(settings=settings, layers=records, seconds=earlier_seconds + time.perf_counter() - started,
                        calibration=calibration, history=history, resumed_blocks=start_block)

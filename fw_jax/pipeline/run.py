@@ -74,7 +74,7 @@ class AlreadyPruned(FileExistsError):
 
 
 def _request(model: str, settings: PruneSettings, calib, documents: Sequence[str], nsamples: int,
-             seqlen: int, seed: int) -> str:
+             seqlen: int, seed: int, dtype: str = "auto") -> str:
     """A digest of what the command asks for, computable before the model is loaded: the model
     path, the settings and the calibration (its text's digest, not only its name)."""
     text = hashlib.sha256()
@@ -83,7 +83,7 @@ def _request(model: str, settings: PruneSettings, calib, documents: Sequence[str
     model_id = os.path.realpath(model) if os.path.exists(model) else str(model)
     return _digest({"model": model_id, "settings": settings.record(),
                     "calib": calib if isinstance(calib, str) else list(calib), "text_sha256": text.hexdigest(),
-                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed})
+                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype})
 
 
 def _check_counts(nsamples, seqlen, seed) -> None:
@@ -101,6 +101,7 @@ def prune_to_folder(
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
+    dtype: str = "auto",
     overwrite: bool = False,
     history_layer: Optional[str] = "auto",
     progress: bool | _progress.Progress = True,
@@ -115,10 +116,19 @@ def prune_to_folder(
     ``OUT.partial``; the same call resumes there. The finished folder is assembled aside and
     renamed into place, then ``OUT.partial`` is removed.
 
+    A Hugging Face folder is read a block at a time (``load_model(..., stream=True)``) and each
+    pruned block is written at once as its shard of the output (in ``OUT.partial``, linked into
+    ``OUT`` at the end), so memory holds the embeddings, the head and one block whatever the
+    model's size. Every tensor is written in ``dtype``: ``"auto"`` keeps each one's own
+    (bfloat16 stays bfloat16; a quantized GGUF's become bfloat16), or ``"float32"``,
+    ``"bfloat16"``, ``"float16"``; the model is rounded to it when loaded, so what is pruned
+    and calibrated on is what is written.
+
     ``progress`` (see :func:`~fw_jax.pipeline.prune_model`) reports loading, every block and the
     saving to stderr.
 
-    Returns the pruned model (in memory) and the report.
+    Returns the pruned model (its blocks are not in memory when streamed: read them from
+    ``out_dir``) and the report.
 
     Raises:
       AlreadyPruned: ``out_dir`` holds this very run's result (a ``FileExistsError``).
@@ -128,17 +138,18 @@ def prune_to_folder(
       PruneInterrupted: Ctrl-C while pruning; the finished blocks are saved.
     """
     with _progress.use(progress) as report_to:
-        return _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, overwrite,
+        return _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, overwrite,
                                 history_layer, report_to, after_block, devices)
 
 
-def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, overwrite, history_layer,
+def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, overwrite, history_layer,
                      progress: _progress.Progress, after_block, devices):
     _check_counts(nsamples, seqlen, seed)
+    models.output_dtype("float32", dtype)  # a bad name is refused before anything is read
     plan = check_output(out_dir, model)
     out, work_dir = plan.out_dir, plan.work_dir
     documents = load_documents(calib)
-    request = _request(model, settings, calib, documents, nsamples, seqlen, seed)
+    request = _request(model, settings, calib, documents, nsamples, seqlen, seed, dtype)
     same_run = plan.finished is not None and plan.finished.get("request") == request
     if same_run and plan.partial is not None and plan.partial.get("request") == request:
         remove_own_folder(work_dir)  # this very run finished earlier and was killed while tidying up
@@ -149,7 +160,7 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, ov
                             "calibration); nothing to do (--overwrite runs it again)")
     plan.check_replace(overwrite)
 
-    loaded = models.load_model(model)
+    loaded = models.load_model(model, dtype=dtype, stream=True)
     if loaded.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer; calibration needs one")
     check_model(loaded, settings, seqlen)
@@ -180,7 +191,8 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, ov
                          devices=devices)
     tmp = new_temporary(out)
     try:
-        models.write_hf_files(loaded, tmp)
+        shards = {b: os.path.join(work_dir, f"block_{b:04d}.safetensors") for b in range(models.num_blocks(loaded.model))}
+        models.write_hf_files(loaded, tmp, block_files=shards)
         with progress.timed("writing the report's plots"):
             _write_plots(report, tmp)
         atomic_write(os.path.join(tmp, REPORT_NAME),
@@ -192,4 +204,6 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, ov
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     remove_own_folder(work_dir)
+    if loaded.streamed:  # its blocks are in OUT now: read them from there
+        loaded = models.load_model(out, dtype=dtype, stream=True)
     return loaded, report

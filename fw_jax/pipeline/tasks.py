@@ -330,6 +330,8 @@ def evaluate_tasks(models: Mapping[str, Any], tasks: Sequence[Task], *, batch_si
     with _progress.use(progress) as report:
         for name, model in models.items():
             loaded = model if isinstance(model, LoadedModel) else load_model(model)
+            if loaded.streamed:  # scoring runs each batch through every block: read it whole
+                loaded = load_model(loaded.source, dtype=loaded.dtype)
             results[name] = {}
             for task in tasks:
                 scores = score_items(loaded, task.items, batch_size=batch_size, desc=f"{task.name} on {name}")
