@@ -5,10 +5,14 @@ the Gram matrix of every distinct linear input is accumulated, every linear laye
 the chosen method, the pruned weights are written back, and the *pruned* block produces the next
 block's inputs. Embeddings and the LM head are never pruned.
 
-With ``work_dir`` every finished block is checkpointed (its pruned weights and layer records,
-written atomically). Running again with the same settings resumes after the last finished
-block: the inputs of the next block are recomputed by running the pruned blocks again, which is
-deterministic, so a resumed run gives the same model bit for bit as an uninterrupted one.
+With ``work_dir`` every finished block is checkpointed: its shard of the output
+(``block_0003.safetensors``, every tensor of the block in the dtype it is written in) and its
+layer records, each written atomically. Running again with the same settings resumes after the
+last finished block: the inputs of the next block are recomputed by running the saved blocks
+again, which is deterministic, so a resumed run gives the same model bit for bit as an
+uninterrupted one (the pruned weights are rounded to the output dtype before they feed the next
+block, in both). A streamed model (``load_model(..., stream=True)``) has one block in memory at
+a time: it is read before it is pruned and dropped once its shard is written.
 """
 
 from __future__ import annotations
@@ -502,7 +506,8 @@ def prune_model(
       loaded: a :class:`fw_jax.models.LoadedModel`.
       tokens: ``(nsamples, seqlen)`` calibration token ids.
       settings: the method and its options.
-      work_dir: folder for per-block checkpoints; with one, an interrupted run resumes.
+      work_dir: folder for per-block checkpoints (each block's output shard); with one, an
+        interrupted run resumes. Needed for a streamed model, whose pruned blocks live only there.
       calibration: a description of the calibration data, recorded in the report and used to
         check that a resumed run is the same run.
       history_layer: name of a layer whose Frank-Wolfe history is recorded (for a plot).
