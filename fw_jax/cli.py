@@ -105,7 +105,7 @@ def _prune(args: argparse.Namespace) -> int:
     try:
         _, report = prune_to_folder(
             args.model, out, settings, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-            seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, devices=_devices(args.devices),
+            seed=args.seed, dtype=args.dtype, format=args.format, overwrite=args.overwrite, devices=_devices(args.devices),
             progress=_progress(args),
         )
     except AlreadyPruned as e:
@@ -116,7 +116,8 @@ def _prune(args: argparse.Namespace) -> int:
                 if settings.compares_with_wanda else "")
     print(f"pruned {summary['layers']} layers in {report.seconds:.0f}s; kept {summary['kept_fraction']:.1%} "
           f"of their weights{compared}")
-    print(f"saved to {out} (Hugging Face folder, prune_report.json, PNG plots)")
+    kind = "Flax msgpack" if os.path.isfile(os.path.join(out, "flax_model.msgpack")) else "Hugging Face"
+    print(f"saved to {out} ({kind} folder, prune_report.json, PNG plots)")
     if args.eval or args.eval_tasks:
         return _evaluate({"dense": args.model, settings.method: out}, args.eval, args.eval_seqlen, args.max_windows,
                          _progress(args), tasks=args.eval_tasks or (), task_size=args.task_size)
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Hugging Face folder, .gguf file, Flax msgpack folder, or smollm2-135m (built in)")
     _add_prune_options(prune, nsamples=128, seqlen=2048)
     prune.add_argument("--out", default=None, help="output folder (default: runs/<model>-<method>)")
+    prune.add_argument("--format", choices=("hf", "flax"), default=None,
+                       help="output: hf (sharded safetensors) or flax (flax_model.msgpack, float32); "
+                            "default: the input's kind")
     prune.add_argument("--overwrite", action="store_true",
                        help="replace a finished output of fw_jax's in --out (never a folder fw_jax did not write), "
                             "or discard another run's checkpoints in OUT.partial and start over")

@@ -207,3 +207,17 @@ def test_a_disk_that_fills_up_mid_write_leaves_a_clear_error_and_no_finished_out
     monkeypatch.setattr("fw_jax.models._shards.write_safetensors", real)
     assert cli_main(argv) == 0  # space freed: the same command resumes and finishes
     assert (out / "model.safetensors.index.json").exists() and not partial.exists()
+
+
+@pytest.mark.parametrize("format, written", [(None, "flax_model.msgpack"), ("hf", "model.safetensors.index.json")])
+def test_a_flax_checkpoint_is_pruned_into_flax_unless_asked(bf16_folder, tmp_path, format, written):
+    flax_in = tmp_path / "flax_in"
+    models.save_flax_folder(models.load_model(bf16_folder), flax_in)
+    out = tmp_path / "out"
+    argv = ["prune", str(flax_in), "--out", str(out), "--method", "wanda", "--calib", _calib(bf16_folder),
+            "--nsamples", "2", "--seqlen", "16", "-q"] + (["--format", format] if format else [])
+    assert cli_main(argv) == 0
+    assert (out / written).exists()
+    pruned = models.load_model(out)
+    w = np.asarray(models.get_linear_weight(pruned.model, "model.layers.2.mlp.up_proj"))
+    assert (w == 0).mean() == pytest.approx(0.5, abs=0.05)

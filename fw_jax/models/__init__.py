@@ -43,7 +43,7 @@ from ._loaded import (
     unload_block,
 )
 from ._loading import GEMMA3_NAME, SMOLLM2_NAME, gemma3_gguf_path, load_model, smollm2_gguf_path
-from ._msgpack import load_flax_folder, save_flax_folder
+from ._msgpack import load_flax_folder, save_flax_folder, write_flax_files
 from ._safetensors import WriteError
 from ._shards import INDEX_NAME, block_shard_name, read_block_shard, write_block_shard
 from ._params import (
@@ -104,6 +104,7 @@ __all__ = [
     "save_flax_folder",
     "save_hf_folder",
     "write_hf_files",
+    "write_flax_files",
     "set_linear_weight",
     "set_linear_weights",
     "set_linen_linears",

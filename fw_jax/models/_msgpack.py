@@ -133,20 +133,22 @@ def save_flax_folder(
 
     The msgpack bytes are the one extra copy of the weights held while saving.
     """
+    return atomic_folder_write(out_dir, lambda tmp: write_flax_files(loaded, tmp), overwrite=overwrite)
+
+
+def write_flax_files(loaded: LoadedModel, folder: str | os.PathLike) -> None:
+    """Write the files of :func:`save_flax_folder` (float32, as transformers 4.x Flax models are
+    saved) into an existing ``folder``."""
     from flax import serialization
 
     if loaded.streamed:
         raise ValueError(f"{loaded.source} was loaded with stream=True; a Flax msgpack holds the whole "
                          "model in one file, so load it without stream to save it as Flax")
-
-    def write(tmp):
-        config = hf_config_for_saving(loaded)
-        config.architectures = ["Flax" + config.architectures[0]]
-        config.save_pretrained(tmp)
-        data = serialization.msgpack_serialize(flax_params(loaded))
-        with open(os.path.join(tmp, FLAX_FILE), "wb") as f:
-            f.write(data)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-
-    return atomic_folder_write(out_dir, write, overwrite=overwrite)
+    config = hf_config_for_saving(loaded)
+    config.architectures = ["Flax" + config.architectures[0]]
+    config.save_pretrained(folder)
+    data = serialization.msgpack_serialize(flax_params(loaded))
+    with open(os.path.join(folder, FLAX_FILE), "wb") as f:
+        f.write(data)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(folder)

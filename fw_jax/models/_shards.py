@@ -156,7 +156,7 @@ def write_sharded_files(loaded: LoadedModel, folder: str | os.PathLike, *,
         _write_atomic(os.path.join(folder, first), rest, {"format": "pt"})
         steps.advance()
         for b in range(blocks):
-            name, path = block_shard_name(b, shards), os.path.join(folder, block_shard_name(b, shards))
+            path = os.path.join(folder, block_shard_name(b, shards))
             if b in block_files:
                 _link_or_copy(block_files[b], path)
             else:

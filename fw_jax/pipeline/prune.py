@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,12 @@ from fw_jax.solver import (
     NM, Budget, PerRow, mask_lower_bound, saliency_mask, saliency_scores, solve_layer,
 )
 from fw_jax.solver._objective import inputs_error, weights_error
+
+from .checkpoints import (
+    ResumeMismatch, block_file as _block_file, blocks_on_disk as _blocks_on_disk,
+    finished_blocks as _finished_blocks, load_block_records as _load_block_records, run_fingerprint,
+    run_record as _run_record, save_block as _save_block,
+)
 from fw_jax.solver._published import sparsefw_published
 
 __all__ = ["METHODS", "METHOD_SUMMARIES", "PruneInterrupted", "PruneSettings", "PruneReport", "ResumeMismatch", "check_model",
@@ -284,53 +289,6 @@ def certify_mask(weight, gram, budget, mask, iterations: int) -> float:
     return float(check.lower_bound)
 
 
-def _run_record(loaded, settings: PruneSettings, calibration: dict, tokens: np.ndarray) -> dict:
-    """What makes two runs the same run: model, settings, calibration and its very tokens."""
-    tokens = np.ascontiguousarray(tokens, dtype=np.int32)
-    return {
-        "source": str(loaded.source),
-        "calibration": calibration,
-        "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
-        "settings": settings.record(),
-        "dtype": loaded.dtype,
-        "checkpoint_format": _CHECKPOINT_FORMAT,
-    }
-
-
-#: 2: a block's checkpoint is its shard of the output, ``block_0003.safetensors``, in the output
-#: dtype (1, before: the pruned float32 weights in ``block_0003.npz``, which cannot be resumed).
-_CHECKPOINT_FORMAT = 2
-
-
-def _digest(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def run_fingerprint(loaded, settings: PruneSettings, calibration: dict, tokens: np.ndarray) -> str:
-    """A digest of the run (model, settings, calibration and the digest of its tokens): equal iff
-    a checkpointed run can be resumed by this one."""
-    return _digest(_run_record(loaded, settings, calibration, tokens))
-
-
-def _differences(then: dict, now: dict, prefix: str = "") -> list[str]:
-    """``key: X there, Y now`` for every leaf that differs between two run records."""
-    out = []
-    for key in sorted(set(then) | set(now)):
-        a, b = then.get(key, "(absent)"), now.get(key, "(absent)")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            if key == "tokens_sha256":
-                out.append("calibration tokens: different (same source, but its text or tokenizer changed)")
-            else:
-                out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
-    return out
-
-
-class ResumeMismatch(ValueError):
-    """A checkpoint folder holds a different run than the one asked for; nothing was written."""
-
-
 class PruneInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`prune_model`: ``blocks_done`` blocks are saved in ``work_dir``."""
 
@@ -359,52 +317,6 @@ def check_model(loaded, settings: PruneSettings, seqlen: Optional[int] = None) -
     if seqlen is not None and limit and seqlen > limit:
         raise ValueError(f"seqlen={seqlen} is longer than the model supports ({limit} positions): "
                          f"use --seqlen {limit} or less")
-
-
-def _block_file(work_dir: str, b: int) -> str:
-    return os.path.join(work_dir, f"block_{b:04d}.safetensors")
-
-
-def _save_block(work_dir: str, b: int, loaded, records: list[dict], seconds: float) -> None:
-    """Checkpoint block ``b`` (in memory): its shard of the output, then its records, each written
-    atomically; the records file marks the block as finished."""
-    models.write_block_shard(loaded, b, _block_file(work_dir, b))
-    atomic_write(os.path.join(work_dir, f"block_{b:04d}.json"), json.dumps({"seconds": seconds, "layers": records}))
-
-
-def _load_block_records(work_dir: str, b: int) -> tuple[list[dict], float]:
-    """A saved block's layer records and wall time."""
-    with open(os.path.join(work_dir, f"block_{b:04d}.json")) as f:
-        saved = json.load(f)
-    return saved["layers"], float(saved["seconds"])
-
-
-def _finished_blocks(work_dir: str, record: dict) -> int:
-    """Number of leading blocks already pruned in ``work_dir`` (0 if none) by the run ``record``
-    describes; raises :class:`ResumeMismatch`, saying what differs, if it holds another run."""
-    state = os.path.join(work_dir, "state.json")
-    if not os.path.exists(state):
-        return 0
-    with open(state) as f:
-        saved = json.load(f)
-    if saved.get("fingerprint") != _digest(record):
-        then = saved.get("run")
-        differs = _differences(then, json.loads(json.dumps(record, default=str))) if isinstance(then, dict) else [
-            "it was written by an older fw_jax, which did not record its settings"]
-        raise ResumeMismatch(
-            f"{work_dir} holds an unfinished run of another model, settings or calibration "
-            f"({saved.get('describe', '?')}), so it cannot be resumed by this one:\n  - "
-            + "\n  - ".join(differs or ["(the run records differ)"])
-            + "\nRun the earlier command to resume it, or pass --overwrite (overwrite=True) to discard it and start over."
-        )
-    return _blocks_on_disk(work_dir)
-
-
-def _blocks_on_disk(work_dir: str, done: int = 0) -> int:
-    """Leading blocks whose checkpoint (shard and records) is complete in ``work_dir``."""
-    while all(os.path.exists(p) for p in (_block_file(work_dir, done), os.path.join(work_dir, f"block_{done:04d}.json"))):
-        done += 1
-    return done
 
 
 def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool, inputs=None):

@@ -23,11 +23,13 @@ from fw_jax.pipeline.output import (
     FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, remove_own_folder,
     write_marker,
 )
-from fw_jax.pipeline.prune import PruneReport, PruneSettings, _digest, check_model, prune_model, run_fingerprint
+from fw_jax.pipeline.checkpoints import digest as _digest, run_fingerprint
+from fw_jax.pipeline.prune import PruneReport, PruneSettings, check_model, prune_model
 
-__all__ = ["AlreadyPruned", "prune_to_folder", "REPORT_NAME"]
+__all__ = ["AlreadyPruned", "FORMATS", "prune_to_folder", "REPORT_NAME"]
 
 REPORT_NAME = "prune_report.json"
+FORMATS = ("hf", "flax")  #: output formats: sharded safetensors, or a transformers 4.x Flax msgpack
 
 
 def _write_plots(report: PruneReport, out_dir: str) -> list[str]:
@@ -74,7 +76,7 @@ class AlreadyPruned(FileExistsError):
 
 
 def _request(model: str, settings: PruneSettings, calib, documents: Sequence[str], nsamples: int,
-             seqlen: int, seed: int, dtype: str = "auto") -> str:
+             seqlen: int, seed: int, dtype: str = "auto", format: str = "hf") -> str:
     """A digest of what the command asks for, computable before the model is loaded: the model
     path, the settings and the calibration (its text's digest, not only its name)."""
     text = hashlib.sha256()
@@ -83,7 +85,7 @@ def _request(model: str, settings: PruneSettings, calib, documents: Sequence[str
     model_id = os.path.realpath(model) if os.path.exists(model) else str(model)
     return _digest({"model": model_id, "settings": settings.record(),
                     "calib": calib if isinstance(calib, str) else list(calib), "text_sha256": text.hexdigest(),
-                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype})
+                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype, "format": format})
 
 
 def _check_counts(nsamples, seqlen, seed) -> None:
@@ -102,6 +104,7 @@ def prune_to_folder(
     seqlen: int = 2048,
     seed: int = 0,
     dtype: str = "auto",
+    format: Optional[str] = None,
     overwrite: bool = False,
     history_layer: Optional[str] = "auto",
     progress: bool | _progress.Progress = True,
@@ -122,7 +125,9 @@ def prune_to_folder(
     model's size. Every tensor is written in ``dtype``: ``"auto"`` keeps each one's own
     (bfloat16 stays bfloat16; a quantized GGUF's become bfloat16), or ``"float32"``,
     ``"bfloat16"``, ``"float16"``; the model is rounded to it when loaded, so what is pruned
-    and calibrated on is what is written.
+    and calibrated on is what is written. ``format``: ``"hf"`` (sharded safetensors) or
+    ``"flax"`` (``flax_model.msgpack``, float32, read whole); ``None``: the input's kind (Flax
+    for a Flax folder, else Hugging Face).
 
     ``progress`` (see :func:`~fw_jax.pipeline.prune_model`) reports loading, every block and the
     saving to stderr.
@@ -138,18 +143,29 @@ def prune_to_folder(
       PruneInterrupted: Ctrl-C while pruning; the finished blocks are saved.
     """
     with _progress.use(progress) as report_to:
-        return _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, overwrite,
-                                history_layer, report_to, after_block, devices)
+        return _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, format,
+                                overwrite, history_layer, report_to, after_block, devices)
 
 
-def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, overwrite, history_layer,
-                     progress: _progress.Progress, after_block, devices):
+def _input_format(model: str) -> str:
+    """``"flax"`` for a folder holding only a Flax msgpack, else ``"hf"``."""
+    if os.path.isdir(model) and os.path.isfile(os.path.join(model, "flax_model.msgpack")) and not any(
+            os.path.isfile(os.path.join(model, f)) for f in ("model.safetensors", models.INDEX_NAME)):
+        return "flax"
+    return "hf"
+
+
+def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, format, overwrite,
+                     history_layer, progress: _progress.Progress, after_block, devices):
     _check_counts(nsamples, seqlen, seed)
+    format = format or _input_format(model)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
     models.output_dtype("float32", dtype)  # a bad name is refused before anything is read
     plan = check_output(out_dir, model)
     out, work_dir = plan.out_dir, plan.work_dir
     documents = load_documents(calib)
-    request = _request(model, settings, calib, documents, nsamples, seqlen, seed, dtype)
+    request = _request(model, settings, calib, documents, nsamples, seqlen, seed, dtype, format)
     same_run = plan.finished is not None and plan.finished.get("request") == request
     if same_run and plan.partial is not None and plan.partial.get("request") == request:
         remove_own_folder(work_dir)  # this very run finished earlier and was killed while tidying up
@@ -160,7 +176,7 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
                             "calibration); nothing to do (--overwrite runs it again)")
     plan.check_replace(overwrite)
 
-    loaded = models.load_model(model, dtype=dtype, stream=True)
+    loaded = models.load_model(model, dtype=dtype, stream=format == "hf")  # a msgpack is written whole
     if loaded.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer; calibration needs one")
     check_model(loaded, settings, seqlen)
@@ -191,8 +207,12 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
                          devices=devices)
     tmp = new_temporary(out)
     try:
-        shards = {b: os.path.join(work_dir, f"block_{b:04d}.safetensors") for b in range(models.num_blocks(loaded.model))}
-        models.write_hf_files(loaded, tmp, block_files=shards)
+        if format == "flax":
+            models.write_flax_files(loaded, tmp)
+        else:
+            shards = {b: os.path.join(work_dir, f"block_{b:04d}.safetensors")
+                      for b in range(models.num_blocks(loaded.model))}
+            models.write_hf_files(loaded, tmp, block_files=shards)
         with progress.timed("writing the report's plots"):
             _write_plots(report, tmp)
         atomic_write(os.path.join(tmp, REPORT_NAME),
