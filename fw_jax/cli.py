@@ -101,12 +101,21 @@ def _prune(args: argparse.Namespace) -> int:
     from fw_jax.pipeline.run import AlreadyPruned
 
     settings = _settings(args)
+    progress = _progress(args)
+    if args.coordinator is not None or args.num_processes is not None:
+        from fw_jax.pipeline import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX work
+        if not distributed.is_writer():
+            from fw_jax._progress import QUIET, Progress
+
+            progress = Progress(QUIET)  # process 0 reports for all
     out = args.out or os.path.join("runs", f"{os.path.basename(str(args.model)).replace('.gguf', '')}-{settings.method}")
     try:
         _, report = prune_to_folder(
             args.model, out, settings, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
             seed=args.seed, dtype=args.dtype, format=args.format, overwrite=args.overwrite, devices=_devices(args.devices),
-            progress=_progress(args),
+            progress=progress,
         )
     except AlreadyPruned as e:
         print(f"fw-jax prune: {e}", file=sys.stderr)
@@ -333,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--format", choices=("hf", "flax"), default=None,
                        help="output: hf (sharded safetensors) or flax (flax_model.msgpack, float32); "
                             "default: the input's kind")
+    prune.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="prune across processes with jax.distributed: process 0's address (every process "
+                            "runs the same command), or auto to detect the cluster (SLURM, Open MPI, TPU pods)")
+    prune.add_argument("--num-processes", type=int, default=None, help="--coordinator: how many processes")
+    prune.add_argument("--process-id", type=int, default=None, help="--coordinator: this process's rank, 0 to N-1")
     prune.add_argument("--overwrite", action="store_true",
                        help="replace a finished output of fw_jax's in --out (never a folder fw_jax did not write), "
                             "or discard another run's checkpoints in OUT.partial and start over")

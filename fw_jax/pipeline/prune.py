@@ -36,6 +36,7 @@ from fw_jax.solver import (
 )
 from fw_jax.solver._objective import inputs_error, weights_error
 
+from . import distributed
 from .checkpoints import (
     ResumeMismatch, block_file as _block_file, blocks_on_disk as _blocks_on_disk,
     finished_blocks as _finished_blocks, load_block_records as _load_block_records, run_fingerprint,
@@ -184,6 +185,7 @@ class PruneReport:
             "calibration": self.calibration,
             "seconds": self.seconds,
             "resumed_blocks": self.resumed_blocks,
+            "processes": jax.process_count(),  # jax.distributed: the samples and layers were shared out
             "layers": self.layers,
             "summary": self.summary(),
         }
@@ -335,27 +337,35 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
     model = loaded.model
     calibration_start = time.perf_counter()
     linears = list(models.block_linears(model, b))
-    # With fewer tokens than a layer has inputs, its errors are cheaper from the inputs themselves.
-    few_tokens = int(np.prod(hidden.shape[:2])) < min(layer.weight.shape[1] for layer in linears)
+    # With fewer tokens than a layer has inputs, its errors are cheaper from the inputs themselves
+    # (in one process: across processes each holds only its share of the tokens).
+    few_tokens = distributed.process_count() == 1 and int(np.prod(hidden.shape[:2])) < min(
+        layer.weight.shape[1] for layer in linears)
     grams = models.block_grams(model, b, hidden, return_inputs=few_tokens)
     grams, inputs = grams if few_tokens else (grams, {})
+    grams = distributed.sum_over_processes(grams)  # each process accumulated its share of the samples
     jax.block_until_ready(grams)
     calibration_seconds = time.perf_counter() - calibration_start
     wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
-    if devices is not None and len(devices) > 1:
-        def on_device(i):
-            device = devices[i % len(devices)]
-            w, g = jax.device_put(linears[i].weight, device), jax.device_put(grams[linears[i].input_key], device)
-            x = inputs.get(linears[i].input_key)
-            x = None if x is None else jax.device_put(x, device)
-            new_weight, record = _prune_named(linears[i].name, w, g, settings, wants[i], x)
-            return jax.device_put(new_weight, jax.devices()[0]), record
 
+    def solve(i, device=None):
+        layer = linears[i]
+        w, g, x = layer.weight, grams[layer.input_key], inputs.get(layer.input_key)
+        if device is not None:
+            w, g = jax.device_put(w, device), jax.device_put(g, device)
+            x = None if x is None else jax.device_put(x, device)
+        new_weight, record = _prune_named(layer.name, w, g, settings, wants[i], x)
+        return (new_weight if device is None else jax.device_put(new_weight, jax.local_devices()[0])), record
+
+    mine = [i for i in range(len(linears)) if distributed.owner(i) == jax.process_index()]
+    if devices is not None and len(devices) > 1:
         with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
-            results = list(pool.map(on_device, range(len(linears))))
+            solved = dict(zip(mine, pool.map(lambda i: solve(i, devices[i % len(devices)]), mine)))
+        results = distributed.share_results(solved, [layer.weight.shape for layer in linears])
+    elif distributed.process_count() > 1:
+        results = distributed.share_results({i: solve(i) for i in mine}, [layer.weight.shape for layer in linears])
     else:
-        results = (_prune_named(layer.name, layer.weight, grams[layer.input_key], settings, want,
-                                inputs.get(layer.input_key)) for layer, want in zip(linears, wants))
+        results = (solve(i) for i in range(len(linears)))  # lazily: the progress bar follows the layers
     new_weights, records, history = {}, [], None
     with progress.steps(len(linears), f"block {b}", unit="layer", leave=False) as steps:
         for layer, want_history, (new_weight, record) in zip(linears, wants, results):
@@ -454,19 +464,22 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
     start_block = 0
     records: list[dict] = []
     earlier_seconds = 0.0  # wall time of the blocks an interrupted run finished
+    writer = distributed.is_writer()  # across processes, only process 0 writes
     if work_dir is not None:
         if os.path.isdir(work_dir):
             start_block = _finished_blocks(work_dir, record)  # checked before anything is written
-        os.makedirs(work_dir, exist_ok=True)
+        distributed.barrier("checkpoints read")  # nobody reads a state.json being replaced
         from fw_jax.pipeline.output import PARTIAL, read_marker, write_marker
 
-        if read_marker(work_dir) is None:
-            write_marker(work_dir, PARTIAL, describe=settings.describe())
-        atomic_write(
-            os.path.join(work_dir, "state.json"),
-            json.dumps({"fingerprint": fingerprint, "describe": settings.describe(), "blocks": blocks,
-                        "run": record}, default=str),
-        )
+        if writer:
+            os.makedirs(work_dir, exist_ok=True)
+            if read_marker(work_dir) is None:
+                write_marker(work_dir, PARTIAL, describe=settings.describe())
+            atomic_write(
+                os.path.join(work_dir, "state.json"),
+                json.dumps({"fingerprint": fingerprint, "describe": settings.describe(), "blocks": blocks,
+                            "run": record}, default=str),
+            )
         for b in range(start_block):
             block_records, block_seconds = _load_block_records(work_dir, b)
             records.extend(block_records)
@@ -483,7 +496,7 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
     done = start_block  # blocks finished (and saved, with a work_dir)
     compare = settings.compares_with_wanda
     try:
-        hidden = models.embed(model, jnp.asarray(tokens))
+        hidden = models.embed(model, jnp.asarray(distributed.local_samples(tokens)))
         if start_block:
             with progress.steps(start_block, "replaying the finished blocks", unit="block") as steps:
                 for replayed in range(start_block):  # the pruned block as saved, read back
@@ -499,7 +512,7 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                 new_weights, block_records, block_history, calibration_seconds = _prune_block(
                     loaded, b, hidden, settings, history_layer, devices, progress, compare)
                 history = block_history or history
-                if work_dir is not None:
+                if work_dir is not None and writer:
                     _save_block(work_dir, b, loaded, block_records, time.perf_counter() - block_start)
                 records.extend(block_records)
                 done = b + 1

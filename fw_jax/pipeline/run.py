@@ -23,6 +23,7 @@ from fw_jax.pipeline.output import (
     FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, remove_own_folder,
     write_marker,
 )
+from fw_jax.pipeline import distributed
 from fw_jax.pipeline.checkpoints import digest as _digest, run_fingerprint
 from fw_jax.pipeline.prune import PruneReport, PruneSettings, check_model, prune_model
 
@@ -167,9 +168,11 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
     documents = load_documents(calib)
     request = _request(model, settings, calib, documents, nsamples, seqlen, seed, dtype, format)
     same_run = plan.finished is not None and plan.finished.get("request") == request
-    if same_run and plan.partial is not None and plan.partial.get("request") == request:
+    writer = distributed.is_writer()  # across processes, only process 0 writes
+    distributed.barrier("output checked")  # every process has seen the folders before any changes
+    if writer and same_run and plan.partial is not None and plan.partial.get("request") == request:
         remove_own_folder(work_dir)  # this very run finished earlier and was killed while tidying up
-    for folder in (out, work_dir):
+    for folder in (out, work_dir) if writer else ():
         clean_stale_temporaries(folder)  # fw_jax's own leftovers of killed runs
     if same_run and not overwrite:
         raise AlreadyPruned(f"{out_dir} already holds this run's result (same model, settings and "
@@ -196,15 +199,19 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
         except (OSError, ValueError):
             held = None
         full = dict(calibration, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
-        if held != run_fingerprint(loaded, settings, full, tokens):
+        if held != run_fingerprint(loaded, settings, full, tokens) and writer:
             remove_own_folder(work_dir)
-    if not os.path.isdir(work_dir):
+    if not os.path.isdir(work_dir) and writer:
         os.makedirs(work_dir)
         write_marker(work_dir, PARTIAL, describe=settings.describe(), request=request)
+    distributed.barrier("checkpoint folder ready")
     progress.say(f"pruning {model}: {settings.describe()}, calibration {nsamples}×{seqlen} tokens of {calib}")
     report = prune_model(loaded, tokens, settings, work_dir=work_dir, calibration=calibration,
                          history_layer=history_layer, progress=progress, after_block=after_block,
                          devices=devices)
+    if not writer:
+        distributed.barrier("output written")
+        return (models.load_model(out, dtype=dtype, stream=True) if loaded.streamed else loaded), report
     tmp = new_temporary(out)
     try:
         if format == "flax":
@@ -224,6 +231,7 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     remove_own_folder(work_dir)
+    distributed.barrier("output written")
     if loaded.streamed:  # its blocks are in OUT now: read them from there
         loaded = models.load_model(out, dtype=dtype, stream=True)
     return loaded, report
