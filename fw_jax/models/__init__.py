@@ -45,6 +45,10 @@ from ._loaded import (
 from ._loading import GEMMA3_NAME, SMOLLM2_NAME, gemma3_gguf_path, load_model, smollm2_gguf_path
 from ._msgpack import load_flax_folder, save_flax_folder, write_flax_files
 from ._safetensors import WriteError
+
+#: Output formats and their writers, ``writer(loaded, folder, block_files=None)`` into an existing
+#: folder: ``"hf"`` sharded safetensors (:func:`write_hf_files`), ``"flax"`` a Flax msgpack.
+WRITERS = {"hf": write_hf_files, "flax": write_flax_files}
 from ._shards import INDEX_NAME, block_shard_name, read_block_shard, write_block_shard
 from ._params import (
     get_linear_weight,
@@ -60,6 +64,7 @@ __all__ = [
     "CheckpointError",
     "DTYPES",
     "INDEX_NAME",
+    "WRITERS",
     "WriteError",
     "block_shard_name",
     "load_block",

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ._family import Family
 from ._layers import (
     F32,
     CausalLM,
@@ -210,3 +211,12 @@ class Gemma3ForCausalLM(CausalLM):
         if cap is not None:
             out = jnp.tanh(out / cap) * jnp.asarray(cap, F32)
         return out
+
+
+FAMILY = Family(
+    name="gemma3",
+    architectures={"gemma3_text": "Gemma3ForCausalLM"},
+    spec=Gemma3Spec,
+    model=Gemma3ForCausalLM,
+    bos_per_window=True,
+)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ._family import Family
 from ._layers import (
     F32,
     CausalLM,
@@ -164,3 +165,14 @@ class GPT2LMHeadModel(CausalLM):
 
     def head(self, h: jax.Array) -> jax.Array:
         return self.project(self.transformer.ln_f(h), self.transformer.wte)
+
+
+FAMILY = Family(
+    name="gpt2",
+    architectures={"gpt2": "GPT2LMHeadModel"},
+    spec=GPT2Spec,
+    model=GPT2LMHeadModel,
+    transposed=CONV1D_SUFFIXES,
+    optional_prefix="transformer.",
+    buffers=(".attn.bias", ".attn.masked_bias"),
+)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ._family import Family
 from ._layers import (
     F32,
     CausalLM,
@@ -207,3 +208,11 @@ class LlamaForCausalLM(CausalLM):
 
     def head(self, h: jax.Array) -> jax.Array:
         return self.project(self.model.norm(h), self.model.embed_tokens)
+
+
+FAMILY = Family(
+    name="llama",
+    architectures={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"},
+    spec=LlamaSpec,
+    model=LlamaForCausalLM,
+)

@@ -16,25 +16,17 @@ from flax import nnx
 from fw_jax import _progress
 
 from ._errors import CheckpointError, UnsupportedModelError
-from ._gemma3 import GEMMA3_MODEL_TYPES, Gemma3ForCausalLM, Gemma3Spec
-from ._gpt2 import CONV1D_SUFFIXES, GPT2LMHeadModel, GPT2Spec
-from ._llama import LLAMA_MODEL_TYPES, LlamaForCausalLM, LlamaSpec
+from ._family import Family
+from ._gemma3 import FAMILY as GEMMA3
+from ._gpt2 import FAMILY as GPT2
+from ._llama import FAMILY as LLAMA
 from ._params import param_shapes, set_param
 
-FAMILIES = {
-    "llama": (LlamaSpec, LlamaForCausalLM),
-    "gpt2": (GPT2Spec, GPT2LMHeadModel),
-    "gemma3": (Gemma3Spec, Gemma3ForCausalLM),
-}
+#: Every model family, by name (see ``_family.py``; a new family adds its record here).
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GPT2, GEMMA3)}
 
 # transformers class names written to config.json so AutoModelForCausalLM finds the model.
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-    "gemma3_text": "Gemma3ForCausalLM",
-}
+HF_ARCHITECTURES = {t: cls for f in FAMILIES.values() for t, cls in f.architectures.items()}
 
 
 #: The dtypes a checkpoint is written in (``--dtype``); ``"auto"`` keeps each tensor's own.
@@ -192,46 +184,36 @@ def _count_nonfinite(value) -> int:
 
 
 def family_of(config, path: str | os.PathLike = "") -> str:
-    """``"llama"`` or ``"gpt2"`` for a ``transformers`` config; raises for other architectures."""
+    """The family name (``"llama"``, ``"gpt2"``, ``"gemma3"``) of a ``transformers`` config;
+    raises :class:`UnsupportedModelError` for architectures without a model here."""
     model_type = getattr(config, "model_type", None)
-    if model_type in LLAMA_MODEL_TYPES:
-        return "llama"
-    if model_type == "gpt2":
-        return "gpt2"
-    if model_type in GEMMA3_MODEL_TYPES:
-        return "gemma3"
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family.name
     raise UnsupportedModelError(
         path,
-        f"unsupported architecture model_type={model_type!r}; "
-        f"supported: {', '.join(LLAMA_MODEL_TYPES + ('gpt2',) + GEMMA3_MODEL_TYPES)}",
+        f"unsupported architecture model_type={model_type!r}; supported: {', '.join(HF_ARCHITECTURES)}",
     )
 
 
 def build_abstract_model(config, path: str | os.PathLike = "") -> tuple[nnx.Module, str]:
     """The model for ``config`` with shape-only parameters (no memory), and its family."""
-    family = family_of(config, path)
-    spec_cls, model_cls = FAMILIES[family]
+    family = FAMILIES[family_of(config, path)]
     try:
-        spec = spec_cls.from_hf(config)
-        return nnx.eval_shape(lambda: model_cls(spec)), family
+        spec = family.spec.from_hf(config)
+        return nnx.eval_shape(lambda: family.model(spec)), family.name
     except NotImplementedError as e:
         raise UnsupportedModelError(path, str(e)) from e
 
 
 def hf_to_model_name(family: str, tied: bool, hf_name: str) -> str | None:
     """Our parameter name for a Hugging Face tensor name; ``None`` for tensors we do not keep."""
-    if hf_name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
-        return None  # buffers, not weights
-    if tied and hf_name == "lm_head.weight":
-        return None
-    if family == "gpt2" and not hf_name.startswith(("transformer.", "lm_head.")):
-        return "transformer." + hf_name  # the original gpt2 checkpoints have no prefix
-    return hf_name
+    return FAMILIES[family].param_name(hf_name, tied)
 
 
 def is_transposed_in_hf(family: str, name: str) -> bool:
     """True for weights that Hugging Face stores as ``(d_in, d_out)`` (GPT-2 Conv1D)."""
-    return family == "gpt2" and name.endswith(CONV1D_SUFFIXES)
+    return FAMILIES[family].is_transposed(name)
 
 
 def fill_model(model: nnx.Module, family: str, tensors, source, *, dtype: Optional[str] = None,

@@ -136,9 +136,10 @@ def save_flax_folder(
     return atomic_folder_write(out_dir, lambda tmp: write_flax_files(loaded, tmp), overwrite=overwrite)
 
 
-def write_flax_files(loaded: LoadedModel, folder: str | os.PathLike) -> None:
+def write_flax_files(loaded: LoadedModel, folder: str | os.PathLike, *, block_files=None) -> None:
     """Write the files of :func:`save_flax_folder` (float32, as transformers 4.x Flax models are
-    saved) into an existing ``folder``."""
+    saved) into an existing ``folder``. ``block_files`` is not used: the one msgpack file is
+    written from the model in memory."""
     from flax import serialization
 
     if loaded.streamed:

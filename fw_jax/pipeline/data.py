@@ -436,10 +436,15 @@ def needs_bos_per_window(config_or_family: Any) -> bool:
       >>> needs_bos_per_window("gemma3"), needs_bos_per_window("llama")
       (True, False)
     """
+    from fw_jax.models._loaded import FAMILIES, family_of
+
     if isinstance(config_or_family, str):
         family = config_or_family
     elif hasattr(config_or_family, "family") and isinstance(config_or_family.family, str):
         family = config_or_family.family
     else:
-        family = str(getattr(config_or_family, "model_type", ""))
-    return "gemma" in family.lower()
+        try:
+            family = family_of(config_or_family)
+        except ValueError:
+            return False
+    return FAMILIES[family].bos_per_window if family in FAMILIES else False

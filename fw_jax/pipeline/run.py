@@ -30,7 +30,7 @@ from fw_jax.pipeline.prune import PruneReport, PruneSettings, check_model, prune
 __all__ = ["AlreadyPruned", "FORMATS", "prune_to_folder", "REPORT_NAME"]
 
 REPORT_NAME = "prune_report.json"
-FORMATS = ("hf", "flax")  #: output formats: sharded safetensors, or a transformers 4.x Flax msgpack
+FORMATS = tuple(models.WRITERS)  #: output formats: sharded safetensors, or a transformers 4.x Flax msgpack
 
 
 def _write_plots(report: PruneReport, out_dir: str) -> list[str]:
@@ -214,12 +214,8 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
         return (models.load_model(out, dtype=dtype, stream=True) if loaded.streamed else loaded), report
     tmp = new_temporary(out)
     try:
-        if format == "flax":
-            models.write_flax_files(loaded, tmp)
-        else:
-            shards = {b: os.path.join(work_dir, f"block_{b:04d}.safetensors")
-                      for b in range(models.num_blocks(loaded.model))}
-            models.write_hf_files(loaded, tmp, block_files=shards)
+        shards = {b: os.path.join(work_dir, f"block_{b:04d}.safetensors") for b in range(models.num_blocks(loaded.model))}
+        models.WRITERS[format](loaded, tmp, block_files=shards)
         with progress.timed("writing the report's plots"):
             _write_plots(report, tmp)
         atomic_write(os.path.join(tmp, REPORT_NAME),

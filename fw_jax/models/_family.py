@@ -1,0 +1,55 @@
+"""One record per model family: what fw_jax needs to know about it, in one place.
+
+A family's model file (``_llama.py``, ``_gpt2.py``, ``_gemma3.py``) ends with its ``FAMILY``
+record; :data:`FAMILIES` in ``_loaded.py`` lists them. Adding a family is a new model file with
+its record, and its name in that list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What fw_jax needs to know about one model family.
+
+    Attributes:
+      name: ``"llama"``, ``"gpt2"``, ``"gemma3"``.
+      architectures: ``{model_type: transformers class}`` for every ``transformers`` config type
+        this family's model runs (the class is written to a saved ``config.json``).
+      spec: the dataclass read from a config (``spec.from_hf(config)``).
+      model: the Flax NNX model class (``model(spec)``).
+      bos_per_window: perplexity and calibration windows must start with BOS (Gemma: 21.8 with,
+        61.4 without on pydoc-eval).
+      transposed: suffixes of weights Hugging Face stores as ``(d_in, d_out)`` (GPT-2's Conv1D).
+      optional_prefix: a prefix some checkpoints leave out of the tensor names (the original
+        ``gpt2`` checkpoints have ``h.0...`` for ``transformer.h.0...``).
+      buffers: suffixes of checkpoint tensors that are buffers, not weights (skipped).
+    """
+
+    name: str
+    architectures: Mapping[str, str]
+    spec: type
+    model: type
+    bos_per_window: bool = False
+    transposed: tuple[str, ...] = ()
+    optional_prefix: str = ""
+    buffers: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return tuple(self.architectures)
+
+    def param_name(self, hf_name: str, tied: bool) -> str | None:
+        """Our parameter name for a checkpoint tensor name; ``None`` for tensors we do not keep."""
+        if hf_name.endswith(self.buffers) or (tied and hf_name == "lm_head.weight"):
+            return None
+        if self.optional_prefix and not hf_name.startswith((self.optional_prefix, "lm_head.")):
+            return self.optional_prefix + hf_name
+        return hf_name
+
+    def is_transposed(self, name: str) -> bool:
+        """Whether Hugging Face stores parameter ``name`` as ``(d_in, d_out)``."""
+        return bool(self.transposed) and name.endswith(self.transposed)
