@@ -114,7 +114,8 @@ def _prune(args: argparse.Namespace) -> int:
     try:
         _, report = prune_to_folder(
             args.model, out, settings, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-            seed=args.seed, dtype=args.dtype, format=args.format, overwrite=args.overwrite, devices=_devices(args.devices),
+            seed=args.seed, dtype=args.dtype, format=args.format, hidden_dtype=args.hidden_dtype,
+            overwrite=args.overwrite, devices=_devices(args.devices),
             progress=progress,
         )
     except AlreadyPruned as e:
@@ -219,7 +220,8 @@ def _main_job(args: argparse.Namespace) -> int:
             progress.say(f"reusing {out}: pruned by an earlier demo with these options (remove it to prune again)")
             continue
         prune_to_folder(args.model, out, settings, calib=args.calib, nsamples=args.nsamples,
-                        seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, devices=_devices(args.devices),
+                        seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, hidden_dtype=args.hidden_dtype,
+                        devices=_devices(args.devices),
                         progress=progress)
     code = _evaluate({"dense": args.model, **{f"{m} ({_settings(args, m).describe().split(', ', 1)[1]})": o for m, o in outs.items()}},
                      args.eval, args.eval_seqlen, args.max_windows, progress)
@@ -301,6 +303,9 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of the written weights: auto keeps each tensor's own (bfloat16 stays bfloat16, "
                         "a quantized GGUF's become bfloat16); the model is rounded to it before pruning")
+    p.add_argument("--hidden-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype the calibration hidden states are kept in between blocks (bfloat16 halves "
+                        "them, for 128×2048 tokens of a large model; blocks still compute in float32)")
     _verbosity_options(p)
 
 

@@ -221,3 +221,26 @@ def test_a_flax_checkpoint_is_pruned_into_flax_unless_asked(bf16_folder, tmp_pat
     pruned = models.load_model(out)
     w = np.asarray(models.get_linear_weight(pruned.model, "model.layers.2.mlp.up_proj"))
     assert (w == 0).mean() == pytest.approx(0.5, abs=0.05)
+
+
+def test_hidden_states_can_be_kept_in_bfloat16(bf16_folder, tmp_path, monkeypatch):
+    kwargs = dict(calib=_calib(bf16_folder), nsamples=2, seqlen=16, progress=False)
+    settings = PruneSettings(method="wanda")
+    _, full = prune_to_folder(bf16_folder, str(tmp_path / "f32"), settings, **kwargs)
+    seen = []
+    real = models.block_grams
+
+    def block_grams(model, b, hidden, **kw):
+        seen.append(hidden.dtype)
+        return real(model, b, hidden, **kw)
+
+    monkeypatch.setattr(models, "block_grams", block_grams)
+    _, half = prune_to_folder(bf16_folder, str(tmp_path / "bf16"), settings, hidden_dtype="bfloat16", **kwargs)
+    assert seen == [jax.numpy.bfloat16] * BLOCKS  # what each block was calibrated on, held between blocks
+    assert half.calibration["hidden_dtype"] == "bfloat16" and "hidden_dtype" not in full.calibration
+    a, b = folder_tensors(str(tmp_path / "f32")), folder_tensors(str(tmp_path / "bf16"))
+    for name in a:  # Wanda's masks depend on the inputs' norms only: nearly all equal
+        if name.endswith("mlp.down_proj.weight"):
+            assert ((a[name] != 0) == (b[name] != 0)).mean() > 0.9
+    with pytest.raises(ValueError, match="hidden_dtype must be one of float32, bfloat16"):
+        prune_to_folder(bf16_folder, str(tmp_path / "x"), settings, hidden_dtype="float16", **kwargs)

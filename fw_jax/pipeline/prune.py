@@ -58,6 +58,7 @@ METHOD_SUMMARIES = {
 }
 METHODS = tuple(METHOD_SUMMARIES)
 STEP_RULES = ("exact", "open_loop", "short")
+HIDDEN_DTYPES = ("float32", "bfloat16")  #: what calibration hidden states may be kept in between blocks
 WARM_STARTS = ("wanda", "ria", "magnitude")
 DEFAULT_SHRINKAGE = 0.5  # sparsefw's, chosen by perplexity (results/quality.md)
 
@@ -421,6 +422,7 @@ def prune_model(
     progress: bool | _progress.Progress = True,
     after_block: Optional[Callable[[int], None]] = None,
     devices: Optional[Sequence[Any]] = None,
+    hidden_dtype: str = "float32",
 ) -> PruneReport:
     """Prune every linear layer of every decoder block of ``loaded`` (in place).
 
@@ -440,6 +442,8 @@ def prune_model(
       devices: JAX devices to spread the layers of a block over (layer ``i`` on
         ``devices[i % len(devices)]``, solved concurrently); ``None`` solves them one by one on
         the default device. The result does not depend on it.
+      hidden_dtype: ``"float32"`` or ``"bfloat16"``: the dtype the calibration hidden states are
+        kept in between blocks (bfloat16 halves them; every block still computes in float32).
 
     Returns:
       A :class:`PruneReport`.
@@ -447,13 +451,18 @@ def prune_model(
     report = _progress.as_progress(progress)
     with _progress.use(report):
         return _prune_blocks(loaded, tokens, settings, work_dir, calibration, history_layer, report,
-                             after_block, devices)
+                             after_block, devices, hidden_dtype)
 
 
 def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration, history_layer,
-                  progress: _progress.Progress, after_block, devices) -> PruneReport:
+                  progress: _progress.Progress, after_block, devices, hidden_dtype) -> PruneReport:
     model = loaded.model
+    if hidden_dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}; got {hidden_dtype!r}")
+    keep = jnp.dtype(hidden_dtype)
     calibration = dict(calibration or {}, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
+    if hidden_dtype != "float32":  # recorded (and part of the run's identity) only when not the default
+        calibration["hidden_dtype"] = hidden_dtype
     check_model(loaded, settings, int(tokens.shape[1]))
     if loaded.streamed and work_dir is None:
         raise ValueError(f"{loaded.source} is streamed (load_model(..., stream=True)): each pruned block "
@@ -496,12 +505,12 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
     done = start_block  # blocks finished (and saved, with a work_dir)
     compare = settings.compares_with_wanda
     try:
-        hidden = models.embed(model, jnp.asarray(distributed.local_samples(tokens)))
+        hidden = models.embed(model, jnp.asarray(distributed.local_samples(tokens))).astype(keep)
         if start_block:
             with progress.steps(start_block, "replaying the finished blocks", unit="block") as steps:
                 for replayed in range(start_block):  # the pruned block as saved, read back
                     models.load_block(loaded, replayed, models.read_block_shard(loaded, _block_file(work_dir, replayed)))
-                    hidden = models.run_block(model, replayed, hidden)
+                    hidden = models.run_block(model, replayed, hidden).astype(keep)
                     models.unload_block(loaded, replayed)
                     steps.advance()
         with progress.steps(blocks, "pruning", unit="block", running_lines=False) as block_steps:
@@ -518,7 +527,7 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                 done = b + 1
                 if b + 1 < blocks:
                     forward_start = time.perf_counter()
-                    hidden = jax.block_until_ready(models.run_block(model, b, hidden))
+                    hidden = jax.block_until_ready(models.run_block(model, b, hidden).astype(keep))
                     calibration_seconds += time.perf_counter() - forward_start
                 models.unload_block(loaded, b)
                 now = time.perf_counter()

@@ -77,7 +77,7 @@ class AlreadyPruned(FileExistsError):
 
 
 def _request(model: str, settings: PruneSettings, calib, documents: Sequence[str], nsamples: int,
-             seqlen: int, seed: int, dtype: str = "auto", format: str = "hf") -> str:
+             seqlen: int, seed: int, dtype: str = "auto", format: str = "hf", hidden_dtype: str = "float32") -> str:
     """A digest of what the command asks for, computable before the model is loaded: the model
     path, the settings and the calibration (its text's digest, not only its name)."""
     text = hashlib.sha256()
@@ -86,7 +86,8 @@ def _request(model: str, settings: PruneSettings, calib, documents: Sequence[str
     model_id = os.path.realpath(model) if os.path.exists(model) else str(model)
     return _digest({"model": model_id, "settings": settings.record(),
                     "calib": calib if isinstance(calib, str) else list(calib), "text_sha256": text.hexdigest(),
-                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype, "format": format})
+                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype, "format": format,
+                    "hidden_dtype": hidden_dtype})
 
 
 def _check_counts(nsamples, seqlen, seed) -> None:
@@ -106,6 +107,7 @@ def prune_to_folder(
     seed: int = 0,
     dtype: str = "auto",
     format: Optional[str] = None,
+    hidden_dtype: str = "float32",
     overwrite: bool = False,
     history_layer: Optional[str] = "auto",
     progress: bool | _progress.Progress = True,
@@ -145,7 +147,7 @@ def prune_to_folder(
     """
     with _progress.use(progress) as report_to:
         return _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, format,
-                                overwrite, history_layer, report_to, after_block, devices)
+                                hidden_dtype, overwrite, history_layer, report_to, after_block, devices)
 
 
 def _input_format(model: str) -> str:
@@ -156,8 +158,8 @@ def _input_format(model: str) -> str:
     return "hf"
 
 
-def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, format, overwrite,
-                     history_layer, progress: _progress.Progress, after_block, devices):
+def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, format, hidden_dtype,
+                     overwrite, history_layer, progress: _progress.Progress, after_block, devices):
     _check_counts(nsamples, seqlen, seed)
     format = format or _input_format(model)
     if format not in FORMATS:
@@ -166,7 +168,7 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
     plan = check_output(out_dir, model)
     out, work_dir = plan.out_dir, plan.work_dir
     documents = load_documents(calib)
-    request = _request(model, settings, calib, documents, nsamples, seqlen, seed, dtype, format)
+    request = _request(model, settings, calib, documents, nsamples, seqlen, seed, dtype, format, hidden_dtype)
     same_run = plan.finished is not None and plan.finished.get("request") == request
     writer = distributed.is_writer()  # across processes, only process 0 writes
     distributed.barrier("output checked")  # every process has seen the folders before any changes
@@ -199,6 +201,8 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
         except (OSError, ValueError):
             held = None
         full = dict(calibration, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
+        if hidden_dtype != "float32":
+            full["hidden_dtype"] = hidden_dtype
         if held != run_fingerprint(loaded, settings, full, tokens) and writer:
             remove_own_folder(work_dir)
     if not os.path.isdir(work_dir) and writer:
@@ -208,7 +212,7 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
     progress.say(f"pruning {model}: {settings.describe()}, calibration {nsamples}×{seqlen} tokens of {calib}")
     report = prune_model(loaded, tokens, settings, work_dir=work_dir, calibration=calibration,
                          history_layer=history_layer, progress=progress, after_block=after_block,
-                         devices=devices)
+                         devices=devices, hidden_dtype=hidden_dtype)
     if not writer:
         distributed.barrier("output written")
         return (models.load_model(out, dtype=dtype, stream=True) if loaded.streamed else loaded), report
