@@ -244,3 +244,30 @@ def test_hidden_states_can_be_kept_in_bfloat16(bf16_folder, tmp_path, monkeypatc
             assert ((a[name] != 0) == (b[name] != 0)).mean() > 0.9
     with pytest.raises(ValueError, match="hidden_dtype must be one of float32, bfloat16"):
         prune_to_folder(bf16_folder, str(tmp_path / "x"), settings, hidden_dtype="float16", **kwargs)
+
+
+def test_a_quantized_gguf_streams_and_is_written_in_bfloat16(tmp_path):
+    from models_fixtures import write_tiny_gguf
+
+    config = tiny_config("llama", hidden_size=64, intermediate_size=96, max_position_embeddings=128,
+                         num_hidden_layers=BLOCKS)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(random_torch_model(config, seed=7), config, path)  # MLP weights in Q8_0
+    streamed, whole = models.load_model(path, stream=True, tokenizer=False), models.load_model(path, tokenizer=False)
+    assert streamed.streamed and streamed.dtypes["model.layers.0.mlp.up_proj.weight"] == "Q8_0"
+    assert streamed.output_dtype("model.layers.0.mlp.up_proj.weight") == ml_dtypes.bfloat16
+    ids = np.random.default_rng(0).integers(3, 100, size=(120,))
+    from fw_jax.models import perplexity
+
+    assert perplexity(streamed, ids, 24) == pytest.approx(perplexity(whole.model, ids, 24), rel=1e-6)
+    tokens = np.random.default_rng(1).integers(3, 100, size=(2, 16)).astype(np.int32)
+    work = tmp_path / "work"
+    prune_model(streamed, tokens, PruneSettings(method="wanda"), work_dir=str(work), progress=False)
+    prune_model(whole, tokens, PruneSettings(method="wanda"), progress=False)
+    for b in range(BLOCKS):
+        shard = models.read_block_shard(streamed, work / f"block_{b:04d}.safetensors")
+        name = f"model.layers.{b}.mlp.up_proj.weight"
+        assert shard[name].dtype == ml_dtypes.bfloat16
+        # in memory, unrounded (dtype=None): the shard is the same weights rounded to bfloat16
+        expected = np.asarray(models.get_param(whole.model, name)).astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(shard[name].view(np.int16), expected.view(np.int16))

@@ -177,26 +177,44 @@ def _dequantize(reader: GGUFFile, tensor: GGUFTensorInfo, rows_per_chunk: int = 
     return out
 
 
-def _gguf_tensors(reader: GGUFFile, path: str, config, arch: str):
-    permuted = arch in _PERMUTED_ARCHS
+def _gguf_value(reader: GGUFFile, tensor: GGUFTensorInfo, name: str, path: str, config, arch: str) -> np.ndarray:
+    """Tensor ``tensor`` (our name ``name``) dequantized to float32 in Hugging Face's layout."""
+    try:
+        value = _dequantize(reader, tensor)
+    except Exception as e:
+        raise CheckpointError(
+            path, f"cannot dequantize {tensor.name!r} ({type(e).__name__}: {e})"
+        ) from e
+    if arch in _PERMUTED_ARCHS and name.endswith(("q_proj.weight", "q_proj.bias")):
+        value = unpermute_rope_rows(value, config.num_attention_heads)
+    elif arch in _PERMUTED_ARCHS and name.endswith(("k_proj.weight", "k_proj.bias")):
+        value = unpermute_rope_rows(value, config.num_key_value_heads)
+    elif arch == "gemma3" and name.endswith("norm.weight"):
+        value = value - np.float32(1.0)
+    return value
+
+
+class _Lazy:
+    """A GGUF tensor dequantized when called (its shape is known without reading)."""
+
+    def __init__(self, read, shape):
+        self.read, self.shape = read, tuple(shape)
+
+    def __call__(self) -> np.ndarray:
+        return self.read()
+
+
+def _gguf_tensors(reader: GGUFFile, path: str, config, arch: str, lazy: bool = False):
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name, arch)
         if name is None:
             continue
-        try:
-            value = _dequantize(reader, tensor)
-        except Exception as e:
-            raise CheckpointError(
-                path, f"cannot dequantize {tensor.name!r} ({type(e).__name__}: {e})"
-            ) from e
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            value = unpermute_rope_rows(value, config.num_attention_heads)
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            value = unpermute_rope_rows(value, config.num_key_value_heads)
-        elif arch == "gemma3" and name.endswith("norm.weight"):
-            value = value - np.float32(1.0)
+        if lazy:
+            read = lambda tensor=tensor, name=name: _gguf_value(reader, tensor, name, path, config, arch)  # noqa: E731
+            yield name, _Lazy(read, tensor.shape), path, _stored_name(tensor.ggml_type)
+            continue
         # Hand over a device array and drop the host copy before the next tensor is made.
-        value = jax.device_put(value)
+        value = jax.device_put(_gguf_value(reader, tensor, name, path, config, arch))
         yield name, value, path, _stored_name(tensor.ggml_type)
         del value
 
@@ -210,12 +228,14 @@ def _stored_name(ggml_type: int) -> str:
     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(name, name)
 
 
-def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | None = None) -> LoadedModel:
+def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | None = None,
+              stream: bool = False) -> LoadedModel:
     """Load a llama.cpp GGUF file (LLaMA, Qwen2 or Gemma 3 architecture) into our Flax model.
 
     The tokenizer comes from the GGUF metadata via ``AutoTokenizer.from_pretrained(folder,
     gguf_file=name)``; pass ``tokenizer=False`` to skip it (it takes a few seconds). ``dtype``:
-    see :func:`fw_jax.models.load_model` (GGUF files are read whole, never streamed).
+    see :func:`fw_jax.models.load_model`. ``stream``: the blocks are dequantized when
+    :func:`~fw_jax.models.load_block` asks for them, from the file's memory map.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -229,8 +249,17 @@ def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | N
         raise CheckpointError(path, f"invalid model metadata: {config_problem(e)}") from e
     model, family = build_abstract_model(config, path)
     arch = _field(reader, path, "general.architecture")
-    loaded = fill_model(model, family, _gguf_tensors(reader, path, config, arch), path, dtype=dtype)
-    del reader
+    if stream:
+        by_name = {gguf_to_hf_name(t.name, arch): t for t in reader.tensors}
+
+        def read(name: str) -> np.ndarray:  # keeps the file's memory map open while the model lives
+            return _gguf_value(reader, by_name[name], name, path, config, arch)
+
+        loaded = fill_model(model, family, _gguf_tensors(reader, path, config, arch, lazy=True), path,
+                            dtype=dtype, stream=read)
+    else:
+        loaded = fill_model(model, family, _gguf_tensors(reader, path, config, arch), path, dtype=dtype)
+        del reader
     loaded.config = config
     loaded.tokenizer = gguf_tokenizer(path) if tokenizer else None
     return loaded

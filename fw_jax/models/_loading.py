@@ -67,9 +67,9 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | 
         (a GGUF's dequantized). ``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``: each is
         rounded to the dtype it will be saved in (``"auto"``: its own, bfloat16 for quantized
         tensors; see :func:`output_dtype`), so what is pruned is what is written.
-      stream: for Hugging Face folders, read the decoder blocks only when asked for, one at a
-        time (:func:`load_block`, :func:`resident_block`): memory then holds the embeddings, the
-        head and one block, whatever the depth. Other formats are read whole.
+      stream: for Hugging Face folders and GGUF files, read the decoder blocks only when asked
+        for, one at a time (:func:`load_block`, :func:`resident_block`): memory then holds the
+        embeddings, the head and one block, whatever the depth. A Flax msgpack is read whole.
 
     Returns:
       A :class:`LoadedModel` (model, config, tokenizer or None, family).
@@ -90,7 +90,7 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | 
     if path.endswith(".gguf"):
         from ._gguf import load_gguf
 
-        return load_gguf(path, tokenizer=tokenizer, dtype=dtype)
+        return load_gguf(path, tokenizer=tokenizer, dtype=dtype, stream=stream)
     if os.path.isdir(path):
         has_safetensors = any(
             os.path.isfile(os.path.join(path, f))
