@@ -73,6 +73,10 @@ def test_a_streamed_model_holds_at_most_one_block(bf16_folder, monkeypatch):
         prune_model(loaded, tokens, PruneSettings(method="wanda"), work_dir=work, progress=False)
     assert seen == [(b, set()) for b in range(BLOCKS)]
     assert _resident_blocks(loaded) == set()
+    # the embeddings and head are not needed once the tokens are embedded: dropped, read again on demand
+    assert not models.is_resident(loaded, "model.embed_tokens.weight")
+    models.load_rest(loaded)
+    assert models.is_resident(loaded, "model.embed_tokens.weight")
     with pytest.raises(ValueError, match="streamed .* needs work_dir"):
         prune_model(loaded, tokens, PruneSettings(method="wanda"), progress=False)
 

@@ -37,10 +37,13 @@ from ._loaded import (
     DTYPES,
     LoadedModel,
     load_block,
+    is_resident,
+    load_rest,
     output_dtype,
     resident_block,
     round_to,
     unload_block,
+    unload_rest,
 )
 from ._loading import GEMMA3_NAME, SMOLLM2_NAME, gemma3_gguf_path, load_model, smollm2_gguf_path
 from ._msgpack import load_flax_folder, save_flax_folder, write_flax_files
@@ -73,6 +76,9 @@ __all__ = [
     "resident_block",
     "round_to",
     "unload_block",
+    "unload_rest",
+    "is_resident",
+    "load_rest",
     "write_block_shard",
     "GEMMA3_NAME",
     "GPT2LMHeadModel",

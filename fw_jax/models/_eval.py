@@ -12,7 +12,7 @@ from flax import nnx
 from fw_jax import _progress
 
 from ._calibration import embed, head, logits, num_blocks, run_block
-from ._loaded import LoadedModel, load_block, unload_block
+from ._loaded import LoadedModel, load_block, load_rest, unload_block
 
 
 @jax.jit
@@ -71,6 +71,7 @@ def perplexity(
 def _streamed_perplexity(loaded: LoadedModel, windows: np.ndarray, batch_size: int, desc: str) -> float:
     """:func:`perplexity` of a streamed model: all windows through one block at a time."""
     model = loaded.model
+    load_rest(loaded)  # pruning drops the embeddings and head of a streamed model
     batches = [jnp.asarray(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
     hidden = [embed(model, batch) for batch in batches]
     progress = _progress.current()

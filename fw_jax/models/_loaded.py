@@ -127,6 +127,35 @@ def unload_block(loaded: LoadedModel, b: int) -> None:
             var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype))
 
 
+def unload_rest(loaded: LoadedModel) -> None:
+    """Drop the parameters outside the blocks (embeddings, final norm, head) of a streamed model;
+    pruning does once the calibration tokens are embedded, since it needs only the blocks after
+    that. A no-op for a model all in memory. :func:`load_rest` reads them again."""
+    if not loaded.streamed:
+        return
+    for path, var in nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)):
+        if not is_block_param(loaded.model, ".".join(str(p) for p in path)):
+            value = var.get_value()
+            var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype))
+
+
+def load_rest(loaded: LoadedModel) -> None:
+    """Read the parameters outside the blocks of a streamed model back if :func:`unload_rest`
+    dropped them (a no-op otherwise)."""
+    if not loaded.streamed:
+        return
+    for name in param_shapes(loaded.model):
+        if not is_block_param(loaded.model, name) and not is_resident(loaded, name):
+            _set_checked(loaded, name, loaded.store(name), loaded.source)
+
+
+def is_resident(loaded: LoadedModel, name: str) -> bool:
+    """Whether parameter ``name`` is in memory (not shapes only)."""
+    from ._params import get_param
+
+    return isinstance(get_param(loaded.model, name), jax.Array)
+
+
 @contextlib.contextmanager
 def resident_block(loaded: LoadedModel, b: int) -> Iterator[None]:
     """``with resident_block(loaded, b):`` block ``b`` is in memory inside, dropped after (when streamed)."""

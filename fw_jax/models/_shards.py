@@ -30,7 +30,8 @@ import numpy as np
 from fw_jax import _progress
 
 from ._loaded import (
-    HF_ARCHITECTURES, LoadedModel, block_prefix, is_block_param, is_transposed_in_hf, resident_block,
+    HF_ARCHITECTURES, LoadedModel, block_prefix, is_block_param, is_resident, is_transposed_in_hf,
+    resident_block,
 )
 from ._params import get_param, param_shapes
 from ._safetensors import WriteError, write_safetensors
@@ -59,6 +60,8 @@ def _items(loaded: LoadedModel, names) -> list:
         shape = shapes[name][::-1] if transposed else shapes[name]
 
         def get(name=name, transposed=transposed):
+            if loaded.streamed and not is_resident(loaded, name):  # dropped while pruning: read it again
+                return loaded.store(name)  # already in Hugging Face's layout
             value = np.asarray(get_param(loaded.model, name), dtype=np.float32)
             return value.T if transposed else value
 

@@ -506,6 +506,7 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
     compare = settings.compares_with_wanda
     try:
         hidden = models.embed(model, jnp.asarray(distributed.local_samples(tokens))).astype(keep)
+        models.unload_rest(loaded)  # streamed: only the blocks are needed from here on
         if start_block:
             with progress.steps(start_block, "replaying the finished blocks", unit="block") as steps:
                 for replayed in range(start_block):  # the pruned block as saved, read back
