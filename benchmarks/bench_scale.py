@@ -133,14 +133,18 @@ def run_prune(model: str, out: pathlib.Path, method: str, args: list[str], pytho
         env["PYTHONPATH"] = pythonpath
     argv = ["prune", model, "--out", str(out), "--method", method, *args]
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, str(stats), *argv], env=env, capture_output=True, text=True)
+    # In the other tree's folder: python -c puts the working folder first on sys.path.
+    done = subprocess.run([sys.executable, "-c", CHILD, str(stats), *argv], env=env, capture_output=True, text=True,
+                          cwd=pythonpath)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"fw-jax {' '.join(argv)} failed:\n{done.stderr[-4000:]}")
     child = json.loads(stats.read_text())
     report = json.loads((out / "prune_report.json").read_text())
     blocks = len({r["block"] for r in report["layers"]})
-    row = {"method": method, "command": "fw-jax " + " ".join(argv), "blocks": blocks,
+    version = subprocess.run([sys.executable, "-c", "import fw_jax, os; print(os.path.dirname(fw_jax.__file__))"],
+                             env=env, capture_output=True, text=True, cwd=pythonpath).stdout.strip()
+    row = {"method": method, "fw_jax_imported_from": version, "command": "fw-jax " + " ".join(argv), "blocks": blocks,
            "wall_seconds": wall, "prune_seconds": report["seconds"], "seconds_per_block": report["seconds"] / blocks,
            "peak_rss_gb": child["peak_rss_gb"], "output_gb": _folder_size(out) / 1e9, "output_dtypes": _dtypes(out),
            "mean_error_vs_wanda": report["summary"]["mean_error_vs_wanda"]}
