@@ -213,7 +213,8 @@ def _write_markdown(results: dict, path: pathlib.Path) -> None:
                   "|:--|:--|:--|--:|--:|--:|--:|--:|--:|:--|"]
         for r in block["rows"]:
             lines.append(f"| {r['model']} | {r.get('version', '')} | {r['method']} | {r['blocks']} | {r['wall_seconds']:.0f} | "
-                         f"{r['seconds_per_block']:.1f} | {r['peak_rss_gb']:.2f} | {r.get('input_gb', float('nan')):.2f} | "
+                         f"{r['seconds_per_block']:.1f} | {r['peak_rss_gb']:.2f} | "
+                         f"{format(r['input_gb'], '.2f') if 'input_gb' in r else '-'} | "
                          f"{r['output_gb']:.2f} | {', '.join(r['output_dtypes'])} |")
         lines.append("")
     path.write_text("\n".join(lines))
