@@ -23,7 +23,7 @@ import numpy as np
 
 from ._errors import CheckpointError, UnsupportedModelError, config_problem
 from ._gguf_file import GGUFFile, GGUFTensorInfo
-from ._loaded import LoadedModel, build_abstract_model, fill_model
+from ._loaded import LazyTensor, LoadedModel, build_abstract_model, fill_model
 
 _ARCH_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 _PERMUTED_ARCHS = ("llama",)
@@ -194,16 +194,6 @@ def _gguf_value(reader: GGUFFile, tensor: GGUFTensorInfo, name: str, path: str, 
     return value
 
 
-class _Lazy:
-    """A GGUF tensor dequantized when called (its shape is known without reading)."""
-
-    def __init__(self, read, shape):
-        self.read, self.shape = read, tuple(shape)
-
-    def __call__(self) -> np.ndarray:
-        return self.read()
-
-
 def _gguf_tensors(reader: GGUFFile, path: str, config, arch: str, lazy: bool = False):
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name, arch)
@@ -211,7 +201,7 @@ def _gguf_tensors(reader: GGUFFile, path: str, config, arch: str, lazy: bool = F
             continue
         if lazy:
             read = lambda tensor=tensor, name=name: _gguf_value(reader, tensor, name, path, config, arch)  # noqa: E731
-            yield name, _Lazy(read, tensor.shape), path, _stored_name(tensor.ggml_type)
+            yield name, LazyTensor(tensor.shape, read), path, _stored_name(tensor.ggml_type)
             continue
         # Hand over a device array and drop the host copy before the next tensor is made.
         value = jax.device_put(_gguf_value(reader, tensor, name, path, config, arch))

@@ -9,7 +9,7 @@ save never leaves a half-written folder.
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import os
 import shutil
@@ -21,15 +21,13 @@ from fw_jax._files import new_folder_beside, replace_folder
 
 from ._errors import CheckpointError, UnsupportedModelError, config_problem
 from ._loaded import (
-    HF_ARCHITECTURES,
+    LazyTensor,
     LoadedModel,
     build_abstract_model,
     fill_model,
     hf_to_model_name,
-    is_transposed_in_hf,
     stored_dtype_name,
 )
-from ._params import get_param, param_names
 from ._safetensors import SafetensorsFile
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -99,16 +97,6 @@ def load_tokenizer(folder: str | os.PathLike, **kwargs):
         return None
 
 
-class _Lazy:
-    """A tensor of a checkpoint that is read when called (its ``shape`` is known without reading)."""
-
-    def __init__(self, file: SafetensorsFile, name: str):
-        self.file, self.name, self.shape = file, name, file.shape(name)
-
-    def __call__(self) -> np.ndarray:
-        return self.file.get(self.name)
-
-
 def load_hf_folder(folder: str | os.PathLike, *, tokenizer: bool = True, dtype: str | None = None,
                    stream: bool = False) -> LoadedModel:
     """Load a Hugging Face checkpoint folder into our Flax model.
@@ -137,37 +125,12 @@ def load_hf_folder(folder: str | os.PathLike, *, tokenizer: bool = True, dtype: 
     def tensors():
         for f in files:
             for name in f.keys():
-                yield name, _Lazy(f, name), f.path, stored_dtype_name(f.dtype(name))
+                yield name, LazyTensor(f.shape(name), functools.partial(f.get, name)), f.path, stored_dtype_name(f.dtype(name))
 
     loaded = fill_model(model, family, tensors(), folder, dtype=dtype, stream=read if stream else None)
     loaded.config = config
     loaded.tokenizer = load_tokenizer(folder) if tokenizer else None
     return loaded
-
-
-def hf_state_items(loaded: LoadedModel):
-    """``(hf_name, shape, dtype, get_array)`` of every tensor in Hugging Face layout (lazy)."""
-    items = []
-    for name in param_names(loaded.model):
-        shape = tuple(get_param(loaded.model, name).shape)
-        transposed = is_transposed_in_hf(loaded.family, name)
-        if transposed:
-            shape = shape[::-1]
-
-        def get(name=name, transposed=transposed):
-            value = np.asarray(get_param(loaded.model, name), dtype=np.float32)
-            return value.T if transposed else value
-
-        items.append((name, shape, np.float32, get))
-    return items
-
-
-def hf_config_for_saving(loaded: LoadedModel):
-    """A copy of the config with what ``AutoModelForCausalLM`` needs to find the class."""
-    config = copy.deepcopy(loaded.config)
-    config.architectures = [HF_ARCHITECTURES[config.model_type]]
-    config.dtype = "float32"
-    return config
 
 
 def atomic_folder_write(out_dir: str | os.PathLike, write, *, overwrite: bool = False) -> str:

@@ -90,6 +90,16 @@ class LoadedModel:
         return output_dtype(self.dtypes.get(name, "float32"), self.dtype)
 
 
+class LazyTensor:
+    """A checkpoint tensor whose ``shape`` is known without reading it; calling it reads it."""
+
+    def __init__(self, shape, read: Callable[[], Any]):
+        self.shape, self.read = tuple(shape), read
+
+    def __call__(self):
+        return self.read()
+
+
 def block_prefix(model: nnx.Module, b: int) -> str:
     """``"model.layers.3."``: what the names of block ``b``'s parameters start with."""
     return f"{model.block_path}.{b}."

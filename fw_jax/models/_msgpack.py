@@ -28,14 +28,13 @@ import numpy as np
 from ._errors import CheckpointError
 from ._hf import (
     atomic_folder_write,
-    hf_config_for_saving,
-    hf_state_items,
     load_tokenizer,
     read_hf_config,
 )
 from ._layers import Embedding, LayerNorm, Linear
 from ._loaded import LoadedModel, build_abstract_model, fill_model, stored_dtype_name
 from ._params import _resolve
+from ._shards import config_for_saving, tensor_items
 
 FLAX_FILE = "flax_model.msgpack"
 _BASE_PREFIX = {"llama": "model", "gpt2": "transformer", "gemma3": "model"}
@@ -117,7 +116,7 @@ def _hf_to_flax(model, name: str, array: np.ndarray) -> tuple[tuple[str, ...], n
 def flax_params(loaded: LoadedModel) -> dict:
     """Our weights as the nested dict a transformers 4.x Flax model expects (numpy views)."""
     tree: dict = {}
-    for name, _, _, get in hf_state_items(loaded):
+    for name, _, _, get in tensor_items(loaded, dtype=np.float32):
         path, value = _hf_to_flax(loaded.model, name, get())
         node = tree
         for key in path[:-1]:
@@ -145,7 +144,7 @@ def write_flax_files(loaded: LoadedModel, folder: str | os.PathLike, *, block_fi
     if loaded.streamed:
         raise ValueError(f"{loaded.source} was loaded with stream=True; a Flax msgpack holds the whole "
                          "model in one file, so load it without stream to save it as Flax")
-    config = hf_config_for_saving(loaded)
+    config = config_for_saving(loaded, np.float32)
     config.architectures = ["Flax" + config.architectures[0]]
     config.save_pretrained(folder)
     data = serialization.msgpack_serialize(flax_params(loaded))

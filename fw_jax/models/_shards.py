@@ -51,11 +51,12 @@ def block_shard_name(b: int, shards: int) -> str:
     return f"model-{b + 2:05d}-of-{shards:05d}.safetensors"
 
 
-def _items(loaded: LoadedModel, names) -> list:
-    """``(name, shape, dtype, get_array)`` in Hugging Face layout and output dtype (lazy)."""
+def tensor_items(loaded: LoadedModel, names=None, dtype=None) -> list:
+    """``(name, shape, dtype, get_array)`` of parameters ``names`` (default: all) in Hugging Face
+    layout (lazy), in each one's output dtype or in ``dtype``."""
     shapes = param_shapes(loaded.model)
     items = []
-    for name in names:
+    for name in shapes if names is None else names:
         transposed = is_transposed_in_hf(loaded.family, name)
         shape = shapes[name][::-1] if transposed else shapes[name]
 
@@ -65,7 +66,7 @@ def _items(loaded: LoadedModel, names) -> list:
             value = np.asarray(get_param(loaded.model, name), dtype=np.float32)
             return value.T if transposed else value
 
-        items.append((name, shape, loaded.output_dtype(name), get))
+        items.append((name, shape, loaded.output_dtype(name) if dtype is None else np.dtype(dtype), get))
     return items
 
 
@@ -81,7 +82,7 @@ def _rest_names(loaded: LoadedModel) -> list[str]:
 def write_block_shard(loaded: LoadedModel, b: int, path: str | os.PathLike) -> None:
     """Write block ``b``'s parameters (it must be in memory) to ``path``, atomically: a synced
     temporary file renamed into place, so ``path`` is whole or absent."""
-    _write_atomic(os.fspath(path), _items(loaded, _block_names(loaded, b)), {"format": "pt"})
+    _write_atomic(os.fspath(path), tensor_items(loaded, _block_names(loaded, b)), {"format": "pt"})
 
 
 def read_block_shard(loaded: LoadedModel, path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -120,13 +121,14 @@ def _link_or_copy(src: str, dst: str) -> None:
             raise WriteError(dst, e2) from e2
 
 
-def config_for_saving(loaded: LoadedModel):
-    """A copy of the config with what ``AutoModelForCausalLM`` needs: the class name, and the
-    dtype most of the weights are written in."""
+def config_for_saving(loaded: LoadedModel, dtype=None):
+    """A copy of the config with what ``AutoModelForCausalLM`` needs: the class name, and
+    ``dtype`` or else the dtype most of the weights are written in."""
     config = copy.deepcopy(loaded.config)
     config.architectures = [HF_ARCHITECTURES[config.model_type]]
     dtypes = [loaded.output_dtype(name).name for name in param_shapes(loaded.model)]
-    config.dtype = max(set(dtypes), key=dtypes.count) if dtypes else "float32"
+    config.dtype = np.dtype(dtype).name if dtype is not None else (
+        max(set(dtypes), key=dtypes.count) if dtypes else "float32")
     return config
 
 
@@ -154,7 +156,7 @@ def write_sharded_files(loaded: LoadedModel, folder: str | os.PathLike, *,
         raise WriteError(os.path.join(folder, "config.json"), e) from e
     blocks = len(loaded.model.blocks)
     with _progress.current().steps(shards, "saving the model", unit="shard") as steps:
-        rest = _items(loaded, _rest_names(loaded))
+        rest = tensor_items(loaded, _rest_names(loaded))
         first = f"model-00001-of-{shards:05d}.safetensors"
         _write_atomic(os.path.join(folder, first), rest, {"format": "pt"})
         steps.advance()
@@ -167,7 +169,7 @@ def write_sharded_files(loaded: LoadedModel, folder: str | os.PathLike, *,
                     write_block_shard(loaded, b, path)
             steps.advance()
         for b in range(blocks):
-            for item in _items(loaded, _block_names(loaded, b)):
+            for item in tensor_items(loaded, _block_names(loaded, b)):
                 weight_map[item[0]] = block_shard_name(b, shards)
                 total += int(np.prod(item[1], dtype=np.int64)) * np.dtype(item[2]).itemsize
         for item in rest:
