@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import fw_jax  # noqa: E402
 from bench_solver import timed  # noqa: E402
 from fw_jax.pipeline import PruneSettings  # noqa: E402
-from fw_jax.pipeline.prune import certify_mask  # noqa: E402
+from fw_jax.pipeline.methods import certify_mask  # noqa: E402
 from fw_jax.solver import layer_error  # noqa: E402
 from real_layers import load_layers  # noqa: E402
 
@@ -42,7 +42,8 @@ def row(name, weight, gram, setting, iterations, repeats):
     shrunk = settings.fitted_gram(gram)
 
     def solve():
-        return fw_jax.solve_layer(weight, shrunk, budget, **settings.solver_options())
+        return fw_jax.solve_layer(weight, shrunk, budget, warm_start=settings.warm_start, alpha=settings.alpha,
+                                  tol=settings.tol, options=settings.options)
 
     first, median, sol = timed(solve, repeats)
     error = float(layer_error(weight, gram, sol.mask))

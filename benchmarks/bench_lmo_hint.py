@@ -36,8 +36,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import fw_jax  # noqa: E402
 from fw_jax.pipeline import atomic_write  # noqa: E402
-from fw_jax.solver import _published, _solve  # noqa: E402
-from fw_jax.solver._lmo import TopKLMO  # noqa: E402
+from fw_jax.solver import _budgets  # noqa: E402
+from fw_jax.solver import TopKLMO  # noqa: E402
 from real_layers import load_layers  # noqa: E402
 
 LAYERS = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")
@@ -47,13 +47,12 @@ class _Cold:
     """Within the block, every TopKLMO the solvers build has ``hint=False``."""
 
     def __enter__(self):
-        self.saved = (_solve.TopKLMO, _published.TopKLMO)
-        cold = lambda *a, **kw: TopKLMO(*a, **{**kw, "hint": False})  # noqa: E731
-        _solve.TopKLMO = _published.TopKLMO = cold
+        self.saved = _budgets.TopKLMO
+        _budgets.TopKLMO = lambda *a, **kw: TopKLMO(*a, **{**kw, "hint": False})  # every budget's oracle
         jax.clear_caches()
 
     def __exit__(self, *exc):
-        _solve.TopKLMO, _published.TopKLMO = self.saved
+        _budgets.TopKLMO = self.saved
         jax.clear_caches()
 
 
@@ -98,7 +97,7 @@ def main(argv=None):
         k = weight.shape[1] // 2
         solvers = {
             "solve_layer (defaults)": lambda: fw_jax.solve_layer(weight, gram, k).mask,
-            f"sparsefw_published ({args.iterations} it)": lambda: _published.sparsefw_published(
+            f"sparsefw_published ({args.iterations} it)": lambda: fw_jax.solver.sparsefw_published(
                 weight, gram, k, iterations=args.iterations, lmo_method="search").mask,
         }
         for label, fn in solvers.items():

@@ -69,7 +69,7 @@ def speed_row(name, weight, gram, setting, repeats):
     # Per-iteration cost: difference of two fixed-length runs (no swaps, no early stop).
     per_iter = {}
     for iters in (50, 150):
-        _, t, _ = timed(lambda: fw_jax.solve_layer(w, g, budget, max_iter=iters, tol=0.0, swaps=False), repeats)
+        _, t, _ = timed(lambda: fw_jax.solve_layer(w, g, budget, tol=0.0, options=fw_jax.SolverOptions(max_iter=iters, swaps=False)), repeats)
         per_iter[iters] = t
     ours_iter = (per_iter[150] - per_iter[50]) / 100
 
@@ -145,7 +145,7 @@ def subproblem_rows(layers, count, size=20, seed=0):
             g = gram[np.ix_(idx, idx)].astype(np.float64)
             residual = w * (1 - masks)
             best = float(np.einsum("ij,jk,ik->i", residual, g, residual).min())
-            sol = fw_jax.solve_layer(w, g, keep, max_iter=500)
+            sol = fw_jax.solve_layer(w, g, keep, options=fw_jax.SolverOptions(max_iter=500))
             rows.append({
                 "layer": name,
                 "wanda": float(sol.warm_loss) / best,

@@ -1,16 +1,15 @@
 """Compile-time variants of the Frank-Wolfe iteration, timed and compared (issue 6).
 
-Every combination of step rule × LMO × product update × product precision is its own compiled
-solver (``solve_layer`` options that are static). For each layer shape and each variant:
+Every combination of step rule × LMO × product precision is its own compiled solver (fields of
+``SolverOptions``, which are static). For each layer shape and each variant:
 
 - compile time (first call minus a warm call),
 - time per iteration: median over ``--repeats`` warm runs of (t(T2) − t(T1)) / (T2 − T1), with
   swaps off, so the fixed parts (warm start, rounding, bound) cancel,
 - iterations to reach a target relaxed error: the one the first variant of the grid (exact line
-  search, bisection, dense, full precision) reaches after a third of the iteration cap; also the
+  search, bisection, full precision) reaches after a third of the iteration cap; also the
   relative Frank-Wolfe gap at the cap, and the final mask error relative to Wanda's,
-- for the incremental product, the fraction of iterations that took the sparse path,
-- ratios: against the dense variant with the same other choices, and against the published
+- ratios: against the published
   recipe implemented plainly in the same JAX (``sparsefw_published``: dense GEMM, ``lax.top_k``,
   ``2/(t+2)``) timed in the same run the same way,
 - the measured dense GEMM rate on this device and the FLOP rate the iteration achieves (one
@@ -44,7 +43,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import fw_jax  # noqa: E402
-from fw_jax.solver._published import sparsefw_published  # noqa: E402
+from fw_jax.solver import sparsefw_published  # noqa: E402
 
 LLAMA_SHAPES = {"llama7b.attn (4096×4096)": (4096, 4096), "llama7b.up (11008×4096)": (11008, 4096),
                 "llama7b.down (4096×11008)": (4096, 11008)}
@@ -117,10 +116,10 @@ def gemm_rate(weight, gram, repeats):
     return 2 * weight.shape[0] * weight.shape[1] ** 2 / seconds / 1e12, seconds
 
 
-VARIANT_KEYS = ("step", "lmo", "product", "precision")
+VARIANT_KEYS = ("step", "lmo", "precision")
 
 
-GRID = dict(step=("exact", "open_loop"), lmo=("bisect", "search", "top_k"), product=("dense", "incremental"))
+GRID = dict(step=("exact", "open_loop"), lmo=("bisect", "search", "top_k"))
 
 
 def variants(grid):
@@ -128,8 +127,8 @@ def variants(grid):
         yield dict(zip(VARIANT_KEYS, values))
 
 
-def solve_options(v):
-    return dict(step_rule=v["step"], lmo_method=v["lmo"], product=v["product"], precision=v["precision"])
+def solve_options(v, **more):
+    return fw_jax.SolverOptions(step_rule=v["step"], lmo_method=v["lmo"], precision=v["precision"], **more)
 
 
 def measure(preset, rows_override=None, grid=None, log=print, on_layer=None, only=None, previous=()):
@@ -151,11 +150,10 @@ def measure(preset, rows_override=None, grid=None, log=print, on_layer=None, onl
         log(f"{name}: GEMM {gemm_s * 1e3:.1f} ms ({tflops:.3f} TFLOP/s), published {published_iter * 1e3:.1f} ms/iter")
         target = None  # relaxed error to reach: the first variant's after max_iter // 3 iterations
         for v in variants(layer_grid):
-            opts = solve_options(v)
             compile_s, per_iter = per_iteration(
-                lambda t: (lambda: fw_jax.solve_layer(weight, gram, k, max_iter=t, tol=0.0, swaps=False, **opts).mask),
+                lambda t: (lambda: fw_jax.solve_layer(weight, gram, k, tol=0.0, options=solve_options(v, max_iter=t, swaps=False)).mask),
                 cfg["t1"], cfg["t2"], cfg["repeats"])
-            sol = fw_jax.solve_layer(weight, gram, k, max_iter=max_iter, tol=0.0, history=True, **opts)
+            sol = fw_jax.solve_layer(weight, gram, k, tol=0.0, options=solve_options(v, max_iter=max_iter, history=True))
             relaxed = np.asarray(sol.history.relaxed_loss)
             if target is None:
                 target = relaxed[max_iter // 3 - 1]
@@ -167,14 +165,12 @@ def measure(preset, rows_override=None, grid=None, log=print, on_layer=None, onl
                 published_ms_per_iter=published_iter * 1e3, published_compile_s=published_compile,
                 iters_to_target=iters, reached_target=bool(reached.size),
                 final_gap=float(np.asarray(sol.history.gap)[-1] / relaxed[-1]),
-                sparse_fraction=int(sol.sparse_updates) / max_iter,
                 error_vs_wanda=float(sol.loss) / wanda, relaxed_vs_wanda=float(sol.relaxed_loss) / wanda,
             )
             rows.append(row)
             jax.clear_caches()  # dozens of compiled solvers otherwise exhaust the JIT's code memory
-            log(f"  {v['step']:9s} {v['lmo']:6s} {v['product']:11s} {v['precision']:8s} {per_iter * 1e3:8.2f} ms/iter  "
-                f"compile {compile_s:5.1f} s  {iters:4d} it to target  gap {row['final_gap']:.3f}  error {row['error_vs_wanda']:.4f}  "
-                f"sparse {row['sparse_fraction']:.2f}")
+            log(f"  {v['step']:9s} {v['lmo']:6s} {v['precision']:8s} {per_iter * 1e3:8.2f} ms/iter  "
+                f"compile {compile_s:5.1f} s  {iters:4d} it to target  gap {row['final_gap']:.3f}  error {row['error_vs_wanda']:.4f}")
         add_ratios(rows, grid["precision"][0])
         if on_layer is not None:  # results so far, so an interrupted run keeps them
             on_layer(rows)
@@ -187,8 +183,7 @@ def add_ratios(rows, full_precision):
             return next((r for r in rows if r["layer"] == row["layer"] and r[key] == value
                          and all(r[k] == row[k] for k in VARIANT_KEYS if k != key)), None)
 
-        base, full = twin("product", "dense"), twin("precision", full_precision)
-        row["vs_dense"] = row["ms_per_iter"] / base["ms_per_iter"] if base else float("nan")
+        full = twin("precision", full_precision)
         row["vs_published"] = row["ms_per_iter"] / row["published_ms_per_iter"]
         row["error_vs_full_precision"] = row["error_vs_wanda"] / full["error_vs_wanda"] - 1 if full else float("nan")
 
@@ -204,8 +199,7 @@ def markdown(rows, meta):
         f"the cap ({meta['max_iter']} iterations; LLaMA shapes {meta['llama_max_iter']}); 'gap': relative Frank-Wolfe "
         "gap at the cap. Times are medians of "
         f"{meta['repeats']} warm runs; 'per iter' = (t({meta['t2']} it) − t({meta['t1']} it)) / {meta['t2'] - meta['t1']}. "
-        "'vs dense': per-iteration time over that of the dense-product variant with the same step, LMO and "
-        "precision. 'vs published': over the plain published recipe (dense GEMM, `lax.top_k`, 2/(t+2)) timed "
+        "'vs published': over the plain published recipe (dense GEMM, `lax.top_k`, 2/(t+2)) timed "
         "the same way in the same run. 'TFLOP/s' counts one dense GEMM per iteration; 'GEMM' is the measured "
         "rate of that product alone. 'err Δ' is the final mask error against the first precision's.",
         "",
@@ -219,14 +213,14 @@ def markdown(rows, meta):
             f"GEMM {g['gemm_ms']:.2f} ms ({g['gemm_tflops']:.3f} TFLOP/s); published recipe {g['published_ms_per_iter']:.2f} ms/iter "
             f"(compile {g['published_compile_s']:.1f} s).",
             "",
-            "| step | LMO | product | precision | compile s | ms/iter | vs dense | vs published | TFLOP/s | its to target | gap | sparse | error vs Wanda | err Δ |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| step | LMO | precision | compile s | ms/iter | vs published | TFLOP/s | its to target | gap | error vs Wanda | err Δ |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(group, key=lambda r: r["ms_per_iter"]):
             lines.append(
-                f"| {r['step']} | {r['lmo']} | {r['product']} | {r['precision']} | {r['compile_s']:.1f} | {r['ms_per_iter']:.2f} | "
-                f"{r['vs_dense']:.2f} | **{r['vs_published']:.2f}** | {r['achieved_tflops']:.3f} | "
-                f"{r['iters_to_target']}{'' if r['reached_target'] else '+'} | {r['final_gap']:.3f} | {r['sparse_fraction']:.2f} | "
+                f"| {r['step']} | {r['lmo']} | {r['precision']} | {r['compile_s']:.1f} | {r['ms_per_iter']:.2f} | "
+                f"**{r['vs_published']:.2f}** | {r['achieved_tflops']:.3f} | "
+                f"{r['iters_to_target']}{'' if r['reached_target'] else '+'} | {r['final_gap']:.3f} | "
                 f"{r['error_vs_wanda']:.4f} | "
                 f"{100 * r['error_vs_full_precision']:+.2f}% |"
             )
@@ -241,20 +235,20 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     layers = list(dict.fromkeys(r["layer"] for r in rows))
-    names = list(dict.fromkeys(f"{r['step']}/{r['lmo']}/{r['product']}/{r['precision']}" for r in rows))
+    names = list(dict.fromkeys(f"{r['step']}/{r['lmo']}/{r['precision']}" for r in rows))
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(layers)) + 4, 5))
     width = 0.8 / len(names)
     colors = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     for i, name in enumerate(names):
         values = [next((r["vs_published"] for r in rows if r["layer"] == layer
-                        and f"{r['step']}/{r['lmo']}/{r['product']}/{r['precision']}" == name), np.nan) for layer in layers]
+                        and f"{r['step']}/{r['lmo']}/{r['precision']}" == name), np.nan) for layer in layers]
         ax.bar(np.arange(len(layers)) + i * width, values, width, label=name, color=colors(i % colors.N),
                hatch="//" if i >= colors.N else None)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
     ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [layer.replace(" (", "\n(") for layer in layers], fontsize=7)
     ax.set_ylabel("time per iteration / published recipe's")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="step/LMO/product/precision")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="step/LMO/precision")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,7 +1,7 @@
 """Perplexity of SmolLM2-135M pruned by every method (issues 4 and 5: the quality table).
 
 Calibration: random windows of five Austen novels (Persuasion held out), SparseGPT/Wanda
-protocol. Evaluation: held-out Persuasion and CPython's `pydoc_data` evaluation part, DESIGN.md §9
+protocol. Evaluation: held-out Persuasion and CPython's `pydoc_data` evaluation part, docs/design.md §16
 protocol (first ``--max-windows`` windows). Every pruned model is a folder under ``--runs``;
 finished ones are reused, so the script can be interrupted and re-run.
 

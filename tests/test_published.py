@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fw_jax
+from fw_jax import SolverOptions
 from fw_jax.solver._published import sparsefw_published
 from solver_problems import correlated_problem
 
@@ -13,9 +14,7 @@ def test_open_loop_solver_reproduces_the_plain_published_iteration(budget):
     rng = np.random.default_rng(0)
     weight, gram = correlated_problem(rng, 8, 12)
     plain = sparsefw_published(weight, gram, budget, alpha=0.5, iterations=150)
-    ours = fw_jax.solve_layer(
-        weight, gram, budget, alpha=0.5, step_rule="open_loop", max_iter=150, tol=0.0, swaps=False
-    )
+    ours = fw_jax.solve_layer(weight, gram, budget, alpha=0.5, tol=0.0, options=SolverOptions(step_rule="open_loop", max_iter=150, swaps=False))
     np.testing.assert_allclose(float(ours.relaxed_loss), float(plain.relaxed_loss), rtol=1e-9)
     np.testing.assert_allclose(float(plain.warm_loss), float(ours.warm_loss), rtol=1e-12)
     # The published recipe may round worse than its warm start; ours never does.

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from fw_jax import SolverOptions
 from fw_jax import models
 from fw_jax.cli import main as cli_main
 from fw_jax.models import _safetensors
@@ -122,7 +123,7 @@ def test_dtype_asks_for_another_output_dtype(bf16_folder, tmp_path, dtype, expec
 
 
 def test_streamed_pruning_equals_pruning_in_memory(bf16_folder, tmp_path):
-    settings = PruneSettings(method="sparsefw", max_iter=8, reconstruct=True)  # reconstruction: rounding matters
+    settings = PruneSettings(method="sparsefw", options=SolverOptions(max_iter=8), reconstruct=True)  # reconstruction: rounding matters
     out = tmp_path / "streamed"
     prune_to_folder(bf16_folder, str(out), settings, calib=_calib(bf16_folder), nsamples=2, seqlen=16, progress=False)
     in_memory = models.load_model(bf16_folder, dtype="auto")

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)
     import numpy as np
     import fw_jax
-    from fw_jax.solver._sharding import shard_rows
+    from fw_jax.solver import shard_rows
     sys.path.insert(0, "tests")
     from solver_problems import correlated_problem
 
@@ -21,9 +21,9 @@ SCRIPT = textwrap.dedent(
     weight, gram = correlated_problem(np.random.default_rng(0), 16, 24)
     out = {}
     for name, budget in [("row", 12), ("nm", fw_jax.NM(2, 4)), ("layer", fw_jax.LayerBudget(150))]:
-        single = fw_jax.solve_layer(weight, gram, budget, max_iter=60)
+        single = fw_jax.solve_layer(weight, gram, budget, options=fw_jax.SolverOptions(max_iter=60))
         w, g = shard_rows(weight, gram)
-        sharded = fw_jax.solve_layer(w, g, budget, max_iter=60)
+        sharded = fw_jax.solve_layer(w, g, budget, options=fw_jax.SolverOptions(max_iter=60))
         out[name] = dict(
             same_mask=bool(np.array_equal(np.asarray(single.mask), np.asarray(sharded.mask))),
             loss=[float(single.loss), float(sharded.loss)],
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
     from fw_jax.solver._lmo import TopKLMO
     w, g = shard_rows(weight, gram)
     lmo = TopKLMO(150, "bisect")
-    hlo = jax.jit(lambda x: lmo(x, jnp.zeros(x.shape, bool))).lower(w).compile().as_text()
+    hlo = jax.jit(lambda x: lmo.unit(x, jnp.zeros(x.shape, bool))).lower(w).compile().as_text()
     sizes = []
     for line in hlo.splitlines():
         m = re.search(r"= \\w+\\[([0-9,]*)\\][^ ]* (all-gather|all-reduce|all-to-all|collective-permute)", line)
@@ -77,6 +77,7 @@ PIPELINE_SCRIPT = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, "tests")
     from fw_jax import models
+    import fw_jax
     from fw_jax.pipeline import PruneSettings, prune_model
     from models_fixtures import random_torch_model, tiny_config
     from test_pipeline_data import char_tokenizer
@@ -90,7 +91,7 @@ PIPELINE_SCRIPT = textwrap.dedent(
     weights = []
     for devices in (None, jax.devices()):
         loaded = models.load_model(folder)
-        prune_model(loaded, tokens, PruneSettings(method="sparsefw", sparsity=0.5, max_iter=20), progress=False, devices=devices)
+        prune_model(loaded, tokens, PruneSettings(method="sparsefw", sparsity=0.5, options=fw_jax.SolverOptions(max_iter=20)), progress=False, devices=devices)
         weights.append({l.name: np.asarray(l.weight) for b in range(models.num_blocks(loaded.model))
                         for l in models.block_linears(loaded.model, b)})
     same = all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])

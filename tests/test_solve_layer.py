@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fw_jax
-from fw_jax.solver._solve import trace_count
+from fw_jax import SolverOptions
+from fw_jax.solver._solve import _solve
 from tolerances import assert_le
 from solver_problems import (
     best_layer_error,
@@ -39,7 +40,7 @@ def budget_counts_ok(mask, budget):
 def test_mask_meets_budget_keeps_fixed_and_beats_warm(budget, alpha, dtype):
     rng = np.random.default_rng(0)
     weight, gram = correlated_problem(rng, 8, 12, dtype=dtype)
-    sol = fw_jax.solve_layer(weight, gram, budget, alpha=alpha, max_iter=100)
+    sol = fw_jax.solve_layer(weight, gram, budget, alpha=alpha, options=SolverOptions(max_iter=100))
     mask = np.asarray(sol.mask)
     assert mask.dtype == bool and mask.shape == weight.shape
     assert budget_counts_ok(mask, budget)
@@ -71,7 +72,7 @@ def test_never_worse_than_warm_start_on_any_input(seed, warm, alpha, ties, dead)
         gram[:, 3] = 0
         gram[3, :] = 0
     for budget in (fw_jax.PerRow(3), fw_jax.NM(1, 2)):
-        sol = fw_jax.solve_layer(weight, gram, budget, warm_start=warm, alpha=alpha, max_iter=30)
+        sol = fw_jax.solve_layer(weight, gram, budget, warm_start=warm, alpha=alpha, options=SolverOptions(max_iter=30))
         assert budget_counts_ok(sol.mask, budget)
         assert float(sol.loss) <= float(sol.warm_loss) * (1 + 1e-9) + 1e-9
         assert np.all(np.asarray(sol.row_loss) >= -1e-9)
@@ -81,13 +82,13 @@ def test_never_worse_than_warm_start_on_any_input(seed, warm, alpha, ties, dead)
 def test_lower_bound_below_exhaustive_best_per_row_and_nm(alpha):
     rng = np.random.default_rng(1)
     weight, gram = correlated_problem(rng, 4, 12)
-    sol = fw_jax.solve_layer(weight, gram, 5, alpha=alpha, max_iter=300)
+    sol = fw_jax.solve_layer(weight, gram, 5, alpha=alpha, options=SolverOptions(max_iter=300))
     best = sum(best_row_error(weight[i], gram, 5) for i in range(4))
     assert_le(sol.lower_bound, best, rtol=1e-9)
     assert_le(best, sol.loss, rtol=1e-9)
     assert float(sol.lower_bound) > 0.3 * best  # the bound says something
 
-    sol = fw_jax.solve_layer(weight, gram, fw_jax.NM(2, 4), alpha=alpha, max_iter=300)
+    sol = fw_jax.solve_layer(weight, gram, fw_jax.NM(2, 4), alpha=alpha, options=SolverOptions(max_iter=300))
     best = sum(best_nm_row_error(weight[i], gram, 2, 4) for i in range(4))
     assert_le(sol.lower_bound, best, rtol=1e-9)
     assert_le(best, sol.loss, rtol=1e-9)
@@ -101,9 +102,9 @@ def test_mask_lower_bound_certifies_a_mask_chosen_for_another_gram():
         (5, sum(best_row_error(weight[i], gram, 5) for i in range(4))),
         (fw_jax.NM(2, 4), sum(best_nm_row_error(weight[i], gram, 2, 4) for i in range(4))),
     ]:
-        sol = fw_jax.solve_layer(weight, shrunk, budget, max_iter=300)
+        sol = fw_jax.solve_layer(weight, shrunk, budget, options=SolverOptions(max_iter=300))
         bound = float(fw_jax.mask_lower_bound(weight, gram, budget, sol.relaxed_mask, sol.mask))
-        on_gram = fw_jax.solve_layer(weight, gram, budget, max_iter=300)
+        on_gram = fw_jax.solve_layer(weight, gram, budget, options=SolverOptions(max_iter=300))
         assert_le(bound, best, rtol=1e-9)
         assert bound > 0.2 * best  # from a nearby relaxed point the bound still says something
         # More points can only raise it; the bound at G's own relaxed optimum is FW's.
@@ -119,7 +120,7 @@ def test_lower_bound_below_exhaustive_best_layer_budget():
     rng = np.random.default_rng(2)
     weight, gram = correlated_problem(rng, 3, 6)
     budget = fw_jax.LayerBudget(8)
-    sol = fw_jax.solve_layer(weight, gram, budget, max_iter=300)
+    sol = fw_jax.solve_layer(weight, gram, budget, options=SolverOptions(max_iter=300))
     best = best_layer_error(weight, gram, 8)
     assert_le(sol.lower_bound, best, rtol=1e-9)
     assert_le(best, sol.loss, rtol=1e-9)
@@ -151,7 +152,7 @@ def test_relaxed_optimum_matches_independent_qp_solver(alpha):
     rng = np.random.default_rng(3)
     weight, gram = correlated_problem(rng, 5, 10)
     k = 4
-    sol = fw_jax.solve_layer(weight, gram, k, alpha=alpha, max_iter=4000, tol=1e-6)
+    sol = fw_jax.solve_layer(weight, gram, k, alpha=alpha, tol=1e-6, options=SolverOptions(max_iter=4000))
     fixed = np.asarray(sol.fixed)
     qp = sum(qp_row_optimum(weight[i], gram, k, fixed[i]) for i in range(5))
     np.testing.assert_allclose(float(sol.relaxed_loss), qp, rtol=1e-3)
@@ -164,14 +165,14 @@ def test_relaxed_optimum_matches_independent_qp_solver(alpha):
 def test_same_shapes_do_not_recompile_and_traced_options_do_not_either():
     rng = np.random.default_rng(4)
     weight, gram = correlated_problem(rng, 8, 12)
-    fw_jax.solve_layer(weight, gram, 6, max_iter=20)
-    before = trace_count()
+    fw_jax.solve_layer(weight, gram, 6, options=SolverOptions(max_iter=20))
+    before = _solve._cache_size()
     other_weight, other_gram = correlated_problem(rng, 8, 12)
-    fw_jax.solve_layer(other_weight, other_gram, 6, max_iter=20)
-    fw_jax.solve_layer(weight, gram, 6, max_iter=20, alpha=0.7, tol=1e-2)
-    assert trace_count() == before
-    fw_jax.solve_layer(weight, gram, 5, max_iter=20)  # a new budget is a new program
-    assert trace_count() == before + 1
+    fw_jax.solve_layer(other_weight, other_gram, 6, options=SolverOptions(max_iter=20))
+    fw_jax.solve_layer(weight, gram, 6, alpha=0.7, tol=1e-2, options=SolverOptions(max_iter=20))
+    assert _solve._cache_size() == before
+    fw_jax.solve_layer(weight, gram, 5, options=SolverOptions(max_iter=20))  # a new budget is a new program
+    assert _solve._cache_size() == before + 1
 
 
 def test_works_under_jit_and_vmap():
@@ -179,7 +180,7 @@ def test_works_under_jit_and_vmap():
     problems = [correlated_problem(rng, 6, 8) for _ in range(3)]
     weights = jnp.stack([p[0] for p in problems])
     grams = jnp.stack([p[1] for p in problems])
-    solve = lambda w, g: fw_jax.solve_layer(w, g, fw_jax.NM(2, 4), max_iter=40)  # noqa: E731
+    solve = lambda w, g: fw_jax.solve_layer(w, g, fw_jax.NM(2, 4), options=SolverOptions(max_iter=40))  # noqa: E731
     batched = jax.jit(jax.vmap(solve))(weights, grams)
     for i, (w, g) in enumerate(problems):
         single = solve(w, g)
@@ -191,9 +192,9 @@ def test_works_under_jit_and_vmap():
 def test_float32_bfloat16_and_float64_agree():
     rng = np.random.default_rng(6)
     weight, gram = correlated_problem(rng, 8, 16)
-    s64 = fw_jax.solve_layer(weight, gram, 8, max_iter=150)
-    s32 = fw_jax.solve_layer(weight.astype(np.float32), gram.astype(np.float32), 8, max_iter=150)
-    sbf = fw_jax.solve_layer(jnp.asarray(weight, jnp.bfloat16), jnp.asarray(gram, jnp.bfloat16), 8, max_iter=150)
+    s64 = fw_jax.solve_layer(weight, gram, 8, options=SolverOptions(max_iter=150))
+    s32 = fw_jax.solve_layer(weight.astype(np.float32), gram.astype(np.float32), 8, options=SolverOptions(max_iter=150))
+    sbf = fw_jax.solve_layer(jnp.asarray(weight, jnp.bfloat16), jnp.asarray(gram, jnp.bfloat16), 8, options=SolverOptions(max_iter=150))
     assert s64.loss.dtype == jnp.float64 and s32.loss.dtype == jnp.float32 and sbf.loss.dtype == jnp.float32
     np.testing.assert_allclose(float(s32.loss), float(s64.loss), rtol=2e-2)
     assert float(sbf.loss) <= float(sbf.warm_loss) * (1 + 1e-6)
@@ -213,7 +214,7 @@ def test_deterministic():
 def test_step_rules_and_history(rule):
     rng = np.random.default_rng(8)
     weight, gram = correlated_problem(rng, 6, 12)
-    sol = fw_jax.solve_layer(weight, gram, 6, step_rule=rule, max_iter=50, tol=0.0, history=True)
+    sol = fw_jax.solve_layer(weight, gram, 6, tol=0.0, options=SolverOptions(step_rule=rule, max_iter=50, history=True))
     relaxed = np.asarray(sol.history.relaxed_loss)
     assert np.all(np.isfinite(relaxed[:50]))
     assert np.all(np.asarray(sol.history.gap)[:50] >= -1e-9)
@@ -224,32 +225,40 @@ def test_step_rules_and_history(rule):
 
 
 def test_pairwise_exact_beats_open_loop_at_equal_iterations():
+    """Pairwise steps (the loop's ``pairwise=True``, on the hypersimplex) against the published
+    open-loop vanilla steps, from the same magnitude warm start."""
+    from fw_jax.solver import ExactLineSearch, OpenLoop, TopKLMO, frank_wolfe
+
     rng = np.random.default_rng(9)
-    weight, gram = correlated_problem(rng, 8, 16)
-    exact = fw_jax.solve_layer(weight, gram, 8, step_rule="exact", pairwise=True, max_iter=100, tol=0.0, swaps=False)
-    opened = fw_jax.solve_layer(weight, gram, 8, step_rule="open_loop", max_iter=100, tol=0.0, swaps=False)
-    assert float(exact.relaxed_loss) < float(opened.relaxed_loss)
+    weight, gram = (jnp.asarray(x) for x in correlated_problem(rng, 8, 16))
+    init = jnp.asarray(fw_jax.magnitude_mask(weight, 8), weight.dtype)
+    fixed = jnp.zeros(weight.shape, bool)
+    common = dict(max_iter=100, tol=jnp.zeros((), weight.dtype), gram_norm=jnp.ones((), weight.dtype))
+    exact = frank_wolfe(weight, gram, init, fixed, TopKLMO(8, exact=True), ExactLineSearch(), pairwise=True, **common)
+    opened = frank_wolfe(weight, gram, init, fixed, TopKLMO(8), OpenLoop(), **common)
+    assert float(jnp.sum(exact.loss)) < float(jnp.sum(opened.loss))
+    assert np.allclose(np.asarray(jnp.sum(exact.relaxed_mask, axis=1)), 8)  # stays on the hypersimplex
+    with pytest.raises(ValueError, match="exact"):
+        frank_wolfe(weight, gram, init, fixed, TopKLMO(8), ExactLineSearch(), pairwise=True, **common)
 
 
 def test_explicit_warm_mask_and_alpha_one_returns_warm_without_swaps():
     rng = np.random.default_rng(10)
     weight, gram = correlated_problem(rng, 6, 8)
     warm = np.asarray(fw_jax.magnitude_mask(weight, 4))
-    sol = fw_jax.solve_layer(weight, gram, 4, warm_start=warm, alpha=1.0, swaps=False, max_iter=10)
+    sol = fw_jax.solve_layer(weight, gram, 4, warm_start=warm, alpha=1.0, options=SolverOptions(swaps=False, max_iter=10))
     np.testing.assert_array_equal(np.asarray(sol.mask), warm)
-    sol = fw_jax.solve_layer(weight, gram, 4, warm_start=warm, max_iter=50)
+    sol = fw_jax.solve_layer(weight, gram, 4, warm_start=warm, options=SolverOptions(max_iter=50))
     assert_le(sol.loss, sol.warm_loss, rtol=1e-12)  # a swap's predicted gain vs recomputed errors
 
 
 def test_certificate_and_status():
     rng = np.random.default_rng(11)
     weight, gram = correlated_problem(rng, 4, 8)
-    sol = fw_jax.solve_layer(weight, gram, 4, max_iter=3, tol=0.0)
+    sol = fw_jax.solve_layer(weight, gram, 4, tol=0.0, options=SolverOptions(max_iter=3))
     assert sol.status_name == "max_iterations"
     assert 0.0 <= float(sol.certificate) <= 1.0  # (loss - bound) / loss with 0 ≤ bound ≤ loss, by construction
-    with pytest.raises(RuntimeError, match="did not converge"):
-        fw_jax.solve_layer(weight, gram, 4, max_iter=3, tol=0.0, throw=True)
-    sol = fw_jax.solve_layer(weight, gram, 4, max_iter=3000, tol=1e-2)
+    sol = fw_jax.solve_layer(weight, gram, 4, tol=1e-2, options=SolverOptions(max_iter=3000))
     assert sol.status_name == "converged"
 
 
@@ -274,13 +283,12 @@ def test_bad_input_raises_clear_errors():
         (dict(warm_start=np.ones((4, 8), bool)), "breaks the budget"),
         (dict(warm_start=np.ones((4, 7), bool)), "shape"),
         (dict(warm_start="bogus"), "saliency must be"),
-        (dict(step_rule="fastest"), "step rule"),
         (dict(weight=weight[0]), "2-D"),
     ]
     for change, message in cases:
         args = dict(weight=weight, gram=gram, budget=4)
         args.update(change)
-        kwargs = {k: args.pop(k) for k in ("alpha", "warm_start", "step_rule") if k in args}
+        kwargs = {k: args.pop(k) for k in ("alpha", "warm_start") if k in args}
         with pytest.raises(ValueError, match=message):
             fw_jax.solve_layer(args["weight"], args["gram"], args["budget"], **kwargs)
 

@@ -186,19 +186,19 @@ def test_runs_under_jit():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(weight=np.ones(4)), "weight must be a \\(d_out, d_in\\) matrix"),
-        (dict(gram=np.eye(5)), "gram must be \\(d_in, d_in\\)"),
+        (dict(weight=np.ones(4)), "weight must be 2-D \\(d_out, d_in\\)"),
+        (dict(gram=np.eye(5)), "gram must be \\(8, 8\\), the Gram matrix"),
         (dict(weight=np.full((4, 8), np.nan)), "weight contains non-finite"),
         (dict(gram=np.full((8, 8), np.inf)), "gram contains non-finite"),
         (dict(damp=-0.1), "damp must be a finite number ≥ 0"),
         (dict(budget=(5, 4)), "n > m"),
         (dict(budget=(1, 3)), "does not divide d_in"),
         (dict(budget=(2, 4), block_size=6), "must divide block_size"),
-        (dict(budget=(2, 4, 1)), "budget tuple must be \\(n, m\\)"),
+        (dict(budget=(2, 4, 1)), "budget must be an int k"),
         (dict(budget=9), "outside 1..d_in"),
         (dict(budget=2.5), "budget must be an int"),
         (dict(block_size=0), "block_size must be a positive int"),
-        (dict(weight=np.ones((4, 8), np.int32)), "floating-point"),
+        (dict(weight=np.ones((4, 8), np.int32)), "a floating dtype"),
     ],
 )
 def test_input_validation(kwargs, message):

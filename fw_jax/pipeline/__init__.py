@@ -22,7 +22,7 @@ from fw_jax.pipeline.data import (
 from fw_jax.pipeline.evaluate import evaluate_perplexity, format_table
 from fw_jax.pipeline.output import OutputError
 from fw_jax.pipeline.prune import (
-    METHOD_SUMMARIES, METHODS, PruneInterrupted, PruneReport, PruneSettings, ResumeMismatch, atomic_write, check_model, prune_layer,
+    METHODS, PruneInterrupted, PruneReport, PruneSettings, ResumeMismatch, atomic_write, check_model, prune_layer,
     prune_model,
 )
 from fw_jax.pipeline.run import AlreadyPruned, prune_to_folder
@@ -39,7 +39,6 @@ __all__ = [
     "ResumeMismatch",
     "check_model",
     "METHODS",
-    "METHOD_SUMMARIES",
     "PruneReport",
     "PruneSettings",
     "atomic_write",

@@ -3,8 +3,8 @@
 - :func:`load_documents`: text files, folders, JSONL (C4-style), parquet, the built-in
   ``"pydoc-calib"`` / ``"pydoc-eval"`` texts that ship with every CPython, and Hugging Face
   ``datasets`` names (``"c4"``, ``"wikitext2"``) when that library is installed and online.
-- :func:`calibration_tokens`: random windows as in SparseGPT/Wanda (DESIGN.md §9).
-- :func:`evaluation_tokens`: one token stream for the perplexity protocol (DESIGN.md §9).
+- :func:`calibration_tokens`: random windows as in SparseGPT/Wanda (docs/design.md §15).
+- :func:`evaluation_tokens`: one token stream for the perplexity protocol (docs/design.md §16).
 
 Every problem with the data (missing file, bad JSON, text too short, ...) raises
 :class:`DataError`, a ``ValueError`` whose message names the file and what was expected.
@@ -309,7 +309,7 @@ def calibration_tokens(
     bos_id: int | None = None,
     source: str = "<calibration data>",
 ) -> np.ndarray:
-    """Random calibration windows, as SparseGPT and Wanda draw them (DESIGN.md §9).
+    """Random calibration windows, as SparseGPT and Wanda draw them (docs/design.md §15).
 
     Repeatedly: draw a random document whose token count is more than ``seqlen``, then a random
     window of ``seqlen`` consecutive tokens inside it (start in ``[0, count - seqlen)``).
@@ -423,7 +423,7 @@ def needs_bos_per_window(config_or_family: Any) -> bool:
     """Whether perplexity windows (and calibration windows) must start with the BOS token.
 
     Gemma models give much worse perplexity without BOS at the start of every window (21.8 with,
-    61.4 without, DESIGN.md §9); LLaMA-family models and GPT-2 are evaluated without it.
+    61.4 without, docs/design.md §16); LLaMA-family models and GPT-2 are evaluated without it.
 
     Args:
       config_or_family: a family name (``"llama"``, ``"gpt2"``, ``"gemma3"``), a

@@ -16,7 +16,7 @@ from .data import evaluation_tokens, needs_bos_per_window
 
 ModelOrPath = Union[LoadedModel, str, os.PathLike]
 
-#: Window length of the perplexity protocol (DESIGN.md §9).
+#: Window length of the perplexity protocol (docs/design.md §16).
 DEFAULT_SEQLEN = 2048
 
 
@@ -31,7 +31,7 @@ def evaluate_perplexity(
     batch_size: int = 4,
     progress: bool | _progress.Progress = True,
 ) -> dict[str, float]:
-    """Perplexity of each model on the same documents (the protocol of DESIGN.md §9).
+    """Perplexity of each model on the same documents (the protocol of docs/design.md §16).
 
     The documents are joined with ``"\\n\\n"`` and tokenized once with the model's tokenizer
     (no special tokens); the stream is cut into non-overlapping windows of ``seqlen`` tokens, the

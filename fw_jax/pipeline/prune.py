@@ -1,6 +1,6 @@
 """Prune a whole model, block by block: ``prune_model(loaded, tokens, settings) -> PruneReport``.
 
-Sequential pruning (DESIGN.md §9): the calibration tokens are embedded; for each decoder block
+Sequential pruning (docs/design.md §15): the calibration tokens are embedded; for each decoder block
 the Gram matrix of every distinct linear input is accumulated, every linear layer is pruned by
 the chosen method, the pruned weights are written back, and the *pruned* block produces the next
 block's inputs. Embeddings and the LM head are never pruned.
@@ -31,10 +31,7 @@ import numpy as np
 
 from fw_jax import _progress, models
 from fw_jax._files import atomic_write
-from fw_jax.solver import (
-    NM, Budget, PerRow, mask_lower_bound, saliency_mask, saliency_scores, solve_layer,
-)
-from fw_jax.solver._objective import inputs_error, weights_error
+from fw_jax.solver import NM, Budget, PerRow, SolverOptions, inputs_error, reconstruct, saliency_mask, saliency_scores, weights_error
 
 from . import distributed
 from .checkpoints import (
@@ -42,25 +39,13 @@ from .checkpoints import (
     finished_blocks as _finished_blocks, load_block_records as _load_block_records, run_fingerprint,
     run_record as _run_record, save_block as _save_block,
 )
-from fw_jax.solver._published import sparsefw_published
+from .methods import METHODS, Layer
 
-__all__ = ["METHODS", "METHOD_SUMMARIES", "PruneInterrupted", "PruneSettings", "PruneReport", "ResumeMismatch", "check_model",
+__all__ = ["METHODS", "PruneInterrupted", "PruneSettings", "PruneReport", "ResumeMismatch", "check_model",
            "prune_layer", "prune_model", "run_fingerprint"]
 
-#: Each method's name and what it does, in one line (the CLI's ``--method`` help).
-METHOD_SUMMARIES = {
-    "magnitude": "keep the largest |W|",
-    "wanda": "keep the largest |W|·‖x‖ (Wanda; the warm start and the yardstick of the reports)",
-    "ria": "keep the largest relative importance × ‖x‖^0.5 (RIA)",
-    "sparsegpt": "SparseGPT: greedy mask with second-order updates of the kept weights",
-    "sparsefw": "fw_jax: Frank-Wolfe on each layer's mask problem from a Wanda warm start, then 1-swaps",
-    "sparsefw-published": "the seed paper's recipe: α = 0.9, 2000 open-loop Frank-Wolfe iterations",
-}
-METHODS = tuple(METHOD_SUMMARIES)
-STEP_RULES = ("exact", "open_loop", "short")
 HIDDEN_DTYPES = ("float32", "bfloat16")  #: what calibration hidden states may be kept in between blocks
 WARM_STARTS = ("wanda", "ria", "magnitude")
-DEFAULT_SHRINKAGE = 0.5  # sparsefw's, chosen by perplexity (results/quality.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +53,15 @@ class PruneSettings:
     """How to prune every linear layer.
 
     Attributes:
-      method: one of :data:`METHODS`. ``sparsefw`` is :func:`fw_jax.solve_layer`;
-        ``sparsefw-published`` the published recipe (α = 0.9, 2000 open-loop iterations).
+      method: a name in :data:`~fw_jax.pipeline.methods.METHODS`. ``sparsefw`` is
+        :func:`fw_jax.solve_layer`; ``sparsefw-published`` the published recipe (α = 0.9,
+        2000 open-loop iterations).
       sparsity: fraction of each row pruned (ignored when ``pattern`` is set).
       pattern: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs (2:4 keeps 2).
-      warm_start, alpha, max_iter, tol, step_rule, swaps: options of :func:`fw_jax.solve_layer`
-        (``tol``: stop a row once its relaxed certificate ``gap / error`` is below it).
+      warm_start, alpha, tol: the arguments of :func:`fw_jax.solve_layer` (``tol``: stop a row
+        once its relaxed certificate ``gap / error`` is below it); ``options`` its
+        :class:`~fw_jax.SolverOptions` (``history`` is set per layer by the pipeline).
+        Only methods that read them accept values other than the defaults.
       reconstruct: after the mask, refit the kept weights (``fw_jax.solver.reconstruct``).
       shrinkage: ``ρ ∈ [0, 1]``; every step that fits the calibration Gram matrix (the
         ``sparsefw`` mask, SparseGPT, reconstruction) uses it shrunk toward its diagonal,
@@ -98,20 +86,18 @@ class PruneSettings:
     pattern: Optional[tuple[int, int]] = None
     warm_start: str = "wanda"
     alpha: float = 0.9  # chosen by perplexity out of the calibration's domain (results/quality.md)
-    max_iter: int = 100
     tol: float = 1e-4
-    step_rule: str = "exact"
-    swaps: bool = True
+    options: SolverOptions = SolverOptions()
     reconstruct: bool = False
     shrinkage: Optional[float] = None
     certify_iter: int = 0
 
     @property
     def effective_shrinkage(self) -> float:
-        """``shrinkage`` with ``None`` resolved: 0.5 for ``sparsefw``, else 0."""
+        """``shrinkage`` with ``None`` resolved: the method's default (0.5 for ``sparsefw``, else 0)."""
         if self.shrinkage is not None:
             return float(self.shrinkage)
-        return DEFAULT_SHRINKAGE if self.method == "sparsefw" else 0.0
+        return METHODS[self.method].default_shrinkage
 
     @property
     def compares_with_wanda(self) -> bool:
@@ -121,36 +107,36 @@ class PruneSettings:
 
     def record(self) -> dict:
         """The settings as JSON-ready fields, ``shrinkage`` resolved (reports, fingerprints)."""
-        return {**dataclasses.asdict(self), "shrinkage": self.effective_shrinkage}
+        return {**dataclasses.asdict(self), "shrinkage": self.effective_shrinkage,
+                "options": dataclasses.asdict(self.options)}
 
     def fitted_gram(self, gram):
         """The Gram matrix every fitting step uses: ``(1 − ρ) G + ρ diag(G)`` (``G`` when ρ = 0)."""
         rho = self.effective_shrinkage
         return gram if rho == 0 else (1 - rho) * gram + rho * jnp.diag(jnp.diag(gram))
 
-    def solver_options(self) -> dict:
-        """The keyword arguments of :func:`fw_jax.solve_layer` these settings choose."""
-        return dict(warm_start=self.warm_start, alpha=self.alpha, max_iter=self.max_iter, tol=self.tol,
-                    step_rule=self.step_rule, swaps=self.swaps)
-
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if not isinstance(self.options, SolverOptions):
+            raise ValueError(f"options must be a fw_jax.SolverOptions, got {self.options!r}")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1] (the fraction of each budget fixed to the top "
                              f"saliency weights), got {self.alpha}")
-        if isinstance(self.max_iter, bool) or not (isinstance(self.max_iter, int) and self.max_iter >= 0):
-            raise ValueError(f"max_iter must be an integer ≥ 0, got {self.max_iter!r}")
         if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be a finite number ≥ 0, got {self.tol}")
-        if self.step_rule not in STEP_RULES:
-            raise ValueError(f"step_rule must be one of {', '.join(STEP_RULES)}; got {self.step_rule!r}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be one of {', '.join(WARM_STARTS)}; got {self.warm_start!r}")
         if isinstance(self.certify_iter, bool) or not (isinstance(self.certify_iter, int) and self.certify_iter >= 0):
             raise ValueError(f"certify_iter must be an integer ≥ 0, got {self.certify_iter!r}")
         if self.shrinkage is not None and not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        unused = [f for f in _SOLVER_FIELDS if f not in METHODS[self.method].uses
+                  and getattr(self, f) != _DEFAULTS[f]]
+        if unused:
+            raise ValueError(f"method {self.method} does not use {', '.join(unused)} (it would be ignored); "
+                             + ("it is the published recipe, α = 0.9 from a Wanda warm start, as is"
+                                if self.method == "sparsefw-published" else "those are sparsefw's"))
         if self.pattern is None and not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
@@ -167,6 +153,10 @@ class PruneSettings:
     def describe(self) -> str:
         target = f"{self.pattern[0]}:{self.pattern[1]} (keep {self.pattern[0]} of every {self.pattern[1]})" if self.pattern else f"{self.sparsity:.0%} per row"
         return f"{self.method}, {target}" + (" + reconstruction" if self.reconstruct else "")
+
+
+_SOLVER_FIELDS = ("warm_start", "alpha", "tol", "options", "certify_iter")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PruneSettings)}
 
 
 @dataclasses.dataclass
@@ -226,45 +216,15 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False,
         error_of = lambda new: float(weights_error(weight, gram, new))  # noqa: E731
     mask_error_of = lambda mask: error_of(jnp.where(mask, weight, 0))  # noqa: E731
     start = time.perf_counter()
-    record: dict[str, Any] = {}
-    rho = settings.effective_shrinkage
     target = settings.fitted_gram(gram)  # the Gram matrix the method fits; errors below are always for ``gram``
-    if settings.method == "sparsefw":
-        sol = solve_layer(weight, target, budget, **settings.solver_options(), history=history)
-        mask = sol.mask
-        record.update(iterations=int(sol.iterations), swaps=int(sol.swaps), status=sol.status_name)
-        bound, mask_error = float(sol.lower_bound), float(sol.loss)
-        if rho > 0:  # sol is of the shrunk problem: keep its numbers, certify the mask on G itself
-            record.update(shrunk_warm_error=float(sol.warm_loss), shrunk_lower_bound=bound,
-                          shrunk_certificate=float(sol.certificate))
-            bound = float(mask_lower_bound(weight, gram, budget, sol.relaxed_mask, sol.mask))
-            mask_error = mask_error_of(sol.mask)
-        else:
-            record["warm_error"] = float(sol.warm_loss)
-        if settings.certify_iter > 0:
-            bound = max(bound, certify_mask(weight, gram, budget, sol.mask, settings.certify_iter))
-        record["lower_bound"] = bound
-        record["certificate"] = (mask_error - bound) / mask_error if mask_error > 0 else 0.0
-        if history:
-            record["_history"] = {  # NaN marks iterations not run; JSON has null for that
-                k: [None if not np.isfinite(x) else float(x) for x in np.asarray(v)]
-                for k, v in sol.history._asdict().items()
-            }
-    elif settings.method == "sparsefw-published":
-        mask = sparsefw_published(weight, target, budget, lmo_method="search").mask
-    elif settings.method == "sparsegpt":
-        from fw_jax.solver._sparsegpt import sparsegpt
-
-        mask, new_weight = sparsegpt(weight, target, budget)
-    else:
-        mask = saliency_mask(saliency_scores(settings.method, weight, gram), budget)
+    pruned = METHODS[settings.method].prune(Layer(weight, gram, target, budget, settings, history, mask_error_of))
+    record: dict[str, Any] = dict(pruned.record)
+    mask, new_weight = pruned.mask, pruned.weight
     mask = jnp.asarray(mask, bool)
     if settings.reconstruct:
-        from fw_jax.solver._reconstruct import reconstruct
-
         new_weight = reconstruct(weight, target, mask)
         record["mask_error"] = mask_error_of(mask)
-    elif settings.method != "sparsegpt":  # SparseGPT has already updated the kept weights
+    elif new_weight is None:  # else the method has updated the kept weights (SparseGPT)
         new_weight = jnp.where(mask, weight, 0)
     new_weight = jnp.where(mask, new_weight, 0).astype(jnp.float32)
     error = error_of(new_weight)
@@ -281,15 +241,6 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False,
         seconds=time.perf_counter() - start,
     )
     return new_weight, record
-
-
-def certify_mask(weight, gram, budget, mask, iterations: int) -> float:
-    """A proved lower bound on the layer's best error on ``gram``, from ``iterations`` plain
-    Frank-Wolfe iterations (α = 0, exact line search, no swaps) started at ``mask``; only the
-    bound is used, the mask is not changed (``PruneSettings.certify_iter``)."""
-    check = solve_layer(weight, gram, budget, warm_start=mask, alpha=0.0, max_iter=int(iterations),
-                        tol=0.0, step_rule="exact", swaps=False)
-    return float(check.lower_bound)
 
 
 class PruneInterrupted(KeyboardInterrupt):

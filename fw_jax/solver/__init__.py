@@ -2,9 +2,11 @@
 
 Where things live:
   * ``_frank_wolfe.py``  the Frank-Wolfe loop (one GEMM per iteration, per-unit steps/stopping)
-  * ``_lmo.py``          linear minimization oracles (capped simplex, n:m)
+  * ``_budgets.py``      budgets (per row, n:m, per layer), each with its units, oracle,
+                         rounding, mask check and swaps; ``_swaps.py`` the 1-swap refinement
+  * ``_lmo.py``          linear minimization oracles (capped simplex, n:m): ``init``/``__call__``
   * ``_steps.py``        step rules (open loop, exact line search, short step)
-  * ``_rounding.py``     relaxed → binary masks; ``_swaps.py`` 1-swap refinement
+  * ``_options.py``      ``SolverOptions``, the solver's tuning
   * ``_saliency.py``     magnitude / Wanda / RIA scores and masks
   * ``_solve.py``        ``solve_layer``: warm start → fix → FW → round → swaps → certificate
   * ``_psd.py``          is the Gram matrix PSD? (Lanczos: the bound needs it); ``_validation.py`` input checks
@@ -12,13 +14,13 @@ Where things live:
   * ``_sparsegpt.py``    SparseGPT; ``_reconstruct.py`` refitting kept weights for a fixed mask
 """
 
-from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow, as_budget
+from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow, as_budget, round_to_budget
 from fw_jax.solver._frank_wolfe import FWHistory, FWResult, frank_wolfe
-from fw_jax.solver._lmo import NMLMO, TopKLMO
-from fw_jax.solver._objective import layer_error, row_errors, weights_error
+from fw_jax.solver._lmo import NMLMO, Oracle, TopKLMO, vertices
+from fw_jax.solver._objective import inputs_error, layer_error, row_errors, weights_error
 from fw_jax.solver._published import PublishedResult, sparsefw_published
 from fw_jax.solver._reconstruct import reconstruct
-from fw_jax.solver._rounding import round_to_budget
+from fw_jax.solver._options import LMO_METHODS, SolverOptions
 from fw_jax.solver._saliency import (
     magnitude_mask,
     magnitude_scores,
@@ -31,7 +33,8 @@ from fw_jax.solver._saliency import (
 )
 from fw_jax.solver._solve import LayerSolution, Status, mask_lower_bound, solve_layer
 from fw_jax.solver._sparsegpt import sparsegpt
-from fw_jax.solver._steps import ExactLineSearch, OpenLoop, ShortStep, StepInfo
+from fw_jax.solver._sharding import row_mesh, shard_rows
+from fw_jax.solver._steps import STEP_RULES, ExactLineSearch, OpenLoop, ShortStep, StepInfo
 from fw_jax.solver._swaps import SwapResult, swap_refine
 
 __all__ = [name for name in dir() if not name.startswith("_")]

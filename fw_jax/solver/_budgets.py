@@ -1,4 +1,5 @@
-"""Sparsity budgets: which binary masks are allowed, and how a layer splits into budget units.
+"""Sparsity budgets: which binary masks are allowed, and everything the solver needs to know
+about them.
 
 A *budget unit* is the part of the weight matrix that one budget constraint covers:
 
@@ -12,22 +13,114 @@ budget              binary set                              unit
                                                             ``(d_out, d_in)``
 ==================  ======================================  =====================
 
-The solver works on a stack of units ``(units, *unit_shape)``: per-row and n:m budgets give
-``(d_out, d_in)`` (a row per unit, each with its own step size and stopping), the layer budget
-gives ``(1, d_out, d_in)``. Naming: ``NM(n, m)`` keeps ``n`` out of every ``m`` (2:4 keeps 2);
-tools that count the pruned weights instead must convert at the boundary.
+The solver works on a stack of units ``(units, *unit_shape)`` (:meth:`Budget.units`): per-row
+and n:m budgets give ``(d_out, d_in)`` (a row per unit, each with its own step size and
+stopping), the layer budget gives ``(1, d_out, d_in)``. Naming: ``NM(n, m)`` keeps ``n`` out of
+every ``m`` (2:4 keeps 2); tools that count the pruned weights instead convert at the boundary.
+
+Each budget carries its own behaviour (single dispatch on the budget object, no type switches
+elsewhere): its shape check, its unit stack, how many entries ``α`` fixes, its linear
+minimization oracle, its rounding, its mask check and its 1-swap refinement. A new budget is a
+subclass of :class:`Budget` implementing these methods (see ``docs/design.md`` §23, "Where to add").
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Union
+from typing import Optional, Union
 
-__all__ = ["PerRow", "NM", "LayerBudget", "Budget", "as_budget"]
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from fw_jax.solver._lmo import NMLMO, TopKLMO
+from fw_jax.solver._select import group_ranks, lexicographic_better, top_count_lexsort
+from fw_jax.solver._swaps import SwapResult, refine_blocks, refine_rows, refine_whole
+
+__all__ = ["Budget", "PerRow", "NM", "LayerBudget", "as_budget", "round_to_budget"]
+
+
+def _check_int(owner: str, name: str, value) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be an int, got {value!r} ({type(value).__name__}).")
+
+
+def _bool_keys(keys) -> tuple[Array, ...]:
+    keys = tuple(jnp.asarray(k) for k in keys)
+    return tuple(k.astype(jnp.int32) if k.dtype == jnp.bool_ else k for k in keys)
+
+
+class Budget(abc.ABC):
+    """What a sparsity budget must say about itself (the solver asks nothing else).
+
+    Attributes:
+      per_unit: weights kept per counting group: per row (``PerRow``), per block of ``m``
+        (``NM``) or per layer (``LayerBudget``). ``α`` fixes ``⌊α·per_unit⌋`` of them.
+      pattern: ``(n, m)`` for an n:m structure (SparseGPT prunes such budgets group by group),
+        else ``None``.
+    """
+
+    pattern = None  # (n, m) for n:m budgets
+
+    @property
+    @abc.abstractmethod
+    def per_unit(self) -> int: ...
+
+    @abc.abstractmethod
+    def check(self, d_out: int, d_in: int) -> None:
+        """Raise ``ValueError`` unless the budget fits a ``(d_out, d_in)`` layer."""
+
+    @abc.abstractmethod
+    def total_kept(self, d_out: int, d_in: int) -> int:
+        """Weights kept in the whole layer."""
+
+    def units(self, x: Array) -> Array:
+        """``(d_out, d_in)`` → the stack of budget units ``(units, *unit_shape)``."""
+        return x
+
+    def from_units(self, x: Array) -> Array:
+        """Inverse of :meth:`units`."""
+        return x
+
+    def unit_totals(self, row_values: Array) -> Array:
+        """Per-row values (e.g. errors) summed per unit: ``(d_out,)`` → ``(units,)``."""
+        return row_values
+
+    def rows_of_units(self, unit_values: Array) -> Array:
+        """Per-unit values spread back over rows: ``(units,)`` → ``(d_out,)`` (or broadcastable)."""
+        return unit_values
+
+    def fixed_count(self, alpha: Array) -> Array:
+        """Entries ``α`` fixes per counting group, ``⌊α·per_unit⌋`` (traced ``alpha``)."""
+        return jnp.floor(alpha * self.per_unit + 1e-9).astype(jnp.int32)
+
+    @abc.abstractmethod
+    def oracle(self, method: str = "search"):
+        """The linear minimization oracle of one unit's relaxed polytope (``_lmo.py``);
+        ``method`` chooses the threshold search of top-k oracles."""
+
+    @abc.abstractmethod
+    def round(self, keys: tuple[Array, ...], count: Optional[Array] = None) -> Array:
+        """Binary ``(d_out, d_in)`` mask keeping, in every counting group, the entries that rank
+        first under the lexicographic order of ``keys`` (larger first, first key most
+        important; remaining ties to the lower index). ``count`` overrides the number kept per
+        group (may be traced)."""
+
+    @abc.abstractmethod
+    def check_mask(self, kept: np.ndarray, what: str = "mask") -> None:
+        """Raise ``ValueError`` unless the concrete boolean ``kept`` meets the budget exactly,
+        naming the first row (and block) that does not."""
+
+    @abc.abstractmethod
+    def refine(self, weight: Array, gram: Array, mask: Array, frozen: Array, max_swaps: int,
+               refresh_every: int) -> SwapResult:
+        """1-swap refinement inside the budget (``_swaps.py``); ``frozen`` entries stay kept."""
 
 
 @dataclasses.dataclass(frozen=True)
-class PerRow:
+class PerRow(Budget):
     """Keep exactly ``k`` weights in every output row.
 
     Relaxed polytope per row: ``{m : 0 ≤ m ≤ 1, Σ_j m_j ≤ k}``.
@@ -35,29 +128,43 @@ class PerRow:
 
     k: int
 
+    @property
+    def per_unit(self) -> int:
+        return self.k
+
     def check(self, d_out: int, d_in: int) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool):
-            raise ValueError(f"PerRow.k must be an int, got {self.k!r} ({type(self.k).__name__}).")
+        _check_int("PerRow", "k", self.k)
         if not 1 <= self.k <= d_in:
             raise ValueError(
                 f"PerRow.k = {self.k} is outside 1..d_in = 1..{d_in}: the number of weights kept "
                 "per row must be at least 1 and at most the row length."
             )
 
-    def units_kept(self, d_out: int, d_in: int) -> int:
-        """Weights kept per budget unit (a row)."""
-        return self.k
-
     def total_kept(self, d_out: int, d_in: int) -> int:
         return self.k * d_out
 
-    @property
-    def is_separable(self) -> bool:
-        return True
+    def oracle(self, method: str = "search"):
+        return TopKLMO(self.k, method)
+
+    def round(self, keys, count=None):
+        count = self.k if count is None else count
+        return jax.vmap(lambda *row: top_count_lexsort(row, count))(*_bool_keys(keys))
+
+    def check_mask(self, kept, what="mask"):
+        counts = kept.sum(axis=1)
+        bad = np.flatnonzero(counts != self.k)
+        if bad.size:
+            raise ValueError(
+                f"{what} breaks the budget: row {bad[0]} keeps {counts[bad[0]]}, "
+                f"expected exactly k = {self.k} per row ({bad.size} rows differ)."
+            )
+
+    def refine(self, weight, gram, mask, frozen, max_swaps, refresh_every):
+        return refine_rows(weight, gram, mask, frozen, max_swaps, refresh_every)
 
 
 @dataclasses.dataclass(frozen=True)
-class NM:
+class NM(Budget):
     """Keep exactly ``n`` weights in every block of ``m`` consecutive inputs of a row (2:4 keeps 2).
 
     Relaxed polytope per block: ``{m : 0 ≤ m ≤ 1, Σ_{j ∈ block} m_j ≤ n}``.
@@ -66,10 +173,26 @@ class NM:
     n: int
     m: int
 
+    @classmethod
+    def parse(cls, text: str) -> "NM":
+        """``"2:4"`` → ``NM(2, 4)`` (n kept of every m); ``ValueError`` naming the expected form."""
+        try:
+            n, m = (int(part) for part in str(text).split(":"))
+        except ValueError:
+            raise ValueError(f"an n:m pattern is two integers 'n:m' (2:4 keeps 2 of every 4); got {text!r}") from None
+        return cls(n, m)
+
+    @property
+    def per_unit(self) -> int:
+        return self.n
+
+    @property
+    def pattern(self) -> tuple[int, int]:
+        return (self.n, self.m)
+
     def check(self, d_out: int, d_in: int) -> None:
         for name, value in (("n", self.n), ("m", self.m)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"NM.{name} must be an int, got {value!r}.")
+            _check_int("NM", name, value)
         if self.m < 1 or self.n < 1:
             raise ValueError(f"NM({self.n}, {self.m}): n and m must be positive (n kept out of m).")
         if self.n > self.m:
@@ -82,19 +205,36 @@ class NM:
                 "must split into whole blocks of m consecutive inputs."
             )
 
-    def units_kept(self, d_out: int, d_in: int) -> int:
-        return self.n * (d_in // self.m)
-
     def total_kept(self, d_out: int, d_in: int) -> int:
         return self.n * (d_in // self.m) * d_out
 
-    @property
-    def is_separable(self) -> bool:
-        return True
+    def oracle(self, method: str = "search"):
+        return NMLMO(self.n, self.m)
+
+    def round(self, keys, count=None):
+        keys = _bool_keys(keys)
+        d_out, d_in = keys[0].shape
+        blocks = tuple(k.reshape(d_out, d_in // self.m, self.m) for k in keys)
+        rank = group_ranks(lexicographic_better(blocks))
+        return (rank < (self.n if count is None else count)).reshape(d_out, d_in)
+
+    def check_mask(self, kept, what="mask"):
+        d_out, d_in = kept.shape
+        counts = kept.reshape(d_out, d_in // self.m, self.m).sum(axis=-1)
+        bad = np.argwhere(counts != self.n)
+        if bad.size:
+            row, block = bad[0]
+            raise ValueError(
+                f"{what} breaks the budget: row {row}, block {block} keeps "
+                f"{counts[row, block]}, expected exactly n = {self.n} of every m = {self.m}."
+            )
+
+    def refine(self, weight, gram, mask, frozen, max_swaps, refresh_every):
+        return refine_blocks(weight, gram, mask, frozen, self.m, max_swaps, refresh_every)
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerBudget:
+class LayerBudget(Budget):
     """Keep exactly ``k`` weights in the whole ``(d_out, d_in)`` matrix.
 
     Relaxed polytope: ``{M : 0 ≤ M ≤ 1, Σ_ij M_ij ≤ k}``. Rows are coupled only through the LMO.
@@ -102,42 +242,73 @@ class LayerBudget:
 
     k: int
 
+    @property
+    def per_unit(self) -> int:
+        return self.k
+
     def check(self, d_out: int, d_in: int) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool):
-            raise ValueError(f"LayerBudget.k must be an int, got {self.k!r}.")
+        _check_int("LayerBudget", "k", self.k)
         if not 1 <= self.k <= d_out * d_in:
             raise ValueError(
                 f"LayerBudget.k = {self.k} is outside 1..d_out*d_in = 1..{d_out * d_in}."
             )
 
-    def units_kept(self, d_out: int, d_in: int) -> int:
-        return self.k
-
     def total_kept(self, d_out: int, d_in: int) -> int:
         return self.k
 
-    @property
-    def is_separable(self) -> bool:
-        return False
+    def units(self, x):
+        return x[None]
+
+    def from_units(self, x):
+        return x[0]
+
+    def unit_totals(self, row_values):
+        return jnp.sum(row_values, keepdims=True)
+
+    def rows_of_units(self, unit_values):
+        return unit_values[0]
+
+    def oracle(self, method: str = "search"):
+        return TopKLMO(self.k, method)
+
+    def round(self, keys, count=None):
+        return top_count_lexsort(_bool_keys(keys), self.k if count is None else count)
+
+    def check_mask(self, kept, what="mask"):
+        if int(kept.sum()) != self.k:
+            raise ValueError(
+                f"{what} breaks the budget: it keeps {int(kept.sum())}, "
+                f"expected exactly K = {self.k} in the layer."
+            )
+
+    def refine(self, weight, gram, mask, frozen, max_swaps, refresh_every):
+        return refine_whole(weight, gram, mask, frozen, max_swaps, refresh_every)
 
 
-Budget = Union[PerRow, NM, LayerBudget]
-
-
-def as_budget(budget: Union[int, Budget]) -> Budget:
-    """Accept a plain ``int`` as ``PerRow(k)``; pass budget objects through."""
-    if isinstance(budget, (PerRow, NM, LayerBudget)):
+def as_budget(budget: Union[int, tuple[int, int], str, Budget]) -> Budget:
+    """A budget from what users write: an ``int`` k (``PerRow(k)``), an ``(n, m)`` tuple or an
+    ``"n:m"`` string (``NM(n, m)``), or a budget object (passed through)."""
+    if isinstance(budget, Budget):
         return budget
-    if isinstance(budget, int) and not isinstance(budget, bool):
-        return PerRow(budget)
-    try:
-        import numpy as np
-
-        if isinstance(budget, np.integer):
-            return PerRow(int(budget))
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(budget, (int, np.integer)) and not isinstance(budget, bool):
+        return PerRow(int(budget))
+    if isinstance(budget, tuple) and len(budget) == 2:
+        return NM(*(int(v) if isinstance(v, np.integer) else v for v in budget))
+    if isinstance(budget, str) and ":" in budget:
+        return NM.parse(budget)
     raise ValueError(
-        f"budget must be an int k (weights kept per row), PerRow(k), NM(n, m) or LayerBudget(k); "
-        f"got {budget!r}."
+        f"budget must be an int k (weights kept per row), an (n, m) tuple or 'n:m' string (n kept "
+        f"of every m), PerRow(k), NM(n, m) or LayerBudget(k); got {budget!r}."
     )
+
+
+def round_to_budget(keys: tuple[Array, ...], budget: Union[int, Budget], count: Optional[Array] = None) -> Array:
+    """Binary ``(d_out, d_in)`` mask with exactly the budget's count kept per unit (see
+    :meth:`Budget.round`). Rounding a relaxed mask uses the keys ``(fixed, relaxed, saliency)``:
+    fixed entries first, then larger relaxed values, then the warm start's saliency.
+
+    Example:
+      >>> round_to_budget((jnp.array([[0.2, 0.9, 0.5]]),), PerRow(2))
+      Array([[False,  True,  True]], dtype=bool)
+    """
+    return as_budget(budget).round(keys, count)

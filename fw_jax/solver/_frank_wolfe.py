@@ -11,31 +11,27 @@ relaxed polytope of every unit ``u`` (an LMO per unit), one matrix product per i
     η = step_rule(...)               one step size per unit
     M ← M + η (V − M),   P ← P + η (Q − P)
 
-With ``max_changes`` set (the *incremental* product, vanilla steps only), ``Q`` is kept too and
-updated from the entries where the new vertex differs from the previous one,
-
-    Q_t = Q_{t−1} + (W ⊙ (V_t − V_{t−1})) G      (a gather of ≤ max_changes rows of G per row)
-
-and ``(W ⊙ (V − M)) G = Q − P``; when some row changes in more than ``max_changes`` entries the
-iteration falls back to the dense ``Q = (W ⊙ V) G``.
-
 Units are rows for per-row and n:m budgets (each row has its own step size and stops on its
 own: its flag lives in the loop carry) and the whole matrix for a layer budget. ``P`` is
 recomputed densely every ``refresh_every`` iterations to bound the drift of the running update.
 
-Convexity gives at every iterate ``L(M_t) − gap_t ≤ min_C L`` (DESIGN.md §5): the loop keeps
-the best such bound per unit.
+Convexity gives at every iterate ``L(M_t) − gap_t ≤ min_C L`` (docs/design.md §11): the loop
+keeps the best such bound per unit.
+
+The oracle is called through its protocol (``_lmo.py``): ``state = lmo.init(units, dtype)``
+once, then ``vertex, state = lmo(gradient, fixed, state)`` every iteration, the state carried in
+the loop. With ``pairwise=True`` the loop takes pairwise steps instead (toward the FW vertex and
+away from ``lmo.away(...)``); ``solve_layer`` does not use them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
-import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from fw_jax.solver._select import ThresholdHint
+from fw_jax.solver._lmo import Oracle, vertices
 from fw_jax.solver._steps import StepInfo
 
 __all__ = ["FWHistory", "FWResult", "frank_wolfe"]
@@ -57,17 +53,13 @@ class FWResult(NamedTuple):
     iterations: Array  #: (units,) iterations taken by each unit.
     converged: Array  #: (units,) gap ≤ tol · loss reached.
     history: Optional[FWHistory]
-    sparse_updates: Array  #: () iterations whose product was updated incrementally.
 
 
 class _State(NamedTuple):
     iteration: Array
     mask: Array
     product: Array
-    vertex: Optional[Array]  # previous vertex and its product (incremental product only)
-    vertex_product: Optional[Array]
-    sparse_updates: Array  # iterations that took the incremental path
-    hint: Optional[ThresholdHint]  # the oracle's last thresholds (threshold oracles only)
+    lmo_state: Any  # the oracle's state (threshold oracles: their last thresholds)
     lower_bound: Array
     iterations: Array
     done: Array
@@ -87,19 +79,6 @@ def gram_matmul(x: Array, gram: Array, precision: str = "default") -> Array:
     return jnp.matmul(x, gram, precision=lax.Precision.HIGHEST if precision == "highest" else None)
 
 
-def changed_rows_product(delta: Array, gram: Array, max_changes: int) -> Array:
-    """``delta @ gram`` for a ``delta`` with at most ``max_changes`` nonzeros per row (over the
-    last axis): gathers those rows of ``gram`` instead of a dense product."""
-    rows = delta.reshape(-1, delta.shape[-1])
-
-    def one(row):
-        (index,) = jnp.nonzero(row, size=max_changes, fill_value=0)
-        coef = jnp.where(jnp.arange(max_changes) < jnp.sum(row != 0), row[index], 0)
-        return coef @ gram[index]
-
-    return jax.vmap(one)(rows).reshape(delta.shape[:-1] + gram.shape[-1:])
-
-
 def unit_sum(x: Array) -> Array:
     """Sum over everything but the leading unit axis."""
     return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
@@ -110,7 +89,7 @@ def frank_wolfe(
     gram: Array,
     init_mask: Array,
     fixed: Array,
-    lmo: Callable[[Array, Array], Array],
+    lmo: Oracle,
     step_rule: Callable[[StepInfo], Array],
     *,
     max_iter: int,
@@ -119,7 +98,6 @@ def frank_wolfe(
     refresh_every: int = 64,
     pairwise: bool = False,
     round_units: Optional[Callable[[Array], Array]] = None,
-    max_changes: Optional[int] = None,
     precision: str = "default",
 ) -> FWResult:
     """Run Frank-Wolfe on every unit of ``weight`` at once (traceable; jit the caller).
@@ -129,9 +107,8 @@ def frank_wolfe(
       gram: ``(d_in, d_in)`` symmetric PSD.
       init_mask: start point in the polytope, like ``weight``.
       fixed: boolean like ``weight``; entries held at 1 (they must be 1 in ``init_mask``).
-      lmo: unit-level oracle ``(gradient, fixed) -> vertex``; vmapped over units here (or its
-        own ``batched`` form; oracles with ``hinted`` set are called through
-        ``batched_hinted`` with their thresholds carried from one iteration to the next).
+      lmo: an oracle (``_lmo.Oracle``) over the stack of units; its state is carried from one
+        iteration to the next.
       step_rule: ``StepInfo -> η`` per unit.
       max_iter: static iteration cap.
       tol: relative gap tolerance: a unit stops once ``gap ≤ tol · L``.
@@ -143,24 +120,19 @@ def frank_wolfe(
         oracle and an init mask keeping exactly the budget.
       round_units: if given, also record the per-iteration error of the rounded iterate
         (costs a rounding and a GEMM per iteration: for plots only).
-      max_changes: static; ``None`` for the dense product every iteration, else the
-        incremental product with at most this many changed entries per row (vanilla steps).
       precision: static; precision of the iteration's matrix products (see
         :func:`gram_matmul`). The final certificate is always recomputed at ``"highest"``.
 
     Returns:
       An :class:`FWResult`.
     """
-    if max_changes is not None and pairwise:
-        raise ValueError("the incremental product supports vanilla Frank-Wolfe steps only (pairwise=False)")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    incremental = max_changes is not None
+    if pairwise and not lmo.exact:
+        raise ValueError("pairwise steps need an exact (hypersimplex) oracle, e.g. TopKLMO(k, exact=True)")
     dtype = weight.dtype
     units = weight.shape[0]
     snap = 32 * jnp.finfo(dtype).eps
-    batched_lmo = batched_oracle(lmo)
-    hinted = getattr(lmo, "hinted", False)  # warm-start the oracle's threshold search
     target = gram_matmul(weight, gram, precision)  # H = W G
 
     def product_of(mask, precision=precision):
@@ -185,22 +157,10 @@ def frank_wolfe(
         product = lax.cond(refresh, lambda: product_of(mask), lambda: state.product)
         loss, rg = loss_and_rg(mask, product)
         gradient = -2 * weight * rg
-        if hinted:
-            vertex, hint = lmo.batched_hinted(gradient, fixed, state.hint)
-        else:
-            vertex, hint = batched_lmo(gradient, fixed), None
-        vertex_product, sparse = state.vertex_product, jnp.zeros((), bool)
-        if incremental:
-            delta = vertex - state.vertex
-            sparse = ~refresh & (jnp.max(jnp.sum(delta != 0, axis=-1)) <= max_changes)
-            vertex_product = lax.cond(
-                sparse,
-                lambda: state.vertex_product + changed_rows_product(weight * delta, gram, max_changes),
-                lambda: product_of(vertex),
-            )
+        vertex, lmo_state = lmo(gradient, fixed, state.lmo_state)
         gap = 2 * unit_sum(weight * (vertex - mask) * rg)
         if pairwise:
-            direction = vertex - jax.vmap(lmo.away)(gradient, mask, fixed)
+            direction = vertex - lmo.away(gradient, mask, fixed)
             room = jnp.where(direction < 0, mask, jnp.where(direction > 0, 1 - mask, jnp.inf))
             max_step = jnp.min(room.reshape(units, -1), axis=-1)
         else:
@@ -208,7 +168,7 @@ def frank_wolfe(
             max_step = jnp.ones((units,), dtype)
         step_weights = weight * direction
         slope = unit_sum(step_weights * rg) if pairwise else gap / 2
-        direction_product = vertex_product - product if incremental else gram_matmul(step_weights, gram, precision)
+        direction_product = gram_matmul(step_weights, gram, precision)
         curvature = unit_sum(step_weights * direction_product)
         done = state.done | (gap <= tol * loss)
         info = StepInfo(
@@ -236,25 +196,18 @@ def frank_wolfe(
             iteration=t + 1,
             mask=new_mask,
             product=product + eta_b * direction_product,
-            vertex=vertex if incremental else None,
-            vertex_product=vertex_product,
-            sparse_updates=state.sparse_updates + sparse.astype(jnp.int32),
-            hint=hint,
+            lmo_state=lmo_state,
             lower_bound=jnp.maximum(state.lower_bound, loss - gap),
             iterations=state.iterations + (~done).astype(jnp.int32),
             done=done,
             history=new_history,
         )
 
-    init_product = product_of(init_mask.astype(dtype))
     init = _State(
         iteration=jnp.array(0, jnp.int32),
         mask=init_mask.astype(dtype),
-        product=init_product,
-        vertex=init_mask.astype(dtype) if incremental else None,
-        vertex_product=init_product if incremental else None,
-        sparse_updates=jnp.zeros((), jnp.int32),
-        hint=lmo.empty_hint(units, dtype) if hinted else None,
+        product=product_of(init_mask.astype(dtype)),
+        lmo_state=lmo.init(units, dtype),
         lower_bound=jnp.full((units,), -jnp.inf, dtype),
         iterations=jnp.zeros((units,), jnp.int32),
         done=jnp.zeros((units,), bool),
@@ -269,7 +222,7 @@ def frank_wolfe(
     else:  # the bound must not inherit the loop's rounding
         rg = gram_matmul(weight, gram, "highest") - product_of(mask, "highest")
     loss = unit_sum(weight * (1 - mask) * rg)
-    vertex = batched_lmo(-2 * weight * rg, fixed)
+    vertex = vertices(lmo, -2 * weight * rg, fixed)
     gap = 2 * unit_sum(weight * (vertex - mask) * rg)
     running = state.lower_bound if precision != "bfloat16" else -jnp.inf  # too coarse to prove anything
     lower_bound = jnp.maximum(jnp.maximum(running, loss - gap), 0)
@@ -281,21 +234,14 @@ def frank_wolfe(
         iterations=state.iterations,
         converged=gap <= tol * loss,
         history=state.history,
-        sparse_updates=state.sparse_updates,
     )
-
-
-def batched_oracle(lmo):
-    """The oracle over a leading unit axis: the LMO's own ``batched`` form where it has one
-    (the threshold LMOs select for all units at once), else ``vmap``."""
-    return getattr(lmo, "batched", None) or jax.vmap(lmo)
 
 
 def full_polytope_bound(weight: Array, gram: Array, mask: Array, lmo) -> Array:
     """Lower bound ``L(M) − gap(M)`` on the error of every mask in the *unrestricted* budget
     polytope (no fixed entries), at a point ``M`` of that polytope. Per unit, clipped at 0."""
     rg = weight @ gram - (weight * mask) @ gram
-    vertex = batched_oracle(lmo)(-2 * weight * rg, jnp.zeros(weight.shape, bool))
+    vertex = vertices(lmo, -2 * weight * rg, jnp.zeros(weight.shape, bool))
     loss = unit_sum(weight * (1 - mask) * rg)
     gap = 2 * unit_sum(weight * (vertex - mask) * rg)
     return jnp.maximum(loss - gap, 0)

@@ -7,12 +7,23 @@ Only entries with ``g < 0`` lower ``⟨g, V⟩``, so a vertex may keep fewer tha
 
 Ties between equal gradient entries go to the lower index, so every oracle is deterministic.
 LMOs are small frozen dataclasses: hashable, so they are static arguments of the compiled solver.
+
+The protocol (:class:`Oracle`), always over a stack of units ``(units, *unit_shape)``, with the
+oracle's state explicit, as optax's gradient transformations carry theirs::
+
+    state = lmo.init(units, dtype)
+    vertex, state = lmo(gradient, fixed, state)     # once per Frank-Wolfe iteration
+    away = lmo.away(gradient, mask, fixed)          # pairwise steps only
+
+The state lets an iterative caller warm-start each call from the previous one (the threshold
+oracles keep their last thresholds: the same vertices in fewer counting passes); stateless
+oracles return ``()``. ``lmo.unit(gradient, fixed)`` is the plain oracle of one unit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +40,24 @@ from fw_jax.solver._select import (
     smallest_mask_units_hinted,
 )
 
-__all__ = ["TopKLMO", "NMLMO"]
+__all__ = ["Oracle", "TopKLMO", "NMLMO", "vertices"]
+
+
+class Oracle(Protocol):
+    """What the Frank-Wolfe loops ask of an LMO (see the module docstring)."""
+
+    exact: bool  #: the polytope keeps exactly the budget (hypersimplex), as pairwise steps need
+
+    def init(self, units: int, dtype) -> Any: ...
+
+    def __call__(self, gradient: Array, fixed: Array, state: Any) -> tuple[Array, Any]: ...
+
+    def away(self, gradient: Array, mask: Array, fixed: Array) -> Array: ...
+
+
+def vertices(lmo: Oracle, gradient: Array, fixed: Array) -> Array:
+    """One stateless call of ``lmo`` over a stack of units (a fresh state)."""
+    return lmo(gradient, fixed, lmo.init(gradient.shape[0], gradient.dtype))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,71 +74,68 @@ class TopKLMO:
 
     Attributes:
       k: budget of the unit.
-      method: ``"bisect"`` (threshold bisection on the float bits: streaming passes, the
-        fastest on CPU, see ``benchmarks/``), ``"search"`` (interpolation + bisection on the
-        same keys, fewer passes) or ``"top_k"`` (``lax.top_k``). Same result.
-      hint: for the threshold methods, let iterative callers (the Frank-Wolfe loops) start each
-        search from the previous call's thresholds (:meth:`batched_hinted`). Same result.
+      method: ``"search"`` (interpolation + bisection on the float bits of the entries),
+        ``"bisect"`` (bisection on the same keys) or ``"top_k"`` (``lax.top_k``). Same
+        vertices; their speeds are in ``results/variants.md``.
+      hint: for the threshold methods, start each search from the previous call's thresholds
+        (carried in the state). Same vertices.
     """
 
     k: int
-    method: Literal["bisect", "search", "top_k"] = "bisect"
+    method: Literal["search", "bisect", "top_k"] = "search"
     exact: bool = False
     hint: bool = True
+
+    def __post_init__(self):
+        if self.method not in ("search", "bisect", "top_k"):
+            raise ValueError(f"TopKLMO.method must be 'search', 'bisect' or 'top_k', got {self.method!r}")
 
     def _smallest(self, values: Array, count: Array, eligible: Array) -> Array:
         if self.method == "bisect":
             return smallest_mask_bisect(values, count, eligible)
         if self.method == "search":
             return smallest_mask_search(values, count, eligible)
-        if self.method == "top_k":
-            return smallest_mask_topk(values, count, eligible, min(self.k, values.size))
-        raise ValueError(f"TopKLMO.method must be 'bisect', 'search' or 'top_k', got {self.method!r}")
+        return smallest_mask_topk(values, count, eligible, min(self.k, values.size))
 
-    def __call__(self, gradient: Array, fixed: Array) -> Array:
+    def unit(self, gradient: Array, fixed: Array) -> Array:
+        """The vertex of one unit."""
         free_budget = self.k - jnp.sum(fixed, dtype=jnp.int32)
         eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
         return (self._smallest(gradient, free_budget, eligible) | fixed).astype(gradient.dtype)
 
-    def batched(self, gradient: Array, fixed: Array) -> Array:
-        """``vmap(self)`` over a leading unit axis; the threshold methods run batched so that
-        their tie-break step is skipped for the whole stack when no unit needs it."""
-        if self.method == "top_k":
-            return jax.vmap(self)(gradient, fixed)
-        free_budget, eligible = self._units_room(gradient, fixed)
-        return (smallest_mask_units(gradient, free_budget, eligible, self.method) | fixed).astype(gradient.dtype)
-
-    def _units_room(self, gradient: Array, fixed: Array) -> tuple[Array, Array]:
-        """Per unit of a stack: the budget left after ``fixed``, and the entries that may take it."""
-        free_budget = self.k - jnp.sum(fixed.reshape(gradient.shape[0], -1), axis=-1, dtype=jnp.int32)
-        return free_budget, ~fixed if self.exact else (gradient < 0) & ~fixed
-
     @property
-    def hinted(self) -> bool:
-        """Whether callers should use :meth:`batched_hinted` (threshold methods, ``hint`` on)."""
+    def _hinted(self) -> bool:
         return self.hint and self.method in ("bisect", "search")
 
-    def empty_hint(self, units: int, dtype) -> ThresholdHint:
-        """The hint of :meth:`batched_hinted`'s first call."""
-        return ThresholdHint.empty(units, dtype)
+    def init(self, units: int, dtype) -> Any:
+        return ThresholdHint.empty(units, dtype) if self._hinted else ()
 
-    def batched_hinted(self, gradient: Array, fixed: Array, hint: ThresholdHint) -> tuple[Array, ThresholdHint]:
-        """:meth:`batched`, warm-started from the thresholds of the previous call (the same
-        vertices in fewer counting passes when the gradient changes a little between calls).
-        Returns the vertices and the hint for the next call."""
-        free_budget, eligible = self._units_room(gradient, fixed)
-        chosen, hint = smallest_mask_units_hinted(gradient, free_budget, eligible, hint)
-        return (chosen | fixed).astype(gradient.dtype), hint
+    def __call__(self, gradient: Array, fixed: Array, state: Any) -> tuple[Array, Any]:
+        if self.method == "top_k":
+            return jax.vmap(self.unit)(gradient, fixed), state
+        # The threshold methods select for the whole stack at once, so that their tie-break
+        # step is skipped for every unit when none needs it.
+        free_budget = self.k - jnp.sum(fixed.reshape(gradient.shape[0], -1), axis=-1, dtype=jnp.int32)
+        eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
+        if self._hinted:
+            chosen, state = smallest_mask_units_hinted(gradient, free_budget, eligible, state)
+        else:
+            chosen = smallest_mask_units(gradient, free_budget, eligible, self.method)
+        return (chosen | fixed).astype(gradient.dtype), state
 
     def away(self, gradient: Array, mask: Array, fixed: Array) -> Array:
-        """Away vertex of the hypersimplex in decomposition-invariant form: the worst vertex
-        (largest ``⟨g, V⟩``) whose support lies in the face of ``mask``: every entry at 1 is in
-        it, no entry at 0 is, and the ``k − #ones`` largest-gradient fractional entries fill it.
-        """
-        ones = (mask >= 1) | fixed
-        fractional = (mask > 0) & ~ones
-        room = self.k - jnp.sum(ones, dtype=jnp.int32)
-        return (self._smallest(-gradient, room, fractional) | ones).astype(gradient.dtype)
+        """Away vertices of the hypersimplex in decomposition-invariant form: per unit, the
+        worst vertex (largest ``⟨g, V⟩``) whose support lies in the face of ``mask``: every
+        entry at 1 is in it, no entry at 0 is, and the ``k − #ones`` largest-gradient
+        fractional entries fill it."""
+
+        def one(g, msk, fix):
+            ones = (msk >= 1) | fix
+            fractional = (msk > 0) & ~ones
+            room = self.k - jnp.sum(ones, dtype=jnp.int32)
+            return (self._smallest(-g, room, fractional) | ones).astype(g.dtype)
+
+        return jax.vmap(one)(gradient, mask, fixed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +143,9 @@ class NMLMO:
     """Oracle of the n:m polytope: each block of ``m`` consecutive entries has ``Σ ≤ n``.
 
     Per block: 1 on ``F`` and on the ``n − |F ∩ block|`` most negative entries ``< 0`` outside
-    ``F`` (with ``exact=True``: ``Σ_block m = n``, the smallest entries whatever their sign). Ranks within a block come from ``m × m`` pairwise comparisons (no sort: m is small).
+    ``F`` (with ``exact=True``: ``Σ_block m = n``, the smallest entries whatever their sign).
+    Ranks within a block come from ``m × m`` pairwise comparisons (no sort: m is small), so
+    the same code serves one unit and a stack. Stateless.
     """
 
     n: int
@@ -135,11 +162,18 @@ class NMLMO:
         chosen = (eligible & (rank < room)) | forced
         return chosen.reshape(score.shape).astype(score.dtype)
 
-    def __call__(self, gradient: Array, fixed: Array) -> Array:
+    def unit(self, gradient: Array, fixed: Array) -> Array:
+        """The vertex of one unit (or of a stack: blocks are independent)."""
         eligible = ~fixed if self.exact else (gradient < 0) & ~fixed
         return self._best_in_blocks(-gradient, eligible, fixed)
 
+    def init(self, units: int, dtype) -> Any:
+        return ()
+
+    def __call__(self, gradient: Array, fixed: Array, state: Any) -> tuple[Array, Any]:
+        return self.unit(gradient, fixed), state
+
     def away(self, gradient: Array, mask: Array, fixed: Array) -> Array:
-        """Away vertex per block (see :meth:`TopKLMO.away`), with ``Σ_block m = n``."""
+        """Away vertices per block (see :meth:`TopKLMO.away`), with ``Σ_block m = n``."""
         ones = (mask >= 1) | fixed
         return self._best_in_blocks(gradient, (mask > 0) & ~ones, ones)

@@ -1,4 +1,4 @@
-"""SparseFW exactly as published (DESIGN.md §3): the reference our solver is measured against.
+"""SparseFW exactly as published (docs/design.md §14): the reference our solver is measured against.
 
 A deliberately plain implementation, independent of ``_frank_wolfe.py``: a dense gradient GEMM
 every iteration, the open-loop step ``η_t = 2/(t+2)``, a fixed number of iterations, rounding by
@@ -15,10 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from fw_jax.solver._budgets import NM, Budget, as_budget
-from fw_jax.solver._lmo import NMLMO, TopKLMO
+from fw_jax.solver._budgets import Budget, as_budget
 from fw_jax.solver._objective import layer_error
-from fw_jax.solver._rounding import round_to_budget
 from fw_jax.solver._saliency import saliency_scores
 from fw_jax.solver._validation import check_alpha, check_layer_inputs
 
@@ -35,34 +33,21 @@ class PublishedResult(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("budget", "iterations", "warm_start", "lmo_method"))
 def _published(weight, gram, alpha, *, budget, iterations, warm_start, lmo_method):
     scores = saliency_scores(warm_start, weight, gram)
-    warm = round_to_budget((scores,), budget)
-    per_unit = budget.n if isinstance(budget, NM) else budget.k
-    fixed = round_to_budget((scores,), budget, count=jnp.floor(alpha * per_unit + 1e-9).astype(jnp.int32))
-    # lmo: (gradient, fixed, hint) -> (vertex, hint); the threshold oracles carry their last
-    # thresholds from one iteration to the next (same vertices, fewer counting passes).
-    hint = None
-    if isinstance(budget, NM):
-        lmo = lambda g, f, h: (jax.vmap(NMLMO(budget.n, budget.m))(g, f), h)  # noqa: E731
-    elif budget.is_separable:
-        rows = TopKLMO(budget.k, lmo_method)
-        if rows.hinted:
-            lmo, hint = rows.batched_hinted, rows.empty_hint(weight.shape[0], weight.dtype)
-        else:
-            lmo = lambda g, f, h: (rows.batched(g, f), h)  # noqa: E731
-    else:
-        single = TopKLMO(budget.k, lmo_method)
-        lmo = lambda g, f, h: (single(g, f), h)  # noqa: E731  (one unit: the whole layer)
+    warm = budget.round((scores,))
+    fixed = budget.round((scores,), count=budget.fixed_count(alpha))
+    lmo = budget.oracle(lmo_method)  # over the stack of units; its state carries its last thresholds
     target = weight @ gram
 
     def step(t, carry):
-        mask, hint = carry
+        mask, state = carry
         gradient = -2 * weight * (target - (weight * mask) @ gram)
-        vertex, hint = lmo(gradient, fixed, hint)
+        vertex, state = lmo(budget.units(gradient), budget.units(fixed), state)
         eta = 2.0 / (t + 2.0)
-        return mask + eta * (vertex - mask), hint
+        return mask + eta * (budget.from_units(vertex) - mask), state
 
-    relaxed, _ = lax.fori_loop(0, iterations, step, (warm.astype(weight.dtype), hint))
-    mask = round_to_budget((fixed, relaxed), budget)
+    units = budget.units(weight).shape[0]
+    relaxed, _ = lax.fori_loop(0, iterations, step, (warm.astype(weight.dtype), lmo.init(units, weight.dtype)))
+    mask = budget.round((fixed, relaxed))
     return PublishedResult(
         mask=mask,
         loss=layer_error(weight, gram, mask),

@@ -34,7 +34,9 @@ import numpy as np
 from jax import Array, lax
 from jax.scipy.linalg import cho_solve
 
-__all__ = ["reconstruct", "check_layer_inputs", "METHODS"]
+from fw_jax.solver._validation import check_damp, check_layer_inputs, is_concrete
+
+__all__ = ["reconstruct", "check_inputs", "METHODS"]
 
 METHODS = ("cg", "admm", "direct")
 _DEFAULTS = {  # (max_iter, tol) per method; chosen in benchmarks/bench_reconstruct.py
@@ -45,49 +47,14 @@ _DEFAULTS = {  # (max_iter, tol) per method; chosen in benchmarks/bench_reconstr
 _DIRECT_CHUNK_BYTES = 64 * 2**20
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def check_layer_inputs(weight, gram, damp) -> tuple[Array, Array, float]:
-    """Validate ``(weight, gram, damp)`` of one linear layer before tracing.
-
-    Raises ``ValueError`` naming the problem and the expected form: ``weight`` a floating
-    ``(d_out, d_in)`` matrix, ``gram`` a floating ``(d_in, d_in)`` symmetric matrix with a
-    non-negative diagonal, both finite, and ``damp`` a finite number ``≥ 0``. Value checks are
-    skipped for traced arrays.
-
-    Returns:
-      ``(weight, gram, damp)`` as JAX arrays and a Python float (or the traced damp).
-    """
-    weight = jnp.asarray(weight)
-    gram = jnp.asarray(gram)
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be a (d_out, d_in) matrix, got shape {weight.shape}.")
-    d_in = weight.shape[1]
-    if gram.shape != (d_in, d_in):
-        raise ValueError(
-            f"gram must be (d_in, d_in) = ({d_in}, {d_in}) for a weight of shape {weight.shape}, "
-            f"got shape {gram.shape}."
-        )
-    for name, array in (("weight", weight), ("gram", gram)):
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}.")
-        if _is_concrete(array) and not bool(jnp.all(jnp.isfinite(array))):
-            raise ValueError(f"{name} contains non-finite values (inf or nan); expected finite values.")
-    if _is_concrete(gram):
-        scale = float(jnp.max(jnp.abs(gram)))
-        if float(jnp.max(jnp.abs(gram - gram.T))) > 1e-4 * scale:
-            raise ValueError("gram must be symmetric (a Gram matrix X Xᵀ); it differs from its transpose.")
-        if bool(jnp.any(jnp.diagonal(gram) < 0)):
-            raise ValueError("gram has negative diagonal entries; expected a PSD Gram matrix X Xᵀ.")
-    if _is_concrete(damp):
-        if np.ndim(damp) != 0:
-            raise ValueError(f"damp must be a scalar, got shape {np.shape(damp)}.")
-        damp = float(damp)
-        if not np.isfinite(damp) or damp < 0:
-            raise ValueError(f"damp must be a finite number ≥ 0 (relative damping), got {damp}.")
-    return weight, gram, damp
+def check_inputs(weight, gram, damp) -> tuple[Array, Array, float]:
+    """Validate ``(weight, gram, damp)`` of one linear layer before tracing (shared with
+    SparseGPT): ``weight`` a floating ``(d_out, d_in)`` matrix, ``gram`` a floating ``(d_in,
+    d_in)`` symmetric matrix with a non-negative diagonal, both finite, and ``damp`` a finite
+    number ``≥ 0``; a ``ValueError`` names what is wrong. Value checks are skipped for traced
+    arrays. Returns the arrays in the compute dtype and ``damp``."""
+    weight, gram = check_layer_inputs(weight, gram, psd=False)
+    return weight, gram, check_damp(damp)
 
 
 def _check_mask(mask, weight_shape) -> Array:
@@ -97,7 +64,7 @@ def _check_mask(mask, weight_shape) -> Array:
             f"mask must have the weight's shape {tuple(weight_shape)} (1/True = kept), got {mask.shape}."
         )
     if mask.dtype != jnp.bool_:
-        if _is_concrete(mask) and not bool(jnp.all((mask == 0) | (mask == 1))):
+        if is_concrete(mask) and not bool(jnp.all((mask == 0) | (mask == 1))):
             raise ValueError("mask must be binary: boolean, or numbers that are all 0 or 1.")
         mask = mask != 0
     return mask
@@ -219,18 +186,18 @@ def _reconstruct_jit(weight, gram, mask, damp, max_iter, tol, rho, *, method, ja
 
 def _prepare_call(weight, gram, mask, damp, method, max_iter, tol, jacobi, rho):
     """Validate the inputs of :func:`reconstruct`; return the jitted core's arguments."""
-    weight, gram, damp = check_layer_inputs(weight, gram, damp)
+    weight, gram, damp = check_inputs(weight, gram, damp)
     mask = _check_mask(mask, weight.shape)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     default_iter, default_tol = _DEFAULTS[method]
     max_iter = default_iter if max_iter is None else max_iter
     tol = default_tol if tol is None else tol
-    if _is_concrete(max_iter) and (int(max_iter) != max_iter or max_iter < 0):
+    if is_concrete(max_iter) and (int(max_iter) != max_iter or max_iter < 0):
         raise ValueError(f"max_iter must be an int ≥ 0, got {max_iter!r}.")
-    if _is_concrete(tol) and not (np.isfinite(tol) and tol >= 0):
+    if is_concrete(tol) and not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number ≥ 0, got {tol!r}.")
-    if _is_concrete(rho) and not (np.isfinite(rho) and rho > 0):
+    if is_concrete(rho) and not (np.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a finite number > 0, got {rho!r}.")
     support_size = 0
     if method == "direct":
@@ -238,7 +205,7 @@ def _prepare_call(weight, gram, mask, damp, method, max_iter, tol, jacobi, rho):
         # multiple of 32 so that similar masks share one compilation (d_in under an outer jit).
         d_in = weight.shape[1]
         support_size = d_in
-        if _is_concrete(mask):
+        if is_concrete(mask):
             largest = int(jnp.max(jnp.sum(mask, axis=1)))
             support_size = min(d_in, max(32, -(-largest // 32) * 32))
     dtype = jnp.result_type(weight.dtype, gram.dtype, jnp.float32)

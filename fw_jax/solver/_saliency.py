@@ -1,4 +1,4 @@
-"""Greedy saliency scores and masks: the baselines and the warm starts (DESIGN.md §8).
+"""Greedy saliency scores and masks: the baselines and the warm starts (docs/design.md §14).
 
 Every mask keeps the highest scores within each budget unit (row, n:m block, or layer); ties go
 to the lower index, which matters on dequantized weights where equal magnitudes are common.
@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from jax import Array
 
 from fw_jax.solver._budgets import Budget, as_budget
-from fw_jax.solver._rounding import round_to_budget
 
 __all__ = [
     "magnitude_scores",
@@ -71,7 +70,7 @@ def saliency_mask(scores: Array, budget: int | Budget) -> Array:
 
 @functools.partial(jax.jit, static_argnames="budget")
 def _mask_jit(scores, *, budget):
-    return round_to_budget((scores,), budget)
+    return budget.round((scores,))
 
 
 def magnitude_mask(weight: Array, budget: int | Budget) -> Array:

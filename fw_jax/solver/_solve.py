@@ -1,6 +1,6 @@
 """``solve_layer``: the whole mask problem of one linear layer in one compiled call.
 
-Pipeline (DESIGN.md §3-§6):
+Pipeline (docs/design.md §6-§11):
 
 1. warm start: a saliency mask (magnitude, Wanda, RIA) or a given mask;
 2. fix the top ``⌊α·k⌋`` saliency entries of every budget unit (α = 0: plain Frank-Wolfe);
@@ -15,25 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import Array
 
-from fw_jax.solver._budgets import NM, Budget, LayerBudget, as_budget
-from fw_jax.solver._frank_wolfe import PRECISIONS, FWHistory, frank_wolfe, full_polytope_bound
-from fw_jax.solver._lmo import NMLMO, TopKLMO
+from fw_jax.solver._budgets import Budget, as_budget
+from fw_jax.solver._frank_wolfe import FWHistory, frank_wolfe, full_polytope_bound
 from fw_jax.solver._objective import row_errors
+from fw_jax.solver._options import SolverOptions
 from fw_jax.solver._psd import PSD_TOLERANCE, negative_curvature
-from fw_jax.solver._rounding import round_to_budget
 from fw_jax.solver._saliency import saliency_scores
-from fw_jax.solver._steps import ShortStep, as_step_rule
-from fw_jax.solver._swaps import swap_refine
-from fw_jax.solver._validation import check_alpha, check_layer_inputs, check_tol, check_warm_mask
+from fw_jax.solver._steps import as_step_rule
+from fw_jax.solver._validation import check_alpha, check_layer_inputs, check_tol, check_warm_mask, is_concrete
 
-__all__ = ["Status", "LayerSolution", "mask_lower_bound", "solve_layer", "trace_count"]
+__all__ = ["Status", "LayerSolution", "mask_lower_bound", "solve_layer"]
 
 
 class Status:
@@ -65,7 +62,6 @@ class LayerSolution(NamedTuple):
     row_loss: Array  #: (d_out,) per-row error of ``mask``.
     iterations: Array  #: Frank-Wolfe iterations (the most any unit took).
     swaps: Array  #: accepted 1-swaps, summed over units.
-    sparse_updates: Array  #: iterations whose product was updated incrementally (``product="incremental"``).
     status: Array  #: a :class:`Status` code.
     history: Optional[FWHistory]  #: per-iteration totals if ``history=True``.
 
@@ -86,112 +82,63 @@ class _Config:
 
     budget: Budget
     saliency: str
-    step_rule: Any
-    lmo_method: str
-    max_iter: int
-    refresh_every: int
-    swaps: bool
-    max_swaps: int
-    history: bool
-    pairwise: bool
-    max_changes: Optional[int]
-    precision: str
+    options: SolverOptions
     check_psd: bool = False  # in the compiled call: the Gram matrix was traced, not checked before
-
-
-_TRACES = [0]
-
-
-def trace_count() -> int:
-    """How many times the solver has been traced (compiled) in this process (for tests)."""
-    return _TRACES[0]
-
-
-def _units(x: Array, budget: Budget) -> Array:
-    return x[None] if isinstance(budget, LayerBudget) else x
-
-
-def _from_units(x: Array, budget: Budget) -> Array:
-    return x[0] if isinstance(budget, LayerBudget) else x
-
-
-def _lmo_for(budget: Budget, method: str, exact: bool = False):
-    if isinstance(budget, NM):
-        return NMLMO(budget.n, budget.m, exact)
-    return TopKLMO(budget.k, method, exact)
-
-
-def _fixed_count(budget: Budget, alpha: Array) -> Array:
-    per_unit = budget.n if isinstance(budget, NM) else budget.k
-    return jnp.floor(alpha * per_unit + 1e-9).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolution:
-    _TRACES[0] += 1
-    budget = config.budget
+    budget, options = config.budget, config.options
+    step_rule = as_step_rule(options.step_rule)
     dtype = weight.dtype
     gram = (gram + gram.T) / 2
     scores = saliency_scores(config.saliency, weight, gram)
-    if warm_mask is None:
-        warm = round_to_budget((scores,), budget)
-    else:
-        warm = warm_mask
+    warm = budget.round((scores,)) if warm_mask is None else warm_mask
     # Fixed entries: the top ⌊α·k⌋ saliency entries inside the warm mask, per budget unit.
-    fixed = round_to_budget((warm, scores), budget, count=_fixed_count(budget, alpha)) & warm
+    fixed = budget.round((warm, scores), count=budget.fixed_count(alpha)) & warm
 
-    gram_norm = (
-        jnp.linalg.eigvalsh(gram)[-1] if isinstance(config.step_rule, ShortStep) else jnp.ones((), dtype)
-    )
+    gram_norm = jnp.linalg.eigvalsh(gram)[-1] if getattr(step_rule, "needs_gram_norm", False) else jnp.ones((), dtype)
     round_keys = lambda relaxed: (fixed, relaxed, scores)  # noqa: E731
     round_units = None
-    if config.history:
-        round_units = lambda u: _units(  # noqa: E731
-            round_to_budget(round_keys(_from_units(u, budget)), budget), budget
-        ).astype(dtype)
-    lmo = _lmo_for(budget, config.lmo_method)
+    if options.history:
+        round_units = lambda u: budget.units(budget.round(round_keys(budget.from_units(u)))).astype(dtype)  # noqa: E731
+    lmo = budget.oracle(options.lmo_method)
     fw = frank_wolfe(
-        _units(weight, budget),
+        budget.units(weight),
         gram,
-        _units(warm.astype(dtype), budget),
-        _units(fixed, budget),
-        _lmo_for(budget, config.lmo_method, exact=config.pairwise),
-        config.step_rule,
-        max_iter=config.max_iter,
+        budget.units(warm.astype(dtype)),
+        budget.units(fixed),
+        lmo,
+        step_rule,
+        max_iter=options.max_iter,
         tol=tol,
         gram_norm=gram_norm,
-        refresh_every=config.refresh_every,
-        pairwise=config.pairwise,
+        refresh_every=options.refresh_every,
         round_units=round_units,
-        max_changes=config.max_changes,
-        precision=config.precision,
+        precision=options.precision,
     )
-    relaxed = _from_units(fw.relaxed_mask, budget)
-    rounded = round_to_budget(round_keys(relaxed), budget)
+    relaxed = budget.from_units(fw.relaxed_mask)
+    rounded = budget.round(round_keys(relaxed))
 
     warm_rows = row_errors(weight, gram, warm)
     rounded_rows = row_errors(weight, gram, rounded)
-    if isinstance(budget, LayerBudget):
-        better = jnp.sum(rounded_rows) <= jnp.sum(warm_rows)
-        mask = jnp.where(better, rounded, warm)
-    else:
-        mask = jnp.where((rounded_rows <= warm_rows)[:, None], rounded, warm)
+    better = budget.rows_of_units(budget.unit_totals(rounded_rows) <= budget.unit_totals(warm_rows))
+    mask = jnp.where(jnp.reshape(better, (-1, 1)), rounded, warm)
     swaps = jnp.zeros((), jnp.int32)
-    if config.swaps:
-        refined = swap_refine(weight, gram, mask, budget, frozen=fixed, max_swaps=config.max_swaps)
+    if options.swaps:
+        refined = budget.refine(weight, gram, mask, fixed, options.max_swaps, refresh_every=64)
         mask, swaps = refined.mask, jnp.sum(refined.swaps)
     mask_rows = row_errors(weight, gram, mask)
 
     # Lower bounds on the unrestricted problem. Frank-Wolfe's own bound is valid only where no
     # entry was fixed; every point of the polytope gives one more (L − gap with the full LMO).
-    full_lmo_units = _units(weight, budget)
+    weight_units = budget.units(weight)
+    unit_has_fixed = jnp.any(budget.units(fixed).reshape(fw.loss.shape[0], -1), axis=-1)
     bounds = [
-        full_polytope_bound(full_lmo_units, gram, fw.relaxed_mask, lmo),
-        full_polytope_bound(full_lmo_units, gram, _units(mask.astype(dtype), budget), lmo),
+        full_polytope_bound(weight_units, gram, fw.relaxed_mask, lmo),
+        full_polytope_bound(weight_units, gram, budget.units(mask.astype(dtype)), lmo),
+        jnp.where(unit_has_fixed, 0, fw.lower_bound),
     ]
-    unit_has_fixed = jnp.any(_units(fixed, budget).reshape(fw.loss.shape[0], -1), axis=-1)
-    if not config.pairwise:  # FW's running bound is over the same ≤-budget polytope
-        bounds.append(jnp.where(unit_has_fixed, 0, fw.lower_bound))
     lower_bound = jnp.sum(functools.reduce(jnp.maximum, bounds))
     indefinite = jnp.zeros((), bool)
     if config.check_psd:  # a traced G was not checked by check_layer_inputs: never claim a bound on it
@@ -225,7 +172,6 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
         row_loss=jnp.where(finite, mask_rows, warm_rows),
         iterations=jnp.max(fw.iterations),
         swaps=swaps,
-        sparse_updates=fw.sparse_updates,
         status=status,
         history=fw.history,
     )
@@ -234,23 +180,12 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
 def solve_layer(
     weight: Array,
     gram: Array,
-    budget: Union[int, Budget],
+    budget: Union[int, tuple[int, int], str, Budget],
     *,
     warm_start: Union[str, Array] = "wanda",
     alpha: float = 0.0,
-    max_iter: int = 100,
     tol: float = 1e-4,
-    step_rule: Any = "exact",
-    swaps: bool = True,
-    max_swaps: int = 512,
-    lmo_method: str = "search",
-    refresh_every: int = 64,
-    pairwise: bool = False,
-    product: str = "dense",
-    max_changes: Optional[int] = None,
-    precision: str = "default",
-    history: bool = False,
-    throw: bool = False,
+    options: SolverOptions = SolverOptions(),
 ) -> LayerSolution:
     """Choose the mask of one linear layer by Frank-Wolfe: ``min ‖WX − (M⊙W)X‖²_F``.
 
@@ -261,40 +196,19 @@ def solve_layer(
     Args:
       weight: ``(d_out, d_in)`` float weights (bfloat16/float16 are computed in float32).
       gram: ``(d_in, d_in)`` Gram matrix ``X Xᵀ`` of the layer's calibration inputs.
-      budget: ``k`` (int, kept per row), ``PerRow(k)``, ``NM(n, m)`` (n kept of every m) or
-        ``LayerBudget(K)`` (K kept in total).
+      budget: ``k`` (int, kept per row), ``PerRow(k)``, ``NM(n, m)`` (n kept of every m; also
+        ``(n, m)`` or ``"n:m"``) or ``LayerBudget(K)`` (K kept in total).
       warm_start: ``"magnitude"``, ``"wanda"``, ``"ria"`` or a boolean mask meeting the budget
         exactly. Its saliency (Wanda for a given mask) also orders rounding ties.
       alpha: fraction in ``[0, 1]`` of each unit's budget fixed to the top-saliency weights
         inside the warm mask (0.9 in the paper; 0 is plain Frank-Wolfe; 1 returns the warm
         start, up to swaps). Traced: changing it does not recompile.
-      max_iter: Frank-Wolfe iteration cap (static).
       tol: a unit stops when its gap ``≤ tol ·`` its relaxed error (traced).
-      step_rule: ``"exact"`` (line search, default), ``"open_loop"`` (``2/(t+2)``, as
-        published) or ``"short"``; or a rule object from ``fw_jax.solver``.
-      swaps: refine the rounded mask by 1-swaps (DESIGN.md §6).
-      max_swaps: cap on swap steps (each step swaps at most once per unit).
-      lmo_method: ``"search"`` (default: interpolation + bisection on the float bits, the
-        fastest measured on CPU, ``results/variants.md``), ``"bisect"`` or ``"top_k"``; same
-        vertices.
-      refresh_every: dense recomputation period of the running product.
-      pairwise: pairwise Frank-Wolfe steps (toward the FW vertex, away from the away vertex,
-        in decomposition-invariant form) on the hull of masks keeping exactly the budget;
-        ``False`` gives vanilla Frank-Wolfe on the ``≤`` budget polytope, as published.
-      product: ``"dense"`` (one GEMM per iteration) or ``"incremental"``: update ``(W⊙V)G``
-        from the entries where the vertex changed (a gather of rows of ``G``), falling back to
-        the dense product when some row changes in more than ``max_changes`` entries. Same
-        iterates up to float rounding; vanilla steps only.
-      max_changes: per-row cap of the incremental update (default ``d_in // 16``).
-      precision: of the iteration's products: ``"default"`` (JAX's: full float32 on CPU, TF32
-        on recent GPUs), ``"highest"`` or ``"bfloat16"`` (bfloat16 inputs, float32 sums).
-        Only the loop uses it: the errors, swaps and lower bound never use bfloat16 products.
-      history: record per-iteration relaxed error, rounded error and gap (costs a rounding and
-        a GEMM per iteration; for plots).
-      throw: raise ``RuntimeError`` unless the status is ``converged``.
+      options: a :class:`SolverOptions` (iteration cap, step rule, swaps, oracle, precision,
+        history). Static: other options compile another solver.
 
     Returns:
-      A :class:`LayerSolution`.
+      A :class:`LayerSolution`; check ``status`` (``status_name``) for convergence.
 
     Raises:
       ValueError: on bad input, naming it: shapes, dtypes, budgets, non-finite values, ``alpha``
@@ -311,56 +225,17 @@ def solve_layer(
     weight, gram = check_layer_inputs(weight, gram, budget)
     check_alpha(alpha)
     check_tol(tol)
-    step = as_step_rule(step_rule)
-    for name, value in (("max_iter", max_iter), ("max_swaps", max_swaps), ("refresh_every", refresh_every)):
-        if not isinstance(value, (int, np.integer)) or value < (1 if name == "refresh_every" else 0):
-            raise ValueError(f"{name} must be a non-negative int (refresh_every ≥ 1), got {value!r}")
-    if lmo_method not in ("bisect", "search", "top_k"):
-        raise ValueError(f"lmo_method must be 'bisect', 'search' or 'top_k', got {lmo_method!r}")
-    if product not in ("dense", "incremental"):
-        raise ValueError(f"product must be 'dense' or 'incremental', got {product!r}")
-    if product == "incremental" and pairwise:
-        raise ValueError("product='incremental' supports vanilla steps only; use pairwise=False")
-    if max_changes is not None and (not isinstance(max_changes, (int, np.integer)) or max_changes < 1):
-        raise ValueError(f"max_changes must be a positive int or None, got {max_changes!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(options, SolverOptions):
+        raise ValueError(f"options must be a fw_jax.SolverOptions, got {options!r}")
     if isinstance(warm_start, str):
         saliency_scores(warm_start, weight[:1, :1], gram[:1, :1])  # validates the name
         warm_mask, saliency = None, warm_start
     else:
         warm_mask = check_warm_mask(warm_start, weight.shape, budget)
         saliency = "wanda"
-    config = _Config(
-        budget=budget,
-        saliency=saliency,
-        step_rule=step,
-        lmo_method=lmo_method,
-        max_iter=int(max_iter),
-        refresh_every=int(refresh_every),
-        swaps=bool(swaps),
-        max_swaps=int(max_swaps),
-        history=bool(history),
-        pairwise=bool(pairwise),
-        max_changes=None if product == "dense" else int(max_changes or max(1, weight.shape[1] // 16)),
-        precision=precision,
-        check_psd=isinstance(gram, jax.core.Tracer),
-    )
-    solution = _solve(
-        weight,
-        gram,
-        warm_mask,
-        jnp.asarray(alpha, weight.dtype),
-        jnp.asarray(tol, weight.dtype),
-        config=config,
-    )
-    if throw and not isinstance(solution.status, jax.core.Tracer):
-        if int(solution.status) != Status.CONVERGED:
-            raise RuntimeError(
-                f"solve_layer did not converge: status {solution.status_name}, gap "
-                f"{float(solution.gap):.3e} after {int(solution.iterations)} iterations"
-            )
-    return solution
+    config = _Config(budget=budget, saliency=saliency, options=options, check_psd=not is_concrete(gram))
+    return _solve(weight, gram, warm_mask, jnp.asarray(alpha, weight.dtype), jnp.asarray(tol, weight.dtype),
+                  config=config)
 
 
 def mask_lower_bound(weight: Array, gram: Array, budget: Union[int, Budget], *points: Array) -> Array:
@@ -389,7 +264,7 @@ def mask_lower_bound(weight: Array, gram: Array, budget: Union[int, Budget], *po
 @functools.partial(jax.jit, static_argnames=("budget",))
 def _mask_lower_bound(weight, gram, points, *, budget):
     gram = (gram + gram.T) / 2
-    lmo = _lmo_for(budget, "search")
-    units = _units(weight, budget)
-    bounds = [full_polytope_bound(units, gram, _units(p, budget), lmo) for p in points]
+    lmo = budget.oracle()
+    units = budget.units(weight)
+    bounds = [full_polytope_bound(units, gram, budget.units(p), lmo) for p in points]
     return jnp.sum(functools.reduce(jnp.maximum, bounds))

@@ -29,21 +29,11 @@ import numpy as np
 from jax import Array, lax
 from jax.scipy.linalg import cho_solve
 
-from ._budgets import NM, LayerBudget, PerRow, as_budget
-from ._reconstruct import check_layer_inputs
+from ._budgets import Budget, as_budget
+from ._reconstruct import check_inputs
 from ._select import group_ranks, lexicographic_better, smallest_mask_bisect
 
 __all__ = ["sparsegpt", "damped_hessian"]
-
-
-def _layer_budget(budget) -> Union[PerRow, NM, LayerBudget]:
-    if isinstance(budget, tuple):
-        if len(budget) != 2:
-            raise ValueError(
-                f"budget tuple must be (n, m), n kept out of every m (2:4 keeps 2); got {budget!r}."
-            )
-        return NM(*(int(v) if isinstance(v, np.integer) else v for v in budget))
-    return as_budget(budget)
 
 
 def damped_hessian(gram: Array, damp: Union[float, Array]) -> tuple[Array, Array]:
@@ -161,7 +151,7 @@ def _sparsegpt_jit(weight, gram, damp, prune_counts, *, block_size, n, m):
 def sparsegpt(
     weight: Array,
     gram: Array,
-    budget: Union[int, tuple[int, int], PerRow, NM, LayerBudget],
+    budget: Union[int, tuple[int, int], str, Budget],
     *,
     block_size: int = 128,
     damp: float = 0.01,
@@ -211,18 +201,19 @@ def sparsegpt(
       >>> int(mask.sum())
       1024
     """
-    weight, gram, damp = check_layer_inputs(weight, gram, damp)
+    out_dtype = jax.dtypes.canonicalize_dtype(getattr(weight, "dtype", jnp.float32))
+    weight, gram, damp = check_inputs(weight, gram, damp)
     d_out, d_in = weight.shape
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
     block_size = int(block_size)
-    layer_budget = _layer_budget(budget)
+    layer_budget = as_budget(budget)
     layer_budget.check(d_out, d_in)
     n = m = 0
     n_blocks = -(-d_in // block_size)
     prune_counts = np.zeros(n_blocks, np.int32)
-    if isinstance(layer_budget, NM):
-        n, m = layer_budget.n, layer_budget.m
+    if layer_budget.pattern is not None:
+        n, m = layer_budget.pattern
         if block_size % m:
             raise ValueError(
                 f"NM({n}, {m}): m = {m} must divide block_size = {block_size} so that no group of "
@@ -231,7 +222,6 @@ def sparsegpt(
     else:
         total_pruned = d_out * d_in - layer_budget.total_kept(d_out, d_in)
         prune_counts = _block_prune_counts(total_pruned, d_in, block_size).astype(np.int32)
-    out_dtype = weight.dtype
     dtype = jnp.result_type(weight.dtype, gram.dtype, jnp.float32)
     mask, new_weight = _sparsegpt_jit(
         weight.astype(dtype),

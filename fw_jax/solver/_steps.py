@@ -6,19 +6,20 @@ Along the direction ``D = V − M`` of one budget unit, with ``E = W ⊙ D`` and
     L(M + η D) = L(M) − 2 η ⟨E, R G⟩ + η² ⟨E, E G⟩,
 
 so a rule sees ``slope = ⟨E, RG⟩`` (half the Frank-Wolfe gap) and ``curvature = ⟨E, EG⟩``,
-both of which the loop has without an extra matrix product (DESIGN.md §4). Rules are frozen
-dataclasses with one method, ``__call__(info) -> η``.
+both of which the loop has without an extra matrix product. Rules are frozen dataclasses with
+one method, ``__call__(info) -> η``; a rule that reads ``info.gram_norm`` sets
+``needs_gram_norm`` (the solver then computes λ_max(G), else it passes 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax.numpy as jnp
 from jax import Array
 
-__all__ = ["StepInfo", "OpenLoop", "ExactLineSearch", "ShortStep", "as_step_rule"]
+__all__ = ["STEP_RULES", "StepInfo", "OpenLoop", "ExactLineSearch", "ShortStep", "as_step_rule"]
 
 
 class StepInfo(NamedTuple):
@@ -35,6 +36,8 @@ class StepInfo(NamedTuple):
 class OpenLoop:
     """The published open-loop rule ``η_t = 2 / (t + 2)``, ``t = 0, 1, ...``."""
 
+    needs_gram_norm: ClassVar[bool] = False
+
     def __call__(self, info: StepInfo) -> Array:
         eta = 2.0 / (info.iteration + 2.0)
         return jnp.broadcast_to(eta, info.slope.shape).astype(info.slope.dtype)
@@ -47,6 +50,8 @@ class ExactLineSearch:
     When the curvature vanishes the error is linear along ``D`` and decreasing (slope ≥ 0), so
     the full step is taken.
     """
+
+    needs_gram_norm: ClassVar[bool] = False
 
     def __call__(self, info: StepInfo) -> Array:
         safe = jnp.where(info.curvature > 0, info.curvature, 1.0)
@@ -62,6 +67,8 @@ class ShortStep:
     the smoothness constant, and never overshoots.
     """
 
+    needs_gram_norm: ClassVar[bool] = True
+
     def __call__(self, info: StepInfo) -> Array:
         bound = info.gram_norm * info.direction_sq_norm
         safe = jnp.where(bound > 0, bound, 1.0)
@@ -69,15 +76,15 @@ class ShortStep:
         return jnp.clip(eta, 0.0, 1.0) * (info.slope > 0)
 
 
-_NAMED = {"open_loop": OpenLoop, "exact": ExactLineSearch, "short": ShortStep}
+STEP_RULES = {"exact": ExactLineSearch, "open_loop": OpenLoop, "short": ShortStep}  #: the rules by name
 
 
 def as_step_rule(rule) -> object:
     """Accept ``"open_loop"``, ``"exact"``, ``"short"`` or a rule object."""
     if isinstance(rule, str):
-        if rule not in _NAMED:
-            raise ValueError(f"step rule must be one of {sorted(_NAMED)} or a rule object, got {rule!r}")
-        return _NAMED[rule]()
+        if rule not in STEP_RULES:
+            raise ValueError(f"step rule must be one of {', '.join(STEP_RULES)} or a rule object, got {rule!r}")
+        return STEP_RULES[rule]()
     if not callable(rule):
         raise ValueError(f"step rule must be a name or a callable rule object, got {rule!r}")
     return rule

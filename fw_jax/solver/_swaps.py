@@ -1,4 +1,4 @@
-"""1-swap refinement of a binary mask (DESIGN.md §6).
+"""1-swap refinement of a binary mask (docs/design.md §10).
 
 In a row with residual ``r = w ⊙ (1 − m)`` and ``c = G r``, bringing back a pruned weight ``i``
 and pruning a kept weight ``j`` changes the error by exactly
@@ -26,9 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow
-
-__all__ = ["SwapResult", "swap_refine"]
+__all__ = ["SwapResult", "refine_blocks", "refine_rows", "refine_whole", "swap_refine"]
 
 
 class SwapResult(NamedTuple):
@@ -137,11 +135,54 @@ def _refine_units(weight, mask, frozen, gram, best_swap, max_swaps, refresh_ever
     return jnp.where(keep, refined, mask), jnp.where(keep[:, 0, 0], swaps, 0)
 
 
+def refine_rows(weight, gram, mask, frozen, max_swaps, refresh_every) -> SwapResult:
+    """1-swaps inside every row (a per-row budget)."""
+    diag = jnp.diagonal(gram)
+
+    def best(w, msk, frz, corr):
+        return _best_swap_capped(w, msk, frz, corr, gram, diag)
+
+    refined, swaps = _refine_units(
+        weight[:, None, :], mask[:, None, :], frozen[:, None, :], gram, best, max_swaps, refresh_every
+    )
+    return SwapResult(refined[:, 0, :], swaps)
+
+
+def refine_blocks(weight, gram, mask, frozen, m, max_swaps, refresh_every) -> SwapResult:
+    """1-swaps inside every block of ``m`` consecutive inputs of every row (an n:m budget)."""
+    diag = jnp.diagonal(gram)
+    idx = jnp.arange(weight.shape[1]).reshape(-1, m)
+    gram_blocks = gram[idx[:, :, None], idx[:, None, :]]
+
+    def best(w, msk, frz, corr):
+        return _best_swap_nm(w[0], msk[0], frz[0], corr[0], gram_blocks, diag, m)
+
+    refined, swaps = _refine_units(
+        weight[:, None, :], mask[:, None, :], frozen[:, None, :], gram, best, max_swaps, refresh_every
+    )
+    return SwapResult(refined[:, 0, :], swaps)
+
+
+def refine_whole(weight, gram, mask, frozen, max_swaps, refresh_every) -> SwapResult:
+    """1-swaps over the whole layer (a layer budget): every row first with its count held,
+    then moves of weights between rows."""
+    diag = jnp.diagonal(gram)
+
+    def best(w, msk, frz, corr):
+        return _best_swap_capped(w, msk, frz, corr, gram, diag)
+
+    rows = refine_rows(weight, gram, mask, frozen, max_swaps, refresh_every)
+    moved, cross_swaps = _refine_units(
+        weight[None], rows.mask[None], frozen[None], gram, best, max_swaps, refresh_every
+    )
+    return SwapResult(moved[0], jnp.sum(rows.swaps, keepdims=True) + cross_swaps)
+
+
 def swap_refine(
     weight: Array,
     gram: Array,
     mask: Array,
-    budget: Budget,
+    budget,
     *,
     frozen: Array | None = None,
     max_swaps: int = 512,
@@ -153,7 +194,8 @@ def swap_refine(
       weight: ``(d_out, d_in)`` float weights.
       gram: ``(d_in, d_in)`` Gram matrix.
       mask: ``(d_out, d_in)`` boolean mask meeting ``budget``.
-      budget: the budget the mask meets; swaps preserve it.
+      budget: the budget the mask meets (a :class:`~fw_jax.solver.Budget` or an int k); swaps
+        preserve it.
       frozen: optional boolean ``(d_out, d_in)``; these kept entries are never pruned.
       max_swaps: static cap on swap steps (each step swaps at most once per unit).
       refresh_every: static; how often ``c = G r`` is recomputed densely.
@@ -161,36 +203,8 @@ def swap_refine(
     Returns:
       :class:`SwapResult` with the refined mask (never worse per unit) and swap counts.
     """
+    from fw_jax.solver._budgets import as_budget  # the budgets call back into this module
+
     mask = mask.astype(bool)
     frozen = jnp.zeros(mask.shape, bool) if frozen is None else frozen.astype(bool)
-    diag = jnp.diagonal(gram)
-    if isinstance(budget, NM):
-        m = budget.m
-        idx = jnp.arange(weight.shape[1]).reshape(-1, m)
-        gram_blocks = gram[idx[:, :, None], idx[:, None, :]]
-
-        def best(w, msk, frz, corr):
-            return _best_swap_nm(w[0], msk[0], frz[0], corr[0], gram_blocks, diag, m)
-
-        refined, swaps = _refine_units(
-            weight[:, None, :], mask[:, None, :], frozen[:, None, :], gram, best, max_swaps,
-            refresh_every,
-        )
-        return SwapResult(refined[:, 0, :], swaps)
-
-    def best(w, msk, frz, corr):
-        return _best_swap_capped(w, msk, frz, corr, gram, diag)
-
-    refined, swaps = _refine_units(
-        weight[:, None, :], mask[:, None, :], frozen[:, None, :], gram, best, max_swaps,
-        refresh_every,
-    )
-    refined = refined[:, 0, :]
-    if isinstance(budget, PerRow):
-        return SwapResult(refined, swaps)
-    if isinstance(budget, LayerBudget):
-        moved, cross_swaps = _refine_units(
-            weight[None], refined[None], frozen[None], gram, best, max_swaps, refresh_every
-        )
-        return SwapResult(moved[0], jnp.sum(swaps, keepdims=True) + cross_swaps)
-    raise ValueError(f"unknown budget {budget!r}")
+    return as_budget(budget).refine(weight, gram, mask, frozen, max_swaps, refresh_every)

@@ -9,13 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow
+from fw_jax.solver._budgets import Budget
 from fw_jax.solver._psd import check_gram_psd
 
-__all__ = ["check_layer_inputs", "check_alpha", "check_tol", "check_warm_mask", "compute_dtype"]
+__all__ = ["check_layer_inputs", "check_alpha", "check_damp", "check_tol", "check_warm_mask", "compute_dtype",
+           "is_concrete"]
 
 
-def _is_concrete(x) -> bool:
+def is_concrete(x) -> bool:
+    """Whether ``x`` has values (not traced under ``jit``/``vmap``): only then are values checked."""
     return not isinstance(x, jax.core.Tracer)
 
 
@@ -26,10 +28,12 @@ def compute_dtype(*dtypes) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-def check_layer_inputs(weight, gram, budget: Budget) -> tuple[Array, Array]:
+def check_layer_inputs(weight, gram, budget: Budget | None = None, *, psd: bool = True) -> tuple[Array, Array]:
     """Validate ``weight (d_out, d_in)``, ``gram (d_in, d_in)`` and the budget; cast to the
-    compute dtype. Returns the cast arrays. A concrete ``gram`` must also be finite, symmetric
-    and positive semidefinite up to rounding (``_psd.py``): the lower bound needs it."""
+    compute dtype. Returns the cast arrays. A concrete ``gram`` must also be finite and
+    symmetric, and with ``psd`` positive semidefinite up to rounding (``_psd.py``: the lower
+    bound needs it); without, its diagonal must be non-negative (SparseGPT and reconstruction
+    damp the matrix and need no more)."""
     arrays = []
     for name, x in (("weight", weight), ("gram", gram)):
         if getattr(x, "dtype", None) is None:  # lists, tuples, scalars
@@ -59,13 +63,14 @@ def check_layer_inputs(weight, gram, budget: Budget) -> tuple[Array, Array]:
         )
     if d_out == 0 or d_in == 0:
         raise ValueError(f"weight has shape ({d_out}, {d_in}); a layer needs at least one row and one input.")
-    budget.check(d_out, d_in)
+    if budget is not None:
+        budget.check(d_out, d_in)
     dtype = compute_dtype(weight.dtype, gram.dtype)
     weight = jnp.asarray(weight, dtype)
     gram = jnp.asarray(gram, dtype)
-    if _is_concrete(weight) and not bool(jnp.all(jnp.isfinite(weight))):
+    if is_concrete(weight) and not bool(jnp.all(jnp.isfinite(weight))):
         raise ValueError("weight contains non-finite values (NaN or inf); finite weights are expected.")
-    if _is_concrete(gram):
+    if is_concrete(gram):
         if not bool(jnp.all(jnp.isfinite(gram))):
             raise ValueError("gram contains non-finite values (NaN or inf); a finite PSD matrix is expected.")
         asym = float(jnp.max(jnp.abs(gram - gram.T)))
@@ -75,19 +80,34 @@ def check_layer_inputs(weight, gram, budget: Budget) -> tuple[Array, Array]:
                 f"gram is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g}); "
                 "G = X Xᵀ is symmetric positive semidefinite."
             )
-        check_gram_psd(gram)
+        if psd:
+            check_gram_psd(gram)
+        elif bool(jnp.any(jnp.diagonal(gram) < 0)):
+            raise ValueError("gram has negative diagonal entries; expected a PSD Gram matrix X Xᵀ.")
     return weight, gram
 
 
+def check_damp(damp):
+    """``damp`` (relative damping of SparseGPT and reconstruction) must be a finite scalar ≥ 0;
+    returned as a float (or as given when traced)."""
+    if is_concrete(damp):
+        if np.ndim(damp) != 0:
+            raise ValueError(f"damp must be a scalar, got shape {np.shape(damp)}.")
+        damp = float(damp)
+        if not np.isfinite(damp) or damp < 0:
+            raise ValueError(f"damp must be a finite number ≥ 0 (relative damping), got {damp}.")
+    return damp
+
+
 def check_alpha(alpha) -> None:
-    if _is_concrete(alpha):
+    if is_concrete(alpha):
         value = float(alpha)
         if not 0.0 <= value <= 1.0 or not np.isfinite(value):
             raise ValueError(f"alpha = {alpha!r} is outside [0, 1]: it is the fixed fraction of each budget.")
 
 
 def check_tol(tol) -> None:
-    if _is_concrete(tol):
+    if is_concrete(tol):
         value = float(tol)
         if not (np.isfinite(value) and value >= 0.0):
             raise ValueError(f"tol = {tol!r} must be a finite number ≥ 0: a unit stops once gap ≤ tol · error.")
@@ -99,37 +119,13 @@ def check_warm_mask(mask, shape: tuple[int, int], budget: Budget) -> Array:
         raise ValueError(f"warm_start mask has shape {jnp.shape(mask)}, expected {tuple(shape)}.")
     dtype = getattr(mask, "dtype", np.asarray(mask).dtype)
     if dtype != jnp.bool_:
-        if not _is_concrete(mask):
+        if not is_concrete(mask):
             raise ValueError("warm_start mask must be boolean under jit.")
         values = np.asarray(mask)
         if not np.all((values == 0) | (values == 1)):
             raise ValueError("warm_start mask must be boolean (or 0/1 values).")
     mask = jnp.asarray(mask).astype(bool)
-    if not _is_concrete(mask):
+    if not is_concrete(mask):
         return mask
-    kept = np.asarray(mask)
-    d_out, d_in = shape
-    if isinstance(budget, PerRow):
-        counts = kept.sum(axis=1)
-        bad = np.flatnonzero(counts != budget.k)
-        if bad.size:
-            raise ValueError(
-                f"warm_start mask breaks the budget: row {bad[0]} keeps {counts[bad[0]]}, "
-                f"expected exactly k = {budget.k} per row ({bad.size} rows differ)."
-            )
-    elif isinstance(budget, NM):
-        counts = kept.reshape(d_out, d_in // budget.m, budget.m).sum(axis=-1)
-        bad = np.argwhere(counts != budget.n)
-        if bad.size:
-            row, block = bad[0]
-            raise ValueError(
-                f"warm_start mask breaks the budget: row {row}, block {block} keeps "
-                f"{counts[row, block]}, expected exactly n = {budget.n} of every m = {budget.m}."
-            )
-    elif isinstance(budget, LayerBudget):
-        if int(kept.sum()) != budget.k:
-            raise ValueError(
-                f"warm_start mask breaks the budget: it keeps {int(kept.sum())}, "
-                f"expected exactly K = {budget.k} in the layer."
-            )
+    budget.check_mask(np.asarray(mask), "warm_start mask")
     return mask

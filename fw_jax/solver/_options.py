@@ -1,0 +1,73 @@
+"""``SolverOptions``: how :func:`fw_jax.solve_layer` solves, apart from the problem itself.
+
+The problem (``weight, gram, budget``) and the choices a user makes about it (``warm_start``,
+``alpha``, ``tol``) are arguments of ``solve_layer``; everything that tunes the solver lives in
+one frozen, hashable object, which is part of the compiled solver's static configuration
+(changing a field compiles a new solver). ``fw_jax.pipeline.PruneSettings`` holds one, and the
+``fw-jax prune`` options take their defaults from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fw_jax.solver._frank_wolfe import PRECISIONS
+from fw_jax.solver._steps import as_step_rule
+
+__all__ = ["SolverOptions", "LMO_METHODS"]
+
+LMO_METHODS = ("search", "bisect", "top_k")  #: threshold searches of the top-k oracle (same vertices)
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverOptions:
+    """Tuning of :func:`fw_jax.solve_layer` (defaults: what ``results/`` measured best on CPU).
+
+    Attributes:
+      max_iter: Frank-Wolfe iteration cap.
+      step_rule: ``"exact"`` (line search), ``"open_loop"`` (``2/(t+2)``, as published) or
+        ``"short"``; or a rule object (``fw_jax.solver.ExactLineSearch`` ...).
+      swaps: refine the rounded mask by 1-swaps.
+      max_swaps: cap on swap steps (each step swaps at most once per unit).
+      lmo_method: the top-k oracle's threshold search: ``"search"``, ``"bisect"`` or
+        ``"top_k"`` (same vertices; speeds in ``results/variants.md``).
+      refresh_every: period of the dense recomputation of the loop's running product.
+      precision: of the loop's products: ``"default"`` (JAX's: full float32 on CPU, TF32 on
+        recent GPUs), ``"highest"`` or ``"bfloat16"`` (bfloat16 inputs, float32 sums). The
+        errors, swaps and lower bound never use bfloat16 products.
+      history: record per-iteration relaxed error, rounded error and gap (a rounding and a
+        product more per iteration; for plots).
+
+    Example:
+      >>> opts = fw_jax.SolverOptions(max_iter=300, step_rule="open_loop")
+      >>> sol = fw_jax.solve_layer(W, G, k, options=opts)
+    """
+
+    max_iter: int = 100
+    step_rule: Any = "exact"
+    swaps: bool = True
+    max_swaps: int = 512
+    lmo_method: str = "search"
+    refresh_every: int = 64
+    precision: str = "default"
+    history: bool = False
+
+    def __post_init__(self):
+        for name in ("max_iter", "max_swaps", "refresh_every"):
+            value = getattr(self, name)
+            least = 1 if name == "refresh_every" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"SolverOptions.{name} must be an int ≥ {least}, got {value!r}")
+        as_step_rule(self.step_rule)  # validates a name or a rule object
+        if self.lmo_method not in LMO_METHODS:
+            raise ValueError(f"SolverOptions.lmo_method must be one of {', '.join(LMO_METHODS)}, got {self.lmo_method!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"SolverOptions.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("swaps", "history"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SolverOptions.{name} must be True or False, got {getattr(self, name)!r}")
+
+    def replace(self, **changes) -> "SolverOptions":
+        """A copy with ``changes`` (validated)."""
+        return dataclasses.replace(self, **changes)
