@@ -5,9 +5,22 @@
     >>> sol = fw_jax.solve_layer(W, G, fw_jax.NM(2, 4))  # 2 kept in every 4 inputs
     >>> sol.mask, sol.loss, sol.warm_loss, sol.lower_bound, sol.certificate
 
-Layout: ``fw_jax/solver`` (Frank-Wolfe, LMOs, steps, rounding, swaps, baselines),
-``fw_jax/models`` (Flax models, checkpoint loaders), ``fw_jax/pipeline`` (calibration,
-pruning a model, perplexity), ``fw_jax/cli.py`` (the ``fw-jax`` command).
+The public API is what this module exports (``__all__``), each name with an example in its
+docstring, where ``W`` is a ``(d_out, d_in)`` weight, ``G = X Xᵀ`` the ``(d_in, d_in)`` Gram
+matrix of its calibration inputs and ``k`` the weights kept per row:
+
+- the solver: :func:`solve_layer`, its :class:`SolverOptions`, :class:`LayerSolution` and
+  :class:`Status`; :func:`mask_lower_bound` certifies any mask;
+- budgets: :class:`PerRow` (or an int), :class:`NM`, :class:`LayerBudget`;
+- step rules: :class:`ExactLineSearch`, :class:`OpenLoop`, :class:`ShortStep`;
+- baselines: magnitude, Wanda and RIA scores and masks, :func:`saliency_mask`,
+  :func:`sparsegpt`, :func:`sparsefw_published` (the seed paper's recipe);
+- errors: :func:`layer_error`, :func:`row_errors`; :func:`reconstruct` refits kept weights.
+
+Layout: ``fw_jax/solver`` (Frank-Wolfe, oracles, budgets, steps, baselines), ``fw_jax/models``
+(Flax models, checkpoint loaders and writers), ``fw_jax/pipeline`` (calibration, methods,
+pruning a model, evaluation), ``fw_jax/cli.py`` (the ``fw-jax`` command); ``docs/design.md``
+explains them and says where to add a budget, an oracle, a method or a model family.
 """
 
 from fw_jax.solver import (

@@ -124,6 +124,9 @@ class PerRow(Budget):
     """Keep exactly ``k`` weights in every output row.
 
     Relaxed polytope per row: ``{m : 0 ≤ m ≤ 1, Σ_j m_j ≤ k}``.
+
+    Example:
+      >>> fw_jax.solve_layer(W, G, fw_jax.PerRow(W.shape[1] // 2))  # the same as passing the int
     """
 
     k: int
@@ -168,6 +171,9 @@ class NM(Budget):
     """Keep exactly ``n`` weights in every block of ``m`` consecutive inputs of a row (2:4 keeps 2).
 
     Relaxed polytope per block: ``{m : 0 ≤ m ≤ 1, Σ_{j ∈ block} m_j ≤ n}``.
+
+    Example:
+      >>> fw_jax.solve_layer(W, G, fw_jax.NM(2, 4)).mask  # 2 of every 4 consecutive inputs kept
     """
 
     n: int
@@ -238,6 +244,9 @@ class LayerBudget(Budget):
     """Keep exactly ``k`` weights in the whole ``(d_out, d_in)`` matrix.
 
     Relaxed polytope: ``{M : 0 ≤ M ≤ 1, Σ_ij M_ij ≤ k}``. Rows are coupled only through the LMO.
+
+    Example:
+      >>> fw_jax.solve_layer(W, G, fw_jax.LayerBudget(W.size // 2)).mask.sum()  # half the layer, any rows
     """
 
     k: int

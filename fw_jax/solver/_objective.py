@@ -18,6 +18,9 @@ def row_errors(weight: Array, gram: Array, mask: Array) -> Array:
 
     Returns:
       ``(d_out,)`` errors, in the promoted dtype of the inputs.
+
+    Example:
+      >>> fw_jax.row_errors(W, G, mask).shape  # (d_out,)
     """
     residual = weight * (1 - mask)
     return jnp.sum((residual @ gram) * residual, axis=-1)
@@ -25,7 +28,11 @@ def row_errors(weight: Array, gram: Array, mask: Array) -> Array:
 
 @jax.jit
 def layer_error(weight: Array, gram: Array, mask: Array) -> Array:
-    """Total error ``tr(R G Rᵀ)`` of keeping ``mask ⊙ weight`` (see :func:`row_errors`)."""
+    """Total error ``tr(R G Rᵀ)`` of keeping ``mask ⊙ weight`` (see :func:`row_errors`).
+
+    Example:
+      >>> fw_jax.layer_error(W, G, fw_jax.wanda_mask(W, G, k))  # Wanda's error on G
+    """
     return jnp.sum(row_errors(weight, gram, mask))
 
 

@@ -27,12 +27,20 @@ __all__ = [
 
 
 def magnitude_scores(weight: Array, gram: Array | None = None) -> Array:
-    """``|W_ij|`` (``gram`` is ignored)."""
+    """``|W_ij|`` (``gram`` is ignored).
+
+    Example:
+      >>> fw_jax.saliency_mask(fw_jax.magnitude_scores(W), k)
+    """
     return jnp.abs(weight)
 
 
 def wanda_scores(weight: Array, gram: Array) -> Array:
-    """Wanda: ``|W_ij| · ‖X_j‖₂ = |W_ij| · sqrt(G_jj)``."""
+    """Wanda: ``|W_ij| · ‖X_j‖₂ = |W_ij| · sqrt(G_jj)``.
+
+    Example:
+      >>> fw_jax.saliency_mask(fw_jax.wanda_scores(W, G), k)  # = fw_jax.wanda_mask(W, G, k)
+    """
     return jnp.abs(weight) * jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0))[None, :]
 
 
@@ -40,6 +48,9 @@ def ria_scores(weight: Array, gram: Array, a: float = 0.5) -> Array:
     """RIA: ``(|W_ij| / Σ_k |W_ik| + |W_ij| / Σ_k |W_kj|) · sqrt(G_jj)^a``.
 
     Rows or columns that are entirely zero contribute 0 (not NaN).
+
+    Example:
+      >>> fw_jax.saliency_mask(fw_jax.ria_scores(W, G), k)  # = fw_jax.ria_mask(W, G, k)
     """
     magnitude = jnp.abs(weight)
     row_sum = jnp.sum(magnitude, axis=1, keepdims=True)
@@ -62,7 +73,11 @@ def saliency_scores(name: str, weight: Array, gram: Array) -> Array:
 
 
 def saliency_mask(scores: Array, budget: int | Budget) -> Array:
-    """Binary mask keeping the highest ``scores`` in every budget unit (lower index on ties)."""
+    """Binary mask keeping the highest ``scores`` in every budget unit (lower index on ties).
+
+    Example:
+      >>> fw_jax.saliency_mask(jnp.abs(W), k)  # any scores: the top k of every row
+    """
     budget = as_budget(budget)
     budget.check(*jnp.shape(scores))
     return _mask_jit(jnp.asarray(scores), budget=budget)
@@ -74,15 +89,27 @@ def _mask_jit(scores, *, budget):
 
 
 def magnitude_mask(weight: Array, budget: int | Budget) -> Array:
-    """Magnitude pruning mask for ``budget``."""
+    """Magnitude pruning mask for ``budget``.
+
+    Example:
+      >>> fw_jax.magnitude_mask(W, k).sum(axis=1)  # k in every row
+    """
     return saliency_mask(magnitude_scores(weight), budget)
 
 
 def wanda_mask(weight: Array, gram: Array, budget: int | Budget) -> Array:
-    """Wanda mask for ``budget``."""
+    """Wanda mask for ``budget``.
+
+    Example:
+      >>> fw_jax.wanda_mask(W, G, fw_jax.NM(2, 4))
+    """
     return saliency_mask(wanda_scores(weight, gram), budget)
 
 
 def ria_mask(weight: Array, gram: Array, budget: int | Budget, a: float = 0.5) -> Array:
-    """RIA mask for ``budget`` (exponent ``a`` on the activation norm)."""
+    """RIA mask for ``budget`` (exponent ``a`` on the activation norm).
+
+    Example:
+      >>> fw_jax.ria_mask(W, G, k)
+    """
     return saliency_mask(ria_scores(weight, gram, a), budget)

@@ -34,7 +34,12 @@ __all__ = ["Status", "LayerSolution", "mask_lower_bound", "solve_layer"]
 
 
 class Status:
-    """Integer status codes of :class:`LayerSolution` (arrays, so they survive ``jit``)."""
+    """Integer status codes of :class:`LayerSolution` (arrays, so they survive ``jit``).
+
+    Example:
+      >>> sol = fw_jax.solve_layer(W, G, k)
+      >>> int(sol.status) == fw_jax.Status.CONVERGED, sol.status_name
+    """
 
     CONVERGED = 0  #: every unit reached ``gap ≤ tol · error``.
     MAX_ITERATIONS = 1  #: the iteration cap came first (the mask is still valid and checked).
@@ -49,6 +54,10 @@ class LayerSolution(NamedTuple):
     """Result of :func:`solve_layer` (a pytree of arrays).
 
     Errors are ``‖WX − (M⊙W)X‖²_F`` summed over the layer.
+
+    Example:
+      >>> sol = fw_jax.solve_layer(W, G, k)
+      >>> sol.mask, float(sol.loss), float(sol.lower_bound), float(sol.certificate)
     """
 
     mask: Array  #: (d_out, d_in) boolean, meets the budget exactly, contains every fixed entry.
@@ -250,6 +259,10 @@ def mask_lower_bound(weight: Array, gram: Array, budget: Union[int, Budget], *po
       weight: ``(d_out, d_in)``; gram: ``(d_in, d_in)``; budget: as in :func:`solve_layer`.
       points: one or more ``(d_out, d_in)`` arrays with entries in ``[0, 1]`` meeting the budget
         (``≤ k`` per unit); boolean masks are accepted.
+
+    Example:
+      >>> mask = fw_jax.wanda_mask(W, G, k)
+      >>> fw_jax.mask_lower_bound(W, G, k, mask)  # no mask keeping k per row does better
     """
     budget = as_budget(budget)
     weight, gram = check_layer_inputs(weight, gram, budget)

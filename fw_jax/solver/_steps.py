@@ -34,7 +34,11 @@ class StepInfo(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class OpenLoop:
-    """The published open-loop rule ``η_t = 2 / (t + 2)``, ``t = 0, 1, ...``."""
+    """The published open-loop rule ``η_t = 2 / (t + 2)``, ``t = 0, 1, ...``.
+
+    Example:
+      >>> fw_jax.solve_layer(W, G, k, options=fw_jax.SolverOptions(step_rule=fw_jax.OpenLoop()))
+    """
 
     needs_gram_norm: ClassVar[bool] = False
 
@@ -49,6 +53,9 @@ class ExactLineSearch:
 
     When the curvature vanishes the error is linear along ``D`` and decreasing (slope ≥ 0), so
     the full step is taken.
+
+    Example:
+      >>> fw_jax.solve_layer(W, G, k, options=fw_jax.SolverOptions(step_rule=fw_jax.ExactLineSearch()))
     """
 
     needs_gram_norm: ClassVar[bool] = False
@@ -65,6 +72,9 @@ class ShortStep:
 
     Minimises the quadratic upper bound ``curvature ≤ λ_max(G) ‖E‖²``; needs no curvature, only
     the smoothness constant, and never overshoots.
+
+    Example:
+      >>> fw_jax.solve_layer(W, G, k, options=fw_jax.SolverOptions(step_rule=fw_jax.ShortStep()))
     """
 
     needs_gram_norm: ClassVar[bool] = True
