@@ -1,6 +1,7 @@
 """Bad checkpoints raise CheckpointError (a ValueError) naming the file and the problem."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -138,3 +139,55 @@ def test_garbage_gguf(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(fm.CheckpointError, match="garbage.gguf"):
         fm.load_model(path, tokenizer=False)
+
+
+def _gguf_with_metadata(path, **edits):
+    """A tiny LLaMA GGUF whose metadata is the usual, with ``edits`` (key ``a__b`` for ``a.b``):
+    a value replaces the field (its GGUF type follows the Python type), ``None`` drops it."""
+    import gguf
+
+    fields = {
+        "general.architecture": "llama",
+        "llama.block_count": 1,
+        "llama.context_length": 64,
+        "llama.embedding_length": 8,
+        "llama.feed_forward_length": 16,
+        "llama.attention.head_count": 2,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+    }
+    fields.update({key.replace("__", "."): value for key, value in edits.items()})
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.kv_data[0].pop("general.architecture")  # written with the others, or left out
+    for key, value in fields.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif value is not None:
+            writer.add_int32(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((11, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "edits, message",
+    [
+        (dict(llama__embedding_length=None), "'llama.embedding_length' is missing; expected a positive integer"),
+        (dict(llama__attention__head_count="four"), "'llama.attention.head_count' is 'four'; expected a positive integer"),
+        (dict(llama__block_count=0), "'llama.block_count' is 0; expected a positive integer"),
+        (dict(llama__attention__layer_norm_rms_epsilon=-1.0), "layer_norm_rms_epsilon' is -1.0; expected a positive number"),
+        (dict(llama__rope__freq_base=float("nan")), "'llama.rope.freq_base' is nan; expected a positive number"),
+        (dict(tokenizer__ggml__bos_token_id=-3), "'tokenizer.ggml.bos_token_id' is -3; expected a non-negative integer"),
+        (dict(general__architecture=None), "'general.architecture' is missing; expected a string"),
+        (dict(general__architecture=5), "'general.architecture' is 5; expected a string"),
+    ],
+)
+def test_bad_gguf_metadata_names_file_field_and_form(tmp_path, edits, message):
+    path = _gguf_with_metadata(tmp_path / "meta.gguf", **edits)
+    with pytest.raises(fm.CheckpointError, match=r"meta\.gguf: GGUF metadata .*" + re.escape(message)) as info:
+        fm.load_model(path, tokenizer=False)
+    assert info.value.path == str(path)

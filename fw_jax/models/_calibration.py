@@ -1,6 +1,6 @@
 """Block-by-block calibration: the converter API the pruning pipeline calls.
 
-Sequential pruning (DESIGN.md §9) goes through a model one decoder block at a time::
+Sequential pruning (docs/design.md §15) goes through a model one decoder block at a time::
 
     h = embed(model, tokens)                      # (N, T, d) block-0 inputs
     for b in range(num_blocks(model)):

@@ -1,4 +1,4 @@
-"""Perplexity of a model on a token stream (the protocol of DESIGN.md §9)."""
+"""Perplexity of a model on a token stream (the protocol of docs/design.md §16)."""
 
 from __future__ import annotations
 

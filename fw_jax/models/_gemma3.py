@@ -19,13 +19,14 @@ from flax import nnx
 from ._family import Family
 from ._layers import (
     F32,
-    CausalLM,
-    Embedding,
-    Linear,
+    ROPE_GATED_LINEAR_GROUPS,
+    DecoderSpec,
+    GatedMLP,
+    LlamaLayoutLM,
+    LlamaLayoutModel,
     RMSNorm,
-    apply_rope,
-    causal_attention,
-    output_head,
+    RopeAttention,
+    pre_norm_block,
     rope_cos_sin,
     rope_inverse_frequencies,
 )
@@ -35,15 +36,9 @@ _LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Spec:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
+class Gemma3Spec(DecoderSpec):
+    """The numbers a Gemma 3 text model needs, read from a ``transformers`` config."""
+
     query_pre_attn_scalar: float
     sliding_window: int
     layer_types: tuple
@@ -67,14 +62,7 @@ class Gemma3Spec:
             for t in _LAYER_TYPES
         )
         return cls(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim,
-            rms_norm_eps=float(config.rms_norm_eps),
+            **DecoderSpec.fields_from_hf(config),
             query_pre_attn_scalar=float(config.query_pre_attn_scalar),
             sliding_window=int(config.sliding_window),
             layer_types=tuple(config.layer_types),
@@ -91,59 +79,42 @@ def GemmaRMSNorm(dim: int, eps: float) -> RMSNorm:
     return RMSNorm(dim, eps, offset=1.0)
 
 
-class Gemma3Attention(nnx.Module):
+class Gemma3Attention(RopeAttention):
+    """RMSNorm of each query and key head before RoPE, scale ``query_pre_attn_scalar^-1/2``, and
+    a sliding window on ``sliding_attention`` layers."""
+
     def __init__(self, spec: Gemma3Spec, layer_type: str):
-        d, hd = spec.hidden_size, spec.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
+        super().__init__(spec, qkv_bias=spec.attention_bias, o_bias=spec.attention_bias)
         self.scale = spec.query_pre_attn_scalar**-0.5
         # transformers' Gemma3 never applies attn_logit_softcapping (Gemma 2 did); neither do we.
         self.softcap = None
         self.sliding_window = spec.sliding_window if layer_type == "sliding_attention" else None
-        self.q_proj = Linear(d, spec.num_heads * hd, bias=spec.attention_bias)
-        self.k_proj = Linear(d, spec.num_kv_heads * hd, bias=spec.attention_bias)
-        self.v_proj = Linear(d, spec.num_kv_heads * hd, bias=spec.attention_bias)
-        self.o_proj = Linear(spec.num_heads * hd, d, bias=spec.attention_bias)
-        self.q_norm = GemmaRMSNorm(hd, spec.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(hd, spec.rms_norm_eps)
+        self.q_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, captured):
-        b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        a = causal_attention(
-            q,
-            k,
-            v,
-            sliding_window=self.sliding_window,
-            scale=self.scale,
-            logit_softcap=self.softcap,
-        ).reshape(b, t, -1)
-        captured["attn_out"] = a
-        return self.o_proj(a)
+    def norm_heads(self, q, k):
+        return self.q_norm(q), self.k_norm(k)
+
+    def __call__(self, x, captured, rope):
+        return super().__call__(x, captured, rope, sliding_window=self.sliding_window,
+                                scale=self.scale, logit_softcap=self.softcap)
 
 
-class Gemma3MLP(nnx.Module):
+class Gemma3MLP(GatedMLP):
+    """GeGLU with tanh GELU, no biases."""
+
+    @staticmethod
+    def act(x):
+        return jax.nn.gelu(x, approximate=True)
+
     def __init__(self, spec: Gemma3Spec):
-        d, f = spec.hidden_size, spec.intermediate_size
-        self.gate_proj = Linear(d, f, bias=False)
-        self.up_proj = Linear(d, f, bias=False)
-        self.down_proj = Linear(f, d, bias=False)
-
-    def __call__(self, x, captured):
-        hidden = jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x)
-        captured["mlp_mid"] = hidden
-        return self.down_proj(hidden)
+        super().__init__(spec, bias=False)
 
 
 class Gemma3DecoderLayer(nnx.Module):
-    LINEAR_GROUPS = (
-        ("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("attn_out", ("self_attn.o_proj",)),
-        ("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp_mid", ("mlp.down_proj",)),
-    )
+    """A pre-norm block whose attention and MLP outputs are normed too before the residual sum."""
+
+    LINEAR_GROUPS = ROPE_GATED_LINEAR_GROUPS
 
     def __init__(self, spec: Gemma3Spec, layer_type: str):
         self.layer_type = layer_type
@@ -157,41 +128,31 @@ class Gemma3DecoderLayer(nnx.Module):
 
     def forward(self, h, context):
         """``context``: ``{layer_type: (cos, sin)}`` from the model's ``block_context``."""
-        cos, sin = context[self.layer_type]
-        captured = {}
-        x = self.input_layernorm(h)
-        captured["attn_in"] = x
-        h = h + self.post_attention_layernorm(self.self_attn(x, cos, sin, captured))
-        x = self.pre_feedforward_layernorm(h)
-        captured["mlp_in"] = x
-        h = h + self.post_feedforward_layernorm(self.mlp(x, captured))
-        return h, captured
+        rope = context[self.layer_type]
+
+        def attention(x, captured):
+            return self.post_attention_layernorm(self.self_attn(x, captured, rope))
+
+        def mlp(x, captured):
+            return self.post_feedforward_layernorm(self.mlp(x, captured))
+
+        return pre_norm_block(h, self.input_layernorm, attention, self.pre_feedforward_layernorm, mlp)
 
 
-class Gemma3TextModel(nnx.Module):
+class Gemma3TextModel(LlamaLayoutModel):
     def __init__(self, spec: Gemma3Spec):
-        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nnx.List([Gemma3DecoderLayer(spec, t) for t in spec.layer_types])
-        self.norm = GemmaRMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        layers = [Gemma3DecoderLayer(spec, t) for t in spec.layer_types]
+        super().__init__(spec, layers, GemmaRMSNorm(spec.hidden_size, spec.rms_norm_eps))
 
 
-class Gemma3ForCausalLM(CausalLM):
+class Gemma3ForCausalLM(LlamaLayoutLM):
     """Gemma 3 text LM; ``model(tokens)`` maps (B, T) ids to (B, T, vocab) float32 logits."""
 
-    block_path = "model.layers"
-
     def __init__(self, spec: Gemma3Spec):
-        self.spec = spec
-        self.model = Gemma3TextModel(spec)
-        self.lm_head = output_head(spec.hidden_size, spec.vocab_size, spec.tie_word_embeddings)
-
-    @property
-    def blocks(self):
-        return self.model.layers
+        super().__init__(spec, Gemma3TextModel(spec))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        scale = jnp.asarray(self.spec.hidden_size**0.5, F32)
-        return self.model.embed_tokens(tokens).astype(F32) * scale
+        return super().embed(tokens) * jnp.asarray(self.spec.hidden_size**0.5, F32)
 
     def block_context(self, seq_len: int):
         """RoPE ``(cos, sin)`` for each layer type (local and global bases differ)."""
@@ -202,11 +163,8 @@ class Gemma3ForCausalLM(CausalLM):
             context[layer_type] = rope_cos_sin(positions, inv_freq, scaling)
         return context
 
-    def block_forward(self, b: int, h: jax.Array):
-        return self.model.layers[b].forward(h, self.block_context(h.shape[1]))
-
     def head(self, h: jax.Array) -> jax.Array:
-        out = self.project(self.model.norm(h), self.model.embed_tokens)
+        out = super().head(h)
         cap = self.spec.final_logit_softcapping
         if cap is not None:
             out = jnp.tanh(out / cap) * jnp.asarray(cap, F32)

@@ -14,9 +14,13 @@ multiplies by the weight directly); loading subtracts the 1 again.
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import re
+import reprlib
 import warnings
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -81,8 +85,41 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return np.swapaxes(w, 1, 2).reshape(weight.shape)
 
 
-def _field(reader: GGUFFile, path: str, key: str, default=None):
-    return reader.field(key, default)
+class _Form(NamedTuple):
+    """What a GGUF metadata value must be: described for errors, tested, converted."""
+
+    description: str
+    valid: Callable[[Any], bool]
+    convert: type
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_integer(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+_COUNT = _Form("a positive integer", lambda v: _is_integer(v) and v > 0, int)
+_TOKEN_ID = _Form("a non-negative integer", lambda v: _is_integer(v) and v >= 0, int)
+_POSITIVE = _Form("a positive number", lambda v: _is_number(v) and v > 0, float)
+_STRING = _Form("a string", lambda v: isinstance(v, str), str)
+
+
+def _field(reader: GGUFFile, path: str, key: str, form: _Form = _STRING, default=None):
+    """Metadata value ``key`` of the GGUF file ``path``, converted to ``form``; ``default`` when
+    absent (``None``: required). A missing or malformed value is a :class:`CheckpointError`
+    naming the file, the key and the form expected."""
+    if key not in reader.metadata:
+        if default is None:
+            raise CheckpointError(path, f"GGUF metadata {key!r} is missing; expected {form.description}")
+        return default
+    value = reader.metadata[key]
+    if not form.valid(value):
+        problem = f"GGUF metadata {key!r} is {reprlib.repr(value)}; expected {form.description}"
+        raise CheckpointError(path, problem)
+    return form.convert(value)
 
 
 def gguf_config(reader: GGUFFile, path: str):
@@ -96,14 +133,14 @@ def gguf_config(reader: GGUFFile, path: str):
             path, f"unsupported GGUF architecture {arch!r} (supported: {supported})"
         )
     tensor_names = {t.name for t in reader.tensors}
-    heads = int(_field(reader, path, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, path, f"{arch}.embedding_length"))
-    base = float(_field(reader, path, f"{arch}.rope.freq_base", 10000.0))
+    heads = _field(reader, path, f"{arch}.attention.head_count", _COUNT)
+    hidden = _field(reader, path, f"{arch}.embedding_length", _COUNT)
+    base = _field(reader, path, f"{arch}.rope.freq_base", _POSITIVE, 10000.0)
     rope = {"rope_type": "default", "rope_theta": base}
-    scaling = _field(reader, path, f"{arch}.rope.scaling.type", "none")
+    scaling = _field(reader, path, f"{arch}.rope.scaling.type", _STRING, "none")
     if scaling == "linear":
         rope.update(
-            rope_type="linear", factor=float(_field(reader, path, f"{arch}.rope.scaling.factor"))
+            rope_type="linear", factor=_field(reader, path, f"{arch}.rope.scaling.factor", _POSITIVE)
         )
     elif scaling != "none" or "rope_freqs.weight" in tensor_names:
         raise UnsupportedModelError(
@@ -112,27 +149,27 @@ def gguf_config(reader: GGUFFile, path: str):
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise CheckpointError(path, "missing tensors: token_embd.weight")
-    vocab = int(_field(reader, path, f"{arch}.vocab_size", int(embd.shape[0])))
+    vocab = _field(reader, path, f"{arch}.vocab_size", _COUNT, int(embd.shape[0]))
     kwargs = dict(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(_field(reader, path, f"{arch}.feed_forward_length")),
-        num_hidden_layers=int(_field(reader, path, f"{arch}.block_count")),
+        intermediate_size=_field(reader, path, f"{arch}.feed_forward_length", _COUNT),
+        num_hidden_layers=_field(reader, path, f"{arch}.block_count", _COUNT),
         num_attention_heads=heads,
-        num_key_value_heads=int(_field(reader, path, f"{arch}.attention.head_count_kv", heads)),
-        rms_norm_eps=float(_field(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(_field(reader, path, f"{arch}.context_length", 2048)),
+        num_key_value_heads=_field(reader, path, f"{arch}.attention.head_count_kv", _COUNT, heads),
+        rms_norm_eps=_field(reader, path, f"{arch}.attention.layer_norm_rms_epsilon", _POSITIVE),
+        max_position_embeddings=_field(reader, path, f"{arch}.context_length", _COUNT, 2048),
         rope_parameters=rope,
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=int(_field(reader, path, "tokenizer.ggml.bos_token_id", -1)),
-        eos_token_id=int(_field(reader, path, "tokenizer.ggml.eos_token_id", -1)),
+        bos_token_id=_field(reader, path, "tokenizer.ggml.bos_token_id", _TOKEN_ID, -1),
+        eos_token_id=_field(reader, path, "tokenizer.ggml.eos_token_id", _TOKEN_ID, -1),
     )
     kwargs = {k: v for k, v in kwargs.items() if v != -1}
     if arch == "llama":
-        head_dim = int(_field(reader, path, "llama.attention.key_length", hidden // heads))
+        head_dim = _field(reader, path, "llama.attention.key_length", _COUNT, hidden // heads)
         return transformers.LlamaConfig(head_dim=head_dim, **kwargs)
     if arch == "gemma3":
-        head_dim = int(_field(reader, path, "gemma3.attention.key_length", hidden // heads))
+        head_dim = _field(reader, path, "gemma3.attention.key_length", _COUNT, hidden // heads)
         layers = kwargs["num_hidden_layers"]
         kwargs["rope_parameters"] = {
             "full_attention": rope,
@@ -141,7 +178,7 @@ def gguf_config(reader: GGUFFile, path: str):
         return transformers.Gemma3TextConfig(
             head_dim=head_dim,
             query_pre_attn_scalar=head_dim,
-            sliding_window=int(_field(reader, path, "gemma3.attention.sliding_window")),
+            sliding_window=_field(reader, path, "gemma3.attention.sliding_window", _COUNT),
             layer_types=[
                 "full_attention" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
                 for i in range(layers)
@@ -263,9 +300,7 @@ def gguf_tokenizer(path: str):
     dependency of fw_jax) the vocabulary is read with the ``gguf`` package and handed to
     transformers' own GGUF tokenizer converter, so both paths build the same tokenizer.
     """
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         try:
             return _tokenizer_from_metadata(path)
         except Exception as e:  # a model without a usable tokenizer is still a model

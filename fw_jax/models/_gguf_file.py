@@ -156,14 +156,6 @@ class GGUFFile:
                 )
             self.tensors.append(GGUFTensorInfo(name, dims, ggml_type, start, nbytes))
 
-    def field(self, key: str, default=None):
-        """Metadata value, or ``default`` (``None``: raise) when absent."""
-        if key not in self.metadata:
-            if default is None:
-                raise CheckpointError(self.path, f"GGUF metadata {key!r} is missing")
-            return default
-        return self.metadata[key]
-
     def raw(self, tensor: GGUFTensorInfo) -> np.ndarray:
         """The stored bytes as ``gguf.quants.dequantize`` expects them (a view, no copy).
 

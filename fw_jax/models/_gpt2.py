@@ -23,6 +23,7 @@ from ._layers import (
     Linear,
     causal_attention,
     output_head,
+    pre_norm_block,
 )
 
 _ACTIVATIONS = {
@@ -121,14 +122,7 @@ class GPT2Block(nnx.Module):
 
     def forward(self, h, context=()):
         """Returns ``(next_hidden, inputs)``; GPT-2 blocks need no ``context``."""
-        captured = {}
-        x = self.ln_1(h)
-        captured["attn_in"] = x
-        h = h + self.attn(x, captured)
-        x = self.ln_2(h)
-        captured["mlp_in"] = x
-        h = h + self.mlp(x, captured)
-        return h, captured
+        return pre_norm_block(h, self.ln_1, self.attn, self.ln_2, self.mlp)
 
 
 class GPT2Model(nnx.Module):
@@ -159,9 +153,6 @@ class GPT2LMHeadModel(CausalLM):
 
     def block_context(self, seq_len: int):
         return ()
-
-    def block_forward(self, b: int, h: jax.Array):
-        return self.transformer.h[b].forward(h)
 
     def head(self, h: jax.Array) -> jax.Array:
         return self.project(self.transformer.ln_f(h), self.transformer.wte)

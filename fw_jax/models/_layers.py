@@ -1,5 +1,11 @@
 """Building blocks shared by the model families: linear, norms, rotary embeddings, attention.
 
+:class:`CausalLM` is what every model shares (embed → blocks → head). The LLaMA family and
+Gemma 3 also share one layout (``model.embed_tokens``, ``model.layers``, ``model.norm``,
+``lm_head``; :class:`LlamaLayoutLM`) and their blocks' parts: :class:`DecoderSpec`,
+:class:`RopeAttention`, :class:`GatedMLP`, :func:`pre_norm_block`; a family's file keeps only
+what differs.
+
 Every weight is a float32 ``nnx.Param``. :class:`Linear` stores its weight as ``(d_out, d_in)``
 under the attribute ``weight``, so that the flattened parameter path of a linear layer is its
 Hugging Face name (``model.layers.3.mlp.up_proj.weight``) and pruning code can read and write
@@ -8,6 +14,7 @@ it in the orientation of the layer problem ``W X``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -96,14 +103,20 @@ class LayerNorm(nnx.Module):
 class CausalLM(nnx.Module):
     """What every decoder-only LM here shares: ``model(tokens)`` is embed → blocks → head.
 
-    A subclass defines ``blocks`` (the decoder blocks), ``embed``, ``block_forward`` (block ``b``
-    on hidden states: ``(next_hidden, linear inputs)``) and ``head``, and sets ``lm_head`` to a
-    :class:`Linear` or, for an output head tied to the input embedding, ``None``.
+    A subclass defines ``block_path`` (where the blocks sit: ``"model.layers"``), ``blocks``
+    (the decoder blocks, each with ``forward(h, context) -> (next_hidden, linear inputs)`` and
+    ``LINEAR_GROUPS``), ``embed``, ``block_context`` (what every block needs besides its hidden
+    states) and ``head``, and sets ``lm_head`` to a :class:`Linear` or, for an output head tied
+    to the input embedding, ``None``.
     """
 
     def project(self, h: jax.Array, embedding: Embedding) -> jax.Array:
         """Logits of final hidden states: ``lm_head``, or the tied ``embedding``."""
         return embedding.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def block_forward(self, b: int, h: jax.Array):
+        """Run block ``b`` on hidden states (B, T, d): ``(next_hidden, linear inputs)``."""
+        return self.blocks[b].forward(h, self.block_context(h.shape[1]))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         h = self.embed(tokens)
@@ -197,3 +210,150 @@ def causal_attention(
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=F32, precision=HIGHEST)
     return out.reshape(b, t, h, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+    """The numbers every LLaMA-layout model needs (LLaMA family, Gemma 3); a family's spec
+    extends it with its own."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+
+    @staticmethod
+    def fields_from_hf(config) -> dict:
+        """These fields of a ``transformers`` config; without ``num_key_value_heads`` there are
+        as many key/value heads as heads, without ``head_dim`` it is ``hidden_size // heads``."""
+        heads = config.num_attention_heads
+        return dict(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            rms_norm_eps=float(config.rms_norm_eps),
+        )
+
+
+class RopeAttention(nnx.Module):
+    """Grouped-query causal self-attention with rotate-half RoPE (LLaMA, Gemma 3).
+
+    ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` are :class:`Linear`; the input of
+    ``o_proj`` is recorded as ``captured["attn_out"]``. A subclass may override
+    :meth:`norm_heads`, applied to the query and key heads before RoPE.
+    """
+
+    def __init__(self, spec: DecoderSpec, *, qkv_bias: bool, o_bias: bool):
+        d, hd = spec.hidden_size, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
+        self.q_proj = Linear(d, spec.num_heads * hd, bias=qkv_bias)
+        self.k_proj = Linear(d, spec.num_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = Linear(d, spec.num_kv_heads * hd, bias=qkv_bias)
+        self.o_proj = Linear(spec.num_heads * hd, d, bias=o_bias)
+
+    def norm_heads(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Query and key heads (B, T, heads, head_dim) before RoPE: unchanged here."""
+        return q, k
+
+    def __call__(self, x: jax.Array, captured: dict, rope: tuple[jax.Array, jax.Array],
+                 **options) -> jax.Array:
+        """Attention of ``x`` (B, T, d); ``rope`` is ``(cos, sin)`` (:func:`rope_cos_sin`),
+        ``options`` go to :func:`causal_attention` (``sliding_window``, ``scale``, ...)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = self.norm_heads(q, k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        a = causal_attention(q, k, v, **options).reshape(b, t, -1)
+        captured["attn_out"] = a
+        return self.o_proj(a)
+
+
+class GatedMLP(nnx.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``: SwiGLU, GeGLU; a subclass defines ``act``.
+
+    The input of ``down_proj`` is recorded as ``captured["mlp_mid"]``.
+    """
+
+    def __init__(self, spec: DecoderSpec, *, bias: bool):
+        d, f = spec.hidden_size, spec.intermediate_size
+        self.gate_proj = Linear(d, f, bias=bias)
+        self.up_proj = Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
+
+    def __call__(self, x: jax.Array, captured: dict) -> jax.Array:
+        hidden = self.act(self.gate_proj(x)) * self.up_proj(x)
+        captured["mlp_mid"] = hidden
+        return self.down_proj(hidden)
+
+
+#: The linear groups of a block with a :class:`RopeAttention` ``self_attn`` and a
+#: :class:`GatedMLP` ``mlp``: (input key, linear layers fed by that input), names relative to
+#: the block.
+ROPE_GATED_LINEAR_GROUPS = (
+    ("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("attn_out", ("self_attn.o_proj",)),
+    ("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp_mid", ("mlp.down_proj",)),
+)
+
+
+def pre_norm_block(h: jax.Array, attention_norm, attention, mlp_norm, mlp) -> tuple[jax.Array, dict]:
+    """One pre-norm decoder block: ``h + attention(attention_norm(h))``, then the same with ``mlp``.
+
+    ``attention`` and ``mlp`` take ``(x, captured)`` and record their inner linear inputs
+    (``attn_out``, ``mlp_mid``) in ``captured``. Returns ``(next_hidden, captured)``, the input
+    of every linear group: also ``attn_in`` and ``mlp_in``, the normed inputs.
+    """
+    captured = {}
+    x = attention_norm(h)
+    captured["attn_in"] = x
+    h = h + attention(x, captured)
+    x = mlp_norm(h)
+    captured["mlp_in"] = x
+    h = h + mlp(x, captured)
+    return h, captured
+
+
+class LlamaLayoutModel(nnx.Module):
+    """The ``model`` of a :class:`LlamaLayoutLM`: ``embed_tokens``, decoder ``layers``, ``norm``."""
+
+    def __init__(self, spec: DecoderSpec, layers: list[nnx.Module], norm: nnx.Module):
+        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nnx.List(layers)
+        self.norm = norm
+
+
+class LlamaLayoutLM(CausalLM):
+    """A :class:`CausalLM` laid out like Hugging Face's LLaMA (Gemma 3 too): ``model`` (a
+    :class:`LlamaLayoutModel`) and ``lm_head``; a subclass defines ``block_context``.
+
+    ``spec`` is a :class:`DecoderSpec` with a ``tie_word_embeddings`` field.
+    """
+
+    block_path = "model.layers"
+
+    def __init__(self, spec: DecoderSpec, model: LlamaLayoutModel):
+        self.spec = spec
+        self.model = model
+        self.lm_head = output_head(spec.hidden_size, spec.vocab_size, spec.tie_word_embeddings)
+
+    @property
+    def blocks(self):
+        return self.model.layers
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return self.model.embed_tokens(tokens).astype(F32)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        return self.project(self.model.norm(h), self.model.embed_tokens)

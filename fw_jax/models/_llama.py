@@ -11,6 +11,7 @@ name in a ``transformers`` checkpoint (``model.layers.0.self_attn.q_proj.weight`
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +19,14 @@ from flax import nnx
 
 from ._family import Family
 from ._layers import (
-    F32,
-    CausalLM,
-    Embedding,
-    Linear,
+    ROPE_GATED_LINEAR_GROUPS,
+    DecoderSpec,
+    GatedMLP,
+    LlamaLayoutLM,
+    LlamaLayoutModel,
     RMSNorm,
-    apply_rope,
-    causal_attention,
-    output_head,
+    RopeAttention,
+    pre_norm_block,
     rope_cos_sin,
     rope_inverse_frequencies,
 )
@@ -34,17 +35,9 @@ LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaSpec:
+class LlamaSpec(DecoderSpec):
     """The numbers a LLaMA-family model needs, read from a ``transformers`` config."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
     rope_parameters: tuple  # sorted items of the HF rope dict (hashable)
     tie_word_embeddings: bool
     qkv_bias: bool
@@ -58,9 +51,6 @@ class LlamaSpec:
         model_type = config.model_type
         if model_type not in LLAMA_MODEL_TYPES:
             raise ValueError(f"not a LLaMA-family config: model_type={model_type!r}")
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         rope = getattr(config, "rope_parameters", None)
         if rope is None:  # transformers 4.x configs
             rope = dict(getattr(config, "rope_scaling", None) or {})
@@ -82,14 +72,7 @@ class LlamaSpec:
             elif layer_types:
                 windows = [int(window) if t == "sliding_attention" else None for t in layer_types]
         return cls(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(config.rms_norm_eps),
+            **DecoderSpec.fields_from_hf(config),
             rope_parameters=tuple(sorted((k, v) for k, v in rope.items() if v is not None)),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
@@ -100,51 +83,26 @@ class LlamaSpec:
         )
 
 
-class LlamaAttention(nnx.Module):
+class LlamaAttention(RopeAttention):
     def __init__(self, spec: LlamaSpec):
-        d, hd = spec.hidden_size, spec.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
-        self.q_proj = Linear(d, spec.num_heads * hd, bias=spec.qkv_bias)
-        self.k_proj = Linear(d, spec.num_kv_heads * hd, bias=spec.qkv_bias)
-        self.v_proj = Linear(d, spec.num_kv_heads * hd, bias=spec.qkv_bias)
-        self.o_proj = Linear(spec.num_heads * hd, d, bias=spec.o_bias)
-
-    def __call__(self, x, cos, sin, sliding_window, captured):
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        a = causal_attention(q, k, v, sliding_window=sliding_window).reshape(b, t, -1)
-        captured["attn_out"] = a
-        return self.o_proj(a)
+        super().__init__(spec, qkv_bias=spec.qkv_bias, o_bias=spec.o_bias)
 
 
-class LlamaMLP(nnx.Module):
+class LlamaMLP(GatedMLP):
+    """SwiGLU."""
+
+    act = staticmethod(jax.nn.silu)
+
     def __init__(self, spec: LlamaSpec):
-        d, f = spec.hidden_size, spec.intermediate_size
         if spec.hidden_act not in ("silu", "swish"):
             raise NotImplementedError(f"hidden_act {spec.hidden_act!r} (only silu is supported)")
-        self.gate_proj = Linear(d, f, bias=spec.mlp_bias)
-        self.up_proj = Linear(d, f, bias=spec.mlp_bias)
-        self.down_proj = Linear(f, d, bias=spec.mlp_bias)
-
-    def __call__(self, x, captured):
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        captured["mlp_mid"] = hidden
-        return self.down_proj(hidden)
+        super().__init__(spec, bias=spec.mlp_bias)
 
 
 class LlamaDecoderLayer(nnx.Module):
     """One pre-norm block; see :data:`LINEAR_GROUPS` for which linears share an input."""
 
-    # (input key, linear layers fed by that input), names relative to the block.
-    LINEAR_GROUPS = (
-        ("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("attn_out", ("self_attn.o_proj",)),
-        ("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp_mid", ("mlp.down_proj",)),
-    )
+    LINEAR_GROUPS = ROPE_GATED_LINEAR_GROUPS
 
     def __init__(self, spec: LlamaSpec, sliding_window: int | None):
         self.sliding_window = sliding_window
@@ -158,56 +116,28 @@ class LlamaDecoderLayer(nnx.Module):
 
         ``context`` is the model's ``block_context(T)``: the RoPE ``(cos, sin)`` tables.
         """
-        cos, sin = context
-        captured = {}
-        x = self.input_layernorm(h)
-        captured["attn_in"] = x
-        h = h + self.self_attn(x, cos, sin, self.sliding_window, captured)
-        x = self.post_attention_layernorm(h)
-        captured["mlp_in"] = x
-        h = h + self.mlp(x, captured)
-        return h, captured
+        attention = functools.partial(self.self_attn, rope=context, sliding_window=self.sliding_window)
+        return pre_norm_block(h, self.input_layernorm, attention, self.post_attention_layernorm, self.mlp)
 
 
-class LlamaModel(nnx.Module):
+class LlamaModel(LlamaLayoutModel):
     def __init__(self, spec: LlamaSpec):
-        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nnx.List(
-            [LlamaDecoderLayer(spec, spec.sliding_windows[i]) for i in range(spec.num_layers)]
-        )
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        layers = [LlamaDecoderLayer(spec, spec.sliding_windows[i]) for i in range(spec.num_layers)]
+        super().__init__(spec, layers, RMSNorm(spec.hidden_size, spec.rms_norm_eps))
 
 
-class LlamaForCausalLM(CausalLM):
+class LlamaForCausalLM(LlamaLayoutLM):
     """LLaMA-family causal LM; ``model(tokens)`` maps (B, T) ids to (B, T, vocab) float32 logits."""
 
-    block_path = "model.layers"
-
     def __init__(self, spec: LlamaSpec):
-        self.spec = spec
-        self.model = LlamaModel(spec)
-        self.lm_head = output_head(spec.hidden_size, spec.vocab_size, spec.tie_word_embeddings)
+        super().__init__(spec, LlamaModel(spec))
         inv_freq, scaling = rope_inverse_frequencies(spec.head_dim, dict(spec.rope_parameters))
         self._inv_freq = tuple(float(f) for f in inv_freq)
         self._rope_scaling = float(scaling)
 
-    @property
-    def blocks(self):
-        return self.model.layers
-
-    def embed(self, tokens: jax.Array) -> jax.Array:
-        return self.model.embed_tokens(tokens).astype(F32)
-
     def block_context(self, seq_len: int):
         """Arrays every block needs besides its hidden states: RoPE ``(cos, sin)``."""
         return rope_cos_sin(jnp.arange(seq_len), self._inv_freq, self._rope_scaling)
-
-    def block_forward(self, b: int, h: jax.Array):
-        """Run block ``b`` on hidden states (B, T, d): ``(next_hidden, linear inputs)``."""
-        return self.model.layers[b].forward(h, self.block_context(h.shape[1]))
-
-    def head(self, h: jax.Array) -> jax.Array:
-        return self.project(self.model.norm(h), self.model.embed_tokens)
 
 
 FAMILY = Family(

@@ -52,23 +52,31 @@ def stored_dtype_name(dtype) -> str:
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model with everything needed to run, prune and save it.
+    """A model with everything needed to run, prune and save it: what :func:`load_model` returns.
 
     Attributes:
-      model: the Flax NNX module (``LlamaForCausalLM``, ``GPT2LMHeadModel`` or
-        ``Gemma3ForCausalLM``); its parameters are float32.
-      config: the ``transformers`` config it was built from (also used when saving).
-      tokenizer: a ``transformers`` tokenizer, or ``None`` when the checkpoint has none.
-      family: ``"llama"`` (LLaMA, Mistral, Qwen2, SmolLM2), ``"gpt2"`` or ``"gemma3"``.
+      model: the Flax NNX module, of its family's ``model`` class (``LlamaForCausalLM``,
+        ``GPT2LMHeadModel`` or ``Gemma3ForCausalLM``); its parameters are float32 arrays, or
+        shapes only (``jax.ShapeDtypeStruct``) while a streamed model has not read them.
+      config: the ``transformers`` config it was built from (for a GGUF, rebuilt from the
+        metadata); saving writes it too.
+      tokenizer: a ``transformers`` tokenizer, or ``None`` when none was asked for, or the
+        checkpoint has none or an unusable one (with a warning).
+      family: the name of its :data:`FAMILIES` record: ``"llama"`` (LLaMA, Mistral, Qwen2,
+        SmolLM2), ``"gpt2"`` or ``"gemma3"``.
       source: the path it was loaded from.
-      dtypes: each parameter's dtype in the checkpoint (``"bfloat16"``, ``"float16"``,
-        ``"float32"``, or a GGUF quantization such as ``"Q4_1"``); empty when unknown (float32).
+      dtypes: ``{parameter name: its dtype in the checkpoint}`` (``"bfloat16"``, ``"float16"``,
+        ``"float32"``, or a GGUF quantization such as ``"Q4_1"``); a name not in it is float32.
       dtype: what the values were rounded to when loaded (see :func:`load_model`): ``None``
-        (exactly the stored values), ``"auto"`` (each tensor's :func:`output_dtype`) or a dtype
-        name. Saving writes each tensor in ``output_dtype(stored, dtype)``.
-      store: for a streamed model (``load_model(..., stream=True)``), reads one parameter from
-        the checkpoint by name; the decoder blocks are then in memory only between
-        :func:`load_block` and :func:`unload_block`. ``None``: everything is in memory.
+        (exactly the stored values), ``"auto"`` (each to its :meth:`output_dtype`) or a dtype
+        name (all to it).
+      store: for a streamed model (``load_model(..., stream=True)``), reads one parameter from the
+        checkpoint by name, in Hugging Face's layout; ``None``: everything is in memory.
+
+    A streamed model (:attr:`streamed`) holds a decoder block only between :func:`load_block`
+    and :func:`unload_block` (``with resident_block(loaded, b)``); :func:`unload_rest` drops the
+    other parameters and :func:`load_rest` reads them again. For a model all in memory these do
+    nothing, except that ``load_block(loaded, b, tensors)`` still writes ``tensors``.
     """
 
     model: nnx.Module
@@ -82,11 +90,12 @@ class LoadedModel:
 
     @property
     def streamed(self) -> bool:
-        """Whether the decoder blocks are read from the checkpoint one at a time."""
+        """Whether the decoder blocks are read from the checkpoint (:attr:`store`) one at a time."""
         return self.store is not None
 
     def output_dtype(self, name: str) -> np.dtype:
-        """The dtype parameter ``name`` is written in."""
+        """The dtype parameter ``name`` is saved in unless the writer is given one:
+        ``output_dtype(its stored dtype, self.dtype)`` (:func:`output_dtype`)."""
         return output_dtype(self.dtypes.get(name, "float32"), self.dtype)
 
 
@@ -223,8 +232,12 @@ def _count_nonfinite(value) -> int:
 
 
 def family_of(config, path: str | os.PathLike = "") -> str:
-    """The family name (``"llama"``, ``"gpt2"``, ``"gemma3"``) of a ``transformers`` config;
-    raises :class:`UnsupportedModelError` for architectures without a model here."""
+    """The name of the :data:`FAMILIES` record whose ``model_types`` hold ``config.model_type``:
+    ``"llama"`` (``llama``, ``mistral``, ``qwen2``), ``"gpt2"`` or ``"gemma3"`` (``gemma3_text``).
+
+    Raises :class:`UnsupportedModelError` naming ``path`` for a model type no family runs; the
+    message lists those that are.
+    """
     model_type = getattr(config, "model_type", None)
     for family in FAMILIES.values():
         if model_type in family.model_types:
