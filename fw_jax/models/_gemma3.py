@@ -17,19 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ._family import Family
-from ._layers import (
-    F32,
-    ROPE_GATED_LINEAR_GROUPS,
-    DecoderSpec,
-    GatedMLP,
-    LlamaLayoutLM,
-    LlamaLayoutModel,
-    RMSNorm,
-    RopeAttention,
-    pre_norm_block,
-    rope_cos_sin,
-    rope_inverse_frequencies,
-)
+from ._layers import (F32, ROPE_GATED_LINEAR_GROUPS, DecoderSpec, GatedMLP, LlamaLayoutLM, LlamaLayoutModel,
+    RMSNorm, RopeAttention, pre_norm_block, rope_cos_sin, rope_inverse_frequencies)
 
 GEMMA3_MODEL_TYPES = ("gemma3_text",)
 _LAYER_TYPES = ("sliding_attention", "full_attention")

@@ -18,18 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ._family import Family
-from ._layers import (
-    ROPE_GATED_LINEAR_GROUPS,
-    DecoderSpec,
-    GatedMLP,
-    LlamaLayoutLM,
-    LlamaLayoutModel,
-    RMSNorm,
-    RopeAttention,
-    pre_norm_block,
-    rope_cos_sin,
-    rope_inverse_frequencies,
-)
+from ._layers import (ROPE_GATED_LINEAR_GROUPS, DecoderSpec, GatedMLP, LlamaLayoutLM, LlamaLayoutModel,
+    RMSNorm, RopeAttention, pre_norm_block, rope_cos_sin, rope_inverse_frequencies)
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
