@@ -135,10 +135,14 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(models_by_name: dict, data: str | None, seqlen: int, max_windows: int | None, progress, *,
-              tasks=(), task_size: int = 200, json_path: str | None = None) -> int:
+              tasks=(), task_size: int = 200, json_path: str | None = None, lm_eval_tasks=(),
+              lm_eval_limit: int | None = None) -> int:
     from fw_jax.pipeline import evaluate_perplexity, format_table, load_documents
+    from fw_jax.pipeline import harness
     from fw_jax.pipeline.tasks import evaluate_tasks, load_task
 
+    if lm_eval_tasks and not harness.lm_eval_available():
+        raise UsageError("--lm-eval needs lm-evaluation-harness, which is not installed: pip install 'fw-jax[lm-eval]'")
     loaded_tasks = [load_task(spec, size=task_size) for spec in tasks]  # bad task files fail before any model runs
     if json_path is not None:
         _check_json_path(json_path)
@@ -159,6 +163,20 @@ def _evaluate(models_by_name: dict, data: str | None, seqlen: int, max_windows: 
                 if result.acc_norm is not None:
                     table[name][f"{task} acc_norm"] = _percent(result.acc_norm, result.acc_norm_stderr)
         record["tasks"] = {name: {t: r.to_json() for t, r in by_task.items()} for name, by_task in accuracies.items()}
+    if lm_eval_tasks:
+        progress.say(f"lm-eval: {', '.join(lm_eval_tasks)} on {len(models_by_name)} model(s) (its hf backend, PyTorch)")
+        try:
+            harnessed = harness.run_lm_eval({n: str(m) for n, m in models_by_name.items()}, lm_eval_tasks,
+                                            limit=lm_eval_limit)
+        except harness.HarnessError as e:
+            raise UsageError(str(e)) from None
+        for name, by_task in harnessed.items():
+            for task, r in by_task.items():
+                label = os.path.basename(task) if task.endswith(".jsonl") else task
+                for metric in ("acc", "acc_norm"):
+                    if metric in r:
+                        table[name][f"lm-eval {label} {metric}"] = _percent(r[metric], r.get(f"{metric}_stderr"))
+        record["lm_eval"] = {"tasks": list(lm_eval_tasks), "limit": lm_eval_limit, "results": harnessed}
     print(format_table(table))
     if data is not None:
         windows = f"the first {max_windows} windows" if max_windows else "all windows"
@@ -167,6 +185,9 @@ def _evaluate(models_by_name: dict, data: str | None, seqlen: int, max_windows: 
         print("accuracy: % ± standard error, zero-shot, each choice scored by its summed log-probability as "
               "lm-eval does (acc_norm: per byte; cloze: greedy match); " + ", ".join(
                   f"{t.name} {len(t.items)} items" for t in loaded_tasks))
+    if lm_eval_tasks:
+        print("lm-eval: lm-evaluation-harness's own zero-shot acc / acc_norm (per character), % ± standard error"
+              + (f", at most {lm_eval_limit} items per task" if lm_eval_limit else ""))
     if json_path is not None:
         from fw_jax._files import atomic_write
 
@@ -176,7 +197,7 @@ def _evaluate(models_by_name: dict, data: str | None, seqlen: int, max_windows: 
 
 
 def _percent(value: float, stderr: float) -> str:
-    return f"{100 * value:.1f} ± {100 * stderr:.1f}" if stderr == stderr else f"{100 * value:.1f}"
+    return f"{100 * value:.1f} ± {100 * stderr:.1f}" if stderr is not None and stderr == stderr else f"{100 * value:.1f}"
 
 
 def _check_json_path(path: str) -> None:
@@ -201,9 +222,11 @@ def _eval(args: argparse.Namespace) -> int:
     for model in args.models:
         name = os.path.basename(str(model).rstrip("/")) or str(model)
         names[name if name not in names else str(model)] = model
-    data = args.data if args.data is not None else (None if args.tasks else "pydoc-eval")
+    data = args.data if args.data is not None else (None if args.tasks or args.lm_eval else "pydoc-eval")
+    lm_eval_tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()] if args.lm_eval else []
     return _evaluate(names, data, args.seqlen, args.max_windows, _progress(args), tasks=args.tasks or (),
-                     task_size=args.task_size, json_path=args.json)
+                     task_size=args.task_size, json_path=args.json, lm_eval_tasks=lm_eval_tasks,
+                     lm_eval_limit=args.lm_eval_limit)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -378,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "file, folder, JSONL, parquet, or wikitext2/c4 (needs datasets, online); "
                                "default: pydoc-eval, or none when --tasks is given")
     _task_options(evaluate, "--tasks")
+    evaluate.add_argument("--lm-eval", default=None, metavar="TASK,TASK",
+                          help="zero-shot accuracy from lm-evaluation-harness itself (pip install 'fw-jax[lm-eval]'), "
+                               "through its hf backend: lm-eval task names, e.g. "
+                               "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (the seed paper's suite; "
+                               "their datasets download once, or come from the Hugging Face cache), or .jsonl files "
+                               "in the --tasks form")
+    evaluate.add_argument("--lm-eval-limit", type=int, default=None, metavar="N",
+                          help="--lm-eval: at most N items per task")
     evaluate.add_argument("--json", default=None, metavar="OUT.json",
                           help="also write every number (and the protocol) to this JSON file")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window")

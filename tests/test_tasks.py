@@ -187,3 +187,15 @@ def test_smollm2_loglikelihoods_equal_a_pytorch_computation(smollm2, smollm2_tor
             theirs.append(float(logp[-n:].gather(1, torch.tensor(whole[-n:])[:, None]).sum()))
         np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=5e-2)
         assert int(np.argmax(ours)) == int(np.argmax(theirs))
+
+
+def test_sentences_do_not_end_at_abbreviations_or_initials():
+    from fw_jax.pipeline.tasks import _sentences
+
+    text = ("It was Mr. Elliot who came first to the house that morning. Then Mrs. Clay followed him, "
+            "e.g. The rest of them came later that day. A letter from J. Smith was read to them all aloud.")
+    assert _sentences(text) == [
+        "It was Mr. Elliot who came first to the house that morning.",
+        "Then Mrs. Clay followed him, e.g. The rest of them came later that day.",
+        "A letter from J. Smith was read to them all aloud.",
+    ]

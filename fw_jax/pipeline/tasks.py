@@ -140,6 +140,19 @@ def _item(path: str, number: int, line: str) -> Item:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"”’']?\s+(?=[\"“‘A-Z])")
+#: Words ending in a full stop that do not end a sentence ("Mr. Elliot", "e.g. The").
+_ABBREVIATIONS = frozenset("mr. mrs. ms. dr. st. sir. capt. col. adm. gen. lt. e.g. i.e. etc. vs. cf. no. fig.".split())
+
+
+def _split_sentences(flat: str) -> list[str]:
+    pieces: list[str] = []
+    for piece in _SENTENCE_END.split(flat):
+        last = pieces[-1].rsplit(" ", 1)[-1] if pieces else ""
+        if last.lower() in _ABBREVIATIONS or re.fullmatch(r"[A-Z]\.", last):  # an abbreviation or an initial
+            pieces[-1] = f"{pieces[-1]} {piece}"
+        else:
+            pieces.append(piece)
+    return pieces
 
 
 def _sentences(text: str) -> list[str]:
@@ -147,7 +160,7 @@ def _sentences(text: str) -> list[str]:
     out = []
     for paragraph in re.split(r"\n\s*\n", text):
         flat = " ".join(paragraph.split())
-        for sentence in _SENTENCE_END.split(flat):
+        for sentence in _split_sentences(flat):
             words = sentence.split()
             if 6 <= len(words) <= 40 and sentence[-1] in ".!?" and not re.search(r"[{}<>|=_*`#\\]", sentence):
                 out.append(sentence)
