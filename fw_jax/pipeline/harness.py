@@ -33,11 +33,9 @@ class HarnessError(RuntimeError):
 
 
 def lm_eval_available() -> bool:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("lm_eval") is not None
 
 
 def _model_args(model: str, dtype: str) -> str:
