@@ -35,7 +35,9 @@ from ._linen import LinenLinear, linen_grams, linen_linears, set_linen_linears
 from ._llama import LlamaForCausalLM, LlamaSpec
 from ._loaded import (
     DTYPES,
+    FAMILIES,
     LoadedModel,
+    family_of,
     load_block,
     is_resident,
     load_rest,
@@ -66,6 +68,7 @@ from ._params import (
 __all__ = [
     "CheckpointError",
     "DTYPES",
+    "FAMILIES",
     "INDEX_NAME",
     "WRITERS",
     "WriteError",
@@ -90,6 +93,7 @@ __all__ = [
     "LlamaForCausalLM",
     "LlamaSpec",
     "LoadedModel",
+    "family_of",
     "SMOLLM2_NAME",
     "UnsupportedModelError",
     "block_grams",

@@ -436,7 +436,7 @@ def needs_bos_per_window(config_or_family: Any) -> bool:
       >>> needs_bos_per_window("gemma3"), needs_bos_per_window("llama")
       (True, False)
     """
-    from fw_jax.models._loaded import FAMILIES, family_of
+    from fw_jax.models import FAMILIES, family_of
 
     if isinstance(config_or_family, str):
         family = config_or_family
