@@ -3,9 +3,14 @@
 Calibration: random windows of five Austen novels (Persuasion held out), SparseGPT/Wanda
 protocol. Evaluation: held-out Persuasion and CPython's `pydoc_data` evaluation part, docs/design.md §16
 protocol (first ``--max-windows`` windows). Every pruned model is a folder under ``--runs``;
-finished ones are reused, so the script can be interrupted and re-run.
+finished ones are reused, so the script can be interrupted and re-run. With ``--tasks``, every
+row also gets zero-shot accuracy (``acc %`` and its standard error ``±``, in points) on those
+tasks (``fw_jax.pipeline.tasks``); a row whose folder is gone is pruned again (float32 output, as
+the perplexity rows were written), its perplexity kept.
 
     python benchmarks/quality_table.py --settings 50% 2:4 60%
+    python benchmarks/quality_table.py --settings 50% --methods wanda \
+        --tasks builtin:persuasion-next-sentence builtin:persuasion-cloze
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ CORPORA = ROOT.parent / "shared" / "corpora"
 from fw_jax.pipeline import (  # noqa: E402
     PruneSettings, atomic_write, evaluate_perplexity, format_table, load_documents, prune_to_folder,
 )
+from fw_jax.pipeline.tasks import evaluate_tasks, load_task  # noqa: E402
 
 METHODS = {
     "magnitude": dict(method="magnitude"),
@@ -62,6 +68,9 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
+                        help="also zero-shot accuracy on these tasks (builtin:NAME or .jsonl), per row")
+    parser.add_argument("--task-size", type=int, default=200, help="items of each builtin task")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "quality"))
     parser.add_argument("--out", default=str(ROOT / "results" / "quality"))
     parser.add_argument("--readme", default=str(ROOT / "README.md"),
@@ -86,30 +95,44 @@ def main() -> None:
     produced: dict[str, dict] = {}  # the rows this invocation writes
     this_run = {"command": command, "seconds": 0.0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
+    tasks = [load_task(spec, size=args.task_size) for spec in args.tasks]
+
     def evaluate(label, folder):
-        if label in table:
-            return
-        for dataset, documents in datasets.items():
-            value = evaluate_perplexity({label: folder}, documents, seqlen=args.eval_seqlen,
-                                        max_windows=args.max_windows)[label]
-            table.setdefault(label, {})[f"{dataset} ppl"] = value
+        if label not in table:
+            for dataset, documents in datasets.items():
+                value = evaluate_perplexity({label: folder}, documents, seqlen=args.eval_seqlen,
+                                            max_windows=args.max_windows)[label]
+                table.setdefault(label, {})[f"{dataset} ppl"] = value
+        todo = [t for t in tasks if f"{t.name} acc %" not in table[label]]
+        for task, result in (evaluate_tasks({label: folder}, todo)[label].items() if todo else ()):
+            table[label][f"{task} acc %"] = 100 * result.acc
+            table[label][f"{task} ±"] = 100 * result.acc_stderr
         produced[label] = table[label]
 
+    def has_accuracy(label):
+        return label in table and all(f"{t.name} acc %" in table[label] for t in tasks)
+
     evaluate("dense", "smollm2-135m")
+    this_run["seconds"] = time.perf_counter() - started
+    write(out, *merge_rows(out, produced, this_run), args)
     for setting in args.settings:
         for name in args.methods:
             seed_tag = f" (seed {args.seed})" if args.seed else ""  # seed 0 rows are unmarked
             label = f"{name} @ {setting}{seed_tag}"
             folder = pathlib.Path(args.runs) / slug(f"{setting}-{name}{seed_tag}")
             report_path = folder / "prune_report.json"
+            if label in table and has_accuracy(label):
+                continue
             if not report_path.exists():
                 settings = PruneSettings(**METHODS[name], **SETTINGS[setting])
                 prune_to_folder("smollm2-135m", str(folder), settings, calib=calib, nsamples=args.nsamples,
-                                seqlen=args.seqlen, seed=args.seed, history_layer=None)
+                                seqlen=args.seqlen, seed=args.seed, history_layer=None, dtype="float32")
+            rerun = label in table  # pruned again for its accuracy: its perplexity row stands
             evaluate(label, str(folder))
             report = json.loads(report_path.read_text())
-            table[label]["mean layer error vs Wanda"] = report["summary"]["mean_error_vs_wanda"]
-            table[label]["prune s"] = report["seconds"]
+            if not rerun:
+                table[label]["mean layer error vs Wanda"] = report["summary"]["mean_error_vs_wanda"]
+                table[label]["prune s"] = report["seconds"]
             produced[label] = table[label]
             this_run["seconds"] = time.perf_counter() - started
             write(out, *merge_rows(out, produced, this_run), args)
@@ -155,6 +178,7 @@ def write(out, table, commands, args):
         format_table(table, digits=3),
         "",
         *pivot(table),
+        *accuracy_pivot(table),
         *bars(table),
         *missing(table),
     ])
@@ -211,6 +235,27 @@ def pivot(table):
         label = f"**{name}** (fw_jax default)" if name == DEFAULT else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def accuracy_pivot(table):
+    """The rows with zero-shot accuracy: per task, ``acc ± standard error`` (points) per setting."""
+    tasks = list(dict.fromkeys(k[:-len(" acc %")] for row in table.values() for k in row if k.endswith(" acc %")))
+    if not tasks:
+        return []
+    lines = ["## Zero-shot accuracy (%, ± standard error; built-in proxy tasks, seed 0)", "",
+             "Built here from held-out text (`fw_jax.pipeline.tasks`), not the published benchmarks; two rows "
+             "differ beyond noise only when their gap is well over the two standard errors combined.", ""]
+    for task in tasks:
+        lines += [f"### {task}", "", "| method | " + " | ".join(SETTINGS) + " |", "|---|" + "---|" * len(SETTINGS)]
+        names = ["dense"] + [n for n in METHODS if any(f"{task} acc %" in table.get(f"{n} @ {s}", {}) for s in SETTINGS)]
+        for name in names:
+            cells = []
+            for setting in SETTINGS:
+                row = table.get("dense" if name == "dense" else f"{name} @ {setting}", {})
+                cells.append(f"{row[f'{task} acc %']:.1f} ± {row[f'{task} ±']:.1f}" if f"{task} acc %" in row else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 # The grid issues 4 and 5 ask for; rows of it not in the table are listed, with why.

@@ -89,3 +89,16 @@ def test_rows_are_merged_into_the_results_on_disk(tmp_path):
     table, commands = q.merge_rows(out, {"ria @ 60%": _row(149.0, 98.0)}, this_run)
     assert set(table) == {"wanda @ 50%", "wanda @ 60%", "ria @ 60%"}
     assert [(c["command"], c["seconds"]) for c in commands] == [("other", 30.0), (this_run["command"], 120.0)]
+
+
+def test_accuracy_pivot_shows_acc_and_stderr_per_setting():
+    import quality_table
+
+    table = {"dense": {"Persuasion ppl": 37.4, "pydoc-eval ppl": 15.3, "persuasion-cloze acc %": 41.0, "persuasion-cloze ±": 3.5},
+             "wanda @ 50%": {"Persuasion ppl": 70.1, "pydoc-eval ppl": 36.2, "persuasion-cloze acc %": 30.5,
+                             "persuasion-cloze ±": 3.3}}
+    lines = quality_table.accuracy_pivot(table)
+    assert "### persuasion-cloze" in lines
+    assert "| dense | 41.0 ± 3.5 | 41.0 ± 3.5 | 41.0 ± 3.5 |" in lines
+    assert "| wanda | 30.5 ± 3.3 | - | - |" in lines
+    assert quality_table.accuracy_pivot({"dense": {"Persuasion ppl": 1.0}}) == []
