@@ -225,21 +225,21 @@ def test_step_rules_and_history(rule):
 
 
 def test_pairwise_exact_beats_open_loop_at_equal_iterations():
-    """Pairwise steps (the loop's ``pairwise=True``, on the hypersimplex) against the published
+    """Pairwise steps (``pairwise_frank_wolfe``, on the hypersimplex) against the published
     open-loop vanilla steps, from the same magnitude warm start."""
-    from fw_jax.solver import ExactLineSearch, OpenLoop, TopKLMO, frank_wolfe
+    from fw_jax.solver import ExactLineSearch, OpenLoop, TopKLMO, frank_wolfe, pairwise_frank_wolfe
 
     rng = np.random.default_rng(9)
     weight, gram = (jnp.asarray(x) for x in correlated_problem(rng, 8, 16))
     init = jnp.asarray(fw_jax.magnitude_mask(weight, 8), weight.dtype)
     fixed = jnp.zeros(weight.shape, bool)
     common = dict(max_iter=100, tol=jnp.zeros((), weight.dtype), gram_norm=jnp.ones((), weight.dtype))
-    exact = frank_wolfe(weight, gram, init, fixed, TopKLMO(8, exact=True), ExactLineSearch(), pairwise=True, **common)
+    exact = pairwise_frank_wolfe(weight, gram, init, fixed, TopKLMO(8, exact=True), ExactLineSearch(), **common)
     opened = frank_wolfe(weight, gram, init, fixed, TopKLMO(8), OpenLoop(), **common)
     assert float(jnp.sum(exact.loss)) < float(jnp.sum(opened.loss))
     assert np.allclose(np.asarray(jnp.sum(exact.relaxed_mask, axis=1)), 8)  # stays on the hypersimplex
     with pytest.raises(ValueError, match="exact"):
-        frank_wolfe(weight, gram, init, fixed, TopKLMO(8), ExactLineSearch(), pairwise=True, **common)
+        pairwise_frank_wolfe(weight, gram, init, fixed, TopKLMO(8), ExactLineSearch(), **common)
 
 
 def test_explicit_warm_mask_and_alpha_one_returns_warm_without_swaps():
@@ -298,8 +298,7 @@ def test_bad_input_raises_clear_errors():
 def test_threshold_hints_do_not_change_the_iterates(pairwise, units):
     """The Frank-Wolfe loop with the oracle's thresholds carried between iterations
     (``TopKLMO(hint=True)``, the default) takes exactly the steps of cold searches."""
-    from fw_jax.solver._frank_wolfe import frank_wolfe
-    from fw_jax.solver._lmo import TopKLMO
+    from fw_jax.solver import TopKLMO, frank_wolfe, pairwise_frank_wolfe
     from fw_jax.solver._steps import ExactLineSearch
 
     rng = np.random.default_rng(12)
@@ -314,9 +313,10 @@ def test_threshold_hints_do_not_change_the_iterates(pairwise, units):
     results = []
     for hint in (True, False):
         lmo = TopKLMO(k, "search", exact=pairwise, hint=hint)
-        run = jax.jit(lambda w, g, m, f, lmo=lmo: frank_wolfe(
+        loop = pairwise_frank_wolfe if pairwise else frank_wolfe
+        run = jax.jit(lambda w, g, m, f, lmo=lmo, loop=loop: loop(
             w, g, m, f, lmo, ExactLineSearch(), max_iter=60, tol=jnp.zeros((), jnp.float32),
-            gram_norm=jnp.ones((), jnp.float32), pairwise=pairwise))
+            gram_norm=jnp.ones((), jnp.float32)))
         results.append(run(weight, gram, init, fixed))
     hinted, cold = results
     np.testing.assert_array_equal(np.asarray(hinted.relaxed_mask), np.asarray(cold.relaxed_mask))

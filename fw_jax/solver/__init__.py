@@ -15,7 +15,7 @@ Where things live:
 """
 
 from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow, as_budget, round_to_budget
-from fw_jax.solver._frank_wolfe import FWHistory, FWResult, frank_wolfe
+from fw_jax.solver._frank_wolfe import FWHistory, FWResult, frank_wolfe, pairwise_frank_wolfe
 from fw_jax.solver._lmo import NMLMO, Oracle, TopKLMO, vertices
 from fw_jax.solver._objective import inputs_error, layer_error, row_errors, weights_error
 from fw_jax.solver._published import PublishedResult, sparsefw_published

@@ -20,8 +20,8 @@ keeps the best such bound per unit.
 
 The oracle is called through its protocol (``_lmo.py``): ``state = lmo.init(units, dtype)``
 once, then ``vertex, state = lmo(gradient, fixed, state)`` every iteration, the state carried in
-the loop. With ``pairwise=True`` the loop takes pairwise steps instead (toward the FW vertex and
-away from ``lmo.away(...)``); ``solve_layer`` does not use them.
+the loop. :func:`pairwise_frank_wolfe` is the same loop with pairwise steps (toward the FW vertex
+and away from ``lmo.away(...)``); ``solve_layer`` does not use it (never measured to help here).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from jax import Array, lax
 from fw_jax.solver._lmo import Oracle, vertices
 from fw_jax.solver._steps import StepInfo
 
-__all__ = ["FWHistory", "FWResult", "frank_wolfe"]
+__all__ = ["FWHistory", "FWResult", "frank_wolfe", "pairwise_frank_wolfe"]
 
 
 class FWHistory(NamedTuple):
@@ -84,7 +84,7 @@ def unit_sum(x: Array) -> Array:
     return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
 
 
-def frank_wolfe(
+def _loop(
     weight: Array,
     gram: Array,
     init_mask: Array,
@@ -100,32 +100,7 @@ def frank_wolfe(
     round_units: Optional[Callable[[Array], Array]] = None,
     precision: str = "default",
 ) -> FWResult:
-    """Run Frank-Wolfe on every unit of ``weight`` at once (traceable; jit the caller).
-
-    Args:
-      weight: ``(units, *unit_shape)``, last axis ``d_in``.
-      gram: ``(d_in, d_in)`` symmetric PSD.
-      init_mask: start point in the polytope, like ``weight``.
-      fixed: boolean like ``weight``; entries held at 1 (they must be 1 in ``init_mask``).
-      lmo: an oracle (``_lmo.Oracle``) over the stack of units; its state is carried from one
-        iteration to the next.
-      step_rule: ``StepInfo -> η`` per unit.
-      max_iter: static iteration cap.
-      tol: relative gap tolerance: a unit stops once ``gap ≤ tol · L``.
-      gram_norm: largest eigenvalue of ``gram`` (for the short step).
-      refresh_every: static; dense recomputation period of ``P``.
-      pairwise: static; take pairwise steps ``V − A`` toward the FW vertex and away from the
-        away vertex ``A = lmo.away(...)`` (decomposition-invariant, no active set), with the
-        step capped so the iterate stays in the polytope. Needs an ``exact`` (hypersimplex)
-        oracle and an init mask keeping exactly the budget.
-      round_units: if given, also record the per-iteration error of the rounded iterate
-        (costs a rounding and a GEMM per iteration: for plots only).
-      precision: static; precision of the iteration's matrix products (see
-        :func:`gram_matmul`). The final certificate is always recomputed at ``"highest"``.
-
-    Returns:
-      An :class:`FWResult`.
-    """
+    """The loop behind :func:`frank_wolfe` and :func:`pairwise_frank_wolfe`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if pairwise and not lmo.exact:
@@ -236,6 +211,43 @@ def frank_wolfe(
         history=state.history,
     )
 
+
+def frank_wolfe(weight: Array, gram: Array, init_mask: Array, fixed: Array, lmo: Oracle,
+                step_rule: Callable[[StepInfo], Array], **options) -> FWResult:
+    """Run Frank-Wolfe on every unit of ``weight`` at once (traceable; jit the caller).
+
+    Args:
+      weight: ``(units, *unit_shape)``, last axis ``d_in``.
+      gram: ``(d_in, d_in)`` symmetric PSD.
+      init_mask: start point in the polytope, like ``weight``.
+      fixed: boolean like ``weight``; entries held at 1 (they must be 1 in ``init_mask``).
+      lmo: an oracle (``_lmo.Oracle``) over the stack of units; its state is carried from one
+        iteration to the next.
+      step_rule: ``StepInfo -> η`` per unit.
+      max_iter: static iteration cap.
+      tol: relative gap tolerance: a unit stops once ``gap ≤ tol · L``.
+      gram_norm: largest eigenvalue of ``gram`` (for the short step).
+      refresh_every: static; dense recomputation period of ``P``.
+      round_units: if given, also record the per-iteration error of the rounded iterate
+        (costs a rounding and a GEMM per iteration: for plots only).
+      precision: static; precision of the iteration's matrix products (see
+        :func:`gram_matmul`). The final certificate is always recomputed at ``"highest"``.
+
+    Returns:
+      An :class:`FWResult`.
+    """
+    return _loop(weight, gram, init_mask, fixed, lmo, step_rule, pairwise=False, **options)
+
+
+def pairwise_frank_wolfe(weight: Array, gram: Array, init_mask: Array, fixed: Array, lmo: Oracle,
+                         step_rule: Callable[[StepInfo], Array], **options) -> FWResult:
+    """:func:`frank_wolfe` with pairwise steps: the direction is ``V − A``, toward the FW vertex
+    and away from the away vertex ``A = lmo.away(...)`` (decomposition-invariant: no active set),
+    the step capped so the iterate stays in the polytope. The polytope is the hull of masks
+    keeping exactly the budget, so ``lmo`` must be an ``exact`` oracle (``TopKLMO(k,
+    exact=True)``) and ``init_mask`` must keep exactly the budget; the lower bound is over that
+    polytope. Same arguments as :func:`frank_wolfe`."""
+    return _loop(weight, gram, init_mask, fixed, lmo, step_rule, pairwise=True, **options)
 
 def full_polytope_bound(weight: Array, gram: Array, mask: Array, lmo) -> Array:
     """Lower bound ``L(M) − gap(M)`` on the error of every mask in the *unrestricted* budget
