@@ -72,7 +72,7 @@ def _settings(args: argparse.Namespace, method: str | None = None):
     solver options are passed only to a method that reads them; a user's ``--method`` gets them
     all, so that an option it would ignore is refused."""
     from fw_jax import NM, SolverOptions
-    from fw_jax.pipeline import METHODS, PruneSettings
+    from fw_jax.pipeline import METHODS, PruneSettings, RecoverSettings
 
     try:
         pattern = NM.parse(args.pattern).pattern if args.pattern else None
@@ -83,8 +83,11 @@ def _settings(args: argparse.Namespace, method: str | None = None):
                       options=SolverOptions(max_iter=args.max_iter, step_rule=args.step_rule, swaps=not args.no_swaps))
         if method is not None:
             solver = {k: v for k, v in solver.items() if k in METHODS[method].uses}
+        recover = None
+        if getattr(args, "recover", False):
+            recover = RecoverSettings(steps=args.recover_steps, learning_rate=args.recover_lr, seed=args.seed)
         return PruneSettings(method=method or args.method, sparsity=args.sparsity, pattern=pattern,
-                             shrinkage=args.shrinkage, reconstruct=args.reconstruct, **solver)
+                             shrinkage=args.shrinkage, reconstruct=args.reconstruct, recover=recover, **solver)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -287,7 +290,7 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
                        method: bool = True) -> None:
     """The pruning options, their defaults taken from ``PruneSettings`` and ``SolverOptions``."""
     from fw_jax import SolverOptions
-    from fw_jax.pipeline import METHODS, PruneSettings
+    from fw_jax.pipeline import METHODS, PruneSettings, RecoverSettings
     from fw_jax.pipeline.prune import WARM_STARTS
     from fw_jax.solver import STEP_RULES
 
@@ -314,6 +317,15 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--no-swaps", action="store_true", help="sparsefw: skip the 1-swap refinement after rounding")
     p.add_argument("--reconstruct", action="store_true",
                    help="after the mask, refit the kept weights to the calibration inputs (least squares)")
+    recover = RecoverSettings()
+    p.add_argument("--recover", action="store_true",
+                   help="after each block's masks (and --reconstruct), tune the block's kept weights with AdamW "
+                        "to reproduce the dense block's output on the calibration windows (masks kept exactly; "
+                        "early stop on held-out windows; never worse than before)")
+    p.add_argument("--recover-steps", type=int, default=recover.steps, metavar="N",
+                   help="--recover: optimizer steps per block at most")
+    p.add_argument("--recover-lr", type=float, default=recover.learning_rate, metavar="LR",
+                   help="--recover: peak learning rate (cosine schedule)")
     p.add_argument("--shrinkage", type=float, default=None,
                    help="shrink the calibration Gram matrix toward its diagonal by this fraction (0 to 1) "
                         "in every step that fits it (sparsefw mask, sparsegpt, --reconstruct); "

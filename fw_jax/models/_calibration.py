@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._params import _resolve
+from ._params import resolve
 
 
 class LinearLayer(NamedTuple):
@@ -59,7 +59,7 @@ def block_linears(model: nnx.Module, b: int) -> list[LinearLayer]:
     layers = []
     for key, members in block.LINEAR_GROUPS:
         for member in members:
-            weight = _resolve(block, member).weight.get_value()
+            weight = resolve(block, member).weight.get_value()
             layers.append(LinearLayer(f"{prefix}.{member}", weight, f"{prefix}.{key}"))
     return layers
 
@@ -195,7 +195,7 @@ def block_grams(
         raise ValueError("float64 Gram matrices need jax.config.update('jax_enable_x64', True)")
     block = model.blocks[b]
     graphdef, state = nnx.split(block)
-    d_in = {key: _resolve(block, members[0]).d_in for key, members in block.LINEAR_GROUPS}
+    d_in = {key: resolve(block, members[0]).d_in for key, members in block.LINEAR_GROUPS}
     grams = {key: jnp.zeros((n, n), dtype) for key, n in d_in.items()}
     parts = []
     for h in _batches(hidden, batch_size):

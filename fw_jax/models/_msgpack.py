@@ -33,7 +33,7 @@ from ._hf import (
 )
 from ._layers import Embedding, LayerNorm, Linear
 from ._loaded import LoadedModel, build_abstract_model, fill_model, stored_dtype_name
-from ._params import _resolve
+from ._params import resolve
 from ._shards import config_for_saving, tensor_items
 
 FLAX_FILE = "flax_model.msgpack"
@@ -102,7 +102,7 @@ def load_flax_folder(folder: str | os.PathLike, *, tokenizer: bool = True, dtype
 
 def _hf_to_flax(model, name: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
     *module, leaf = name.split(".")
-    layer = _resolve(model, ".".join(module))
+    layer = resolve(model, ".".join(module))
     if leaf == "weight":
         if isinstance(layer, Linear):
             return tuple(module) + ("kernel",), array.T

@@ -16,7 +16,8 @@ from flax import nnx
 from ._layers import Linear
 
 
-def _resolve(model: nnx.Module, dotted: str):
+def resolve(model: nnx.Module, dotted: str):
+    """The submodule or parameter at a dotted path (``"self_attn.q_proj"``; digits index lists)."""
     obj = model
     for part in dotted.split("."):
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
@@ -42,7 +43,7 @@ def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 def get_param(model: nnx.Module, name: str) -> jax.Array:
     """The parameter called ``name`` (e.g. ``"model.norm.weight"``)."""
-    var = _resolve(model, name)
+    var = resolve(model, name)
     if not isinstance(var, nnx.Param):
         raise KeyError(f"{name!r} is not a parameter")
     return var.get_value()
@@ -50,7 +51,7 @@ def get_param(model: nnx.Module, name: str) -> jax.Array:
 
 def set_param(model: nnx.Module, name: str, value) -> None:
     """Replace parameter ``name`` in place; the shape must match, the value becomes float32."""
-    var = _resolve(model, name)
+    var = resolve(model, name)
     if not isinstance(var, nnx.Param):
         raise KeyError(f"{name!r} is not a parameter")
     old = var.get_value()
@@ -74,7 +75,7 @@ def linear_names(model: nnx.Module) -> list[str]:
 
 def get_linear_weight(model: nnx.Module, name: str) -> jax.Array:
     """Weight of linear layer ``name`` as ``(d_out, d_in)``."""
-    layer = _resolve(model, name)
+    layer = resolve(model, name)
     if not isinstance(layer, Linear):
         raise KeyError(f"{name!r} is not a linear layer")
     return layer.weight.get_value()
@@ -82,7 +83,7 @@ def get_linear_weight(model: nnx.Module, name: str) -> jax.Array:
 
 def set_linear_weight(model: nnx.Module, name: str, weight) -> None:
     """Write a ``(d_out, d_in)`` weight into linear layer ``name`` (in place)."""
-    layer = _resolve(model, name)
+    layer = resolve(model, name)
     if not isinstance(layer, Linear):
         raise KeyError(f"{name!r} is not a linear layer")
     set_param(model, name + ".weight", weight)

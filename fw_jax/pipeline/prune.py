@@ -40,6 +40,7 @@ from .checkpoints import (
     run_record as _run_record, save_block as _save_block,
 )
 from .methods import METHODS, Layer
+from .recover import RecoverSettings, recover_block
 
 __all__ = ["METHODS", "PruneInterrupted", "PruneSettings", "PruneReport", "ResumeMismatch", "check_model",
            "prune_layer", "prune_model", "run_fingerprint"]
@@ -63,6 +64,8 @@ class PruneSettings:
         :class:`~fw_jax.SolverOptions` (``history`` is set per layer by the pipeline).
         Only methods that read them accept values other than the defaults.
       reconstruct: after the mask, refit the kept weights (``fw_jax.solver.reconstruct``).
+      recover: after every block's masks (and reconstruction), tune the block's kept weights to
+        reproduce the dense block's output (:mod:`fw_jax.pipeline.recover`); ``None``: off.
       shrinkage: ``ρ ∈ [0, 1]``; every step that fits the calibration Gram matrix (the
         ``sparsefw`` mask, SparseGPT, reconstruction) uses it shrunk toward its diagonal,
         ``(1 − ρ) G + ρ diag(G)`` (as covariance estimators shrink toward a diagonal target).
@@ -89,6 +92,7 @@ class PruneSettings:
     tol: float = 1e-4
     options: SolverOptions = SolverOptions()
     reconstruct: bool = False
+    recover: Optional[RecoverSettings] = None
     shrinkage: Optional[float] = None
     certify_iter: int = 0
 
@@ -120,6 +124,8 @@ class PruneSettings:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if not isinstance(self.options, SolverOptions):
             raise ValueError(f"options must be a fw_jax.SolverOptions, got {self.options!r}")
+        if self.recover is not None and not isinstance(self.recover, RecoverSettings):
+            raise ValueError(f"recover must be None or a fw_jax.pipeline.RecoverSettings, got {self.recover!r}")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1] (the fraction of each budget fixed to the top "
                              f"saliency weights), got {self.alpha}")
@@ -152,7 +158,8 @@ class PruneSettings:
 
     def describe(self) -> str:
         target = f"{self.pattern[0]}:{self.pattern[1]} (keep {self.pattern[0]} of every {self.pattern[1]})" if self.pattern else f"{self.sparsity:.0%} per row"
-        return f"{self.method}, {target}" + (" + reconstruction" if self.reconstruct else "")
+        return (f"{self.method}, {target}" + (" + reconstruction" if self.reconstruct else "")
+                + (" + recovery" if self.recover else ""))
 
 
 _SOLVER_FIELDS = ("warm_start", "alpha", "tol", "options", "certify_iter")
@@ -335,6 +342,25 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
     return new_weights, records, history, calibration_seconds
 
 
+def _recover(loaded, b: int, hidden, target, settings: RecoverSettings) -> dict:
+    """Recovery of block ``b`` (``recover.recover_block``), its weights then rounded to the dtype
+    they are written in, as pruned ones are."""
+    record = recover_block(loaded.model, b, hidden, target, settings)
+    if loaded.dtype is not None and record["stopped"] not in ("worse", "nonfinite"):
+        for layer in models.block_linears(loaded.model, b):
+            models.set_linear_weight(loaded.model, layer.name,
+                                     models.round_to(layer.weight, loaded.output_dtype(layer.name + ".weight")))
+    return record
+
+
+def _recovery_line(b: int, blocks: int, r: dict) -> str:
+    why = {"steps": "", "early": ", stopped early (held-out loss)",
+           "worse": ": no better, the block keeps its pruned weights",
+           "nonfinite": ": a loss was not finite, the block keeps its pruned weights"}[r["stopped"]]
+    return (f"block {b + 1}/{blocks} recovery: loss vs dense {r['loss_before']:.4g} -> {r['loss_after']:.4g} "
+            f"in {r['steps']} steps, {r['seconds']:.1f}s{why}")
+
+
 def _layer_line(record: dict, compare: bool) -> str:
     """The ``-v`` line of one pruned layer."""
     line = f"  {record['name']:<36} {record['seconds']:6.1f}s  error {record['error']:.4g}"
@@ -455,12 +481,18 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
     history = None
     done = start_block  # blocks finished (and saved, with a work_dir)
     compare = settings.compares_with_wanda
+    if settings.recover is not None and distributed.process_count() > 1:
+        raise ValueError("recover runs in one process (its gradients are not shared across processes yet)")
     try:
         hidden = models.embed(model, jnp.asarray(distributed.local_samples(tokens))).astype(keep)
+        dense = hidden if settings.recover is not None else None  # the dense model's hidden states
         models.unload_rest(loaded)  # streamed: only the blocks are needed from here on
         if start_block:
             with progress.steps(start_block, "replaying the finished blocks", unit="block") as steps:
                 for replayed in range(start_block):  # the pruned block as saved, read back
+                    if dense is not None:  # the dense block first, as the original checkpoint has it
+                        models.load_block(loaded, replayed)
+                        dense = models.run_block(model, replayed, dense).astype(keep)
                     models.load_block(loaded, replayed, models.read_block_shard(loaded, _block_file(work_dir, replayed)))
                     hidden = models.run_block(model, replayed, hidden).astype(keep)
                     models.unload_block(loaded, replayed)
@@ -470,9 +502,16 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
             for b in range(start_block, blocks):
                 block_start = time.perf_counter()
                 models.load_block(loaded, b)
+                target = None if dense is None else models.run_block(model, b, dense).astype(keep)
                 new_weights, block_records, block_history, calibration_seconds = _prune_block(
                     loaded, b, hidden, settings, history_layer, devices, progress, compare)
                 history = block_history or history
+                if target is not None:
+                    recovery = _recover(loaded, b, hidden, target, settings.recover)
+                    for r in block_records:
+                        r["block_recovery"] = recovery
+                    progress.say(_recovery_line(b, blocks, recovery))
+                    dense = target
                 if work_dir is not None and writer:
                     _save_block(work_dir, b, loaded, block_records, time.perf_counter() - block_start)
                 records.extend(block_records)

@@ -1,0 +1,115 @@
+"""Block-wise recovery (fw_jax.pipeline.recover, PruneSettings.recover, --recover): masks kept bit
+for bit, the loss against the dense block never worse, deterministic, resumable, and a non-finite
+loss keeps the pruned weights."""
+
+import numpy as np
+import pytest
+
+from fw_jax import models
+from fw_jax.pipeline import PruneInterrupted, PruneSettings, RecoverSettings, prune_model
+from test_pipeline_prune import calib_tokens, tiny_folder  # noqa: F401  (fixture)
+
+
+def _weights(loaded):
+    return {layer.name: np.asarray(layer.weight) for b in range(models.num_blocks(loaded.model))
+            for layer in models.block_linears(loaded.model, b)}
+
+
+def _prune(folder, recover, **kwargs):
+    loaded = models.load_model(folder)
+    report = prune_model(loaded, calib_tokens(n=8), PruneSettings(method="wanda", recover=recover), progress=False,
+                         **kwargs)
+    return loaded, report
+
+
+def test_recovery_keeps_the_masks_lowers_the_loss_and_is_deterministic(tiny_folder):  # noqa: F811
+    settings = RecoverSettings(steps=30, learning_rate=3e-3, batch_size=2, eval_every=5, patience=10)
+    plain, _ = _prune(tiny_folder, None)
+    tuned, report = _prune(tiny_folder, settings)
+    again, _ = _prune(tiny_folder, settings)
+    plain_w, tuned_w = _weights(plain), _weights(tuned)
+    for name in plain_w:
+        if ".0." in name:  # block 0 sees the same inputs in both runs: the same masks, bit for bit
+            np.testing.assert_array_equal(tuned_w[name] != 0, plain_w[name] != 0)
+        d_in = tuned_w[name].shape[1]  # later blocks' masks follow their (recovered) inputs; budgets hold
+        assert np.all(np.sum(tuned_w[name] != 0, axis=1) == d_in // 2), name
+        np.testing.assert_array_equal(tuned_w[name], _weights(again)[name])  # deterministic
+    recoveries = {r["block"]: r["block_recovery"] for r in report.layers}
+    assert len(recoveries) == models.num_blocks(tuned.model)
+    for r in recoveries.values():
+        assert r["loss_after"] <= r["loss_before"] and r["stopped"] in ("steps", "early", "worse")
+    assert any(r["loss_after"] < 0.9 * r["loss_before"] for r in recoveries.values())
+    assert any(not np.array_equal(tuned_w[n], plain_w[n]) for n in plain_w)
+
+
+def test_recover_block_never_brings_back_a_pruned_weight(tiny_folder):  # noqa: F811
+    """recover_block on one pruned block: every zero stays exactly zero, the kept weights move."""
+    import jax.numpy as jnp
+
+    from fw_jax.pipeline.recover import recover_block
+
+    loaded = models.load_model(tiny_folder)
+    hidden = models.embed(loaded.model, jnp.asarray(calib_tokens(n=6)))
+    target = models.run_block(loaded.model, 0, hidden)
+    rng = np.random.default_rng(0)
+    pruned = {}
+    for layer in models.block_linears(loaded.model, 0):
+        w = np.asarray(layer.weight) * (rng.random(layer.weight.shape) < 0.4)
+        pruned[layer.name] = w
+    models.set_linear_weights(loaded.model, pruned)
+    record = recover_block(loaded.model, 0, hidden, target, RecoverSettings(steps=20, learning_rate=3e-3,
+                                                                             batch_size=2, eval_every=5))
+    assert record["loss_after"] < record["loss_before"] and record["stopped"] in ("steps", "early")
+    for layer in models.block_linears(loaded.model, 0):
+        after = np.asarray(layer.weight)
+        np.testing.assert_array_equal(after[pruned[layer.name] == 0], 0.0)
+        assert not np.array_equal(after, pruned[layer.name])
+
+
+def test_a_nonfinite_loss_keeps_the_pruned_weights(tiny_folder):  # noqa: F811
+    plain, _ = _prune(tiny_folder, None)
+    blown, report = _prune(tiny_folder, RecoverSettings(steps=5, learning_rate=1e30, batch_size=2, eval_every=1))
+    assert {r["block_recovery"]["stopped"] for r in report.layers} == {"nonfinite"}
+    for name, w in _weights(plain).items():
+        np.testing.assert_array_equal(_weights(blown)[name], w)
+
+
+def test_recovery_resumes_bit_for_bit(tiny_folder, tmp_path):  # noqa: F811
+    settings = RecoverSettings(steps=10, learning_rate=3e-3, batch_size=2, eval_every=5)
+    whole, _ = _prune(tiny_folder, settings)
+
+    def stop_after_first(b):
+        if b == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(PruneInterrupted):
+        _prune(tiny_folder, settings, work_dir=str(tmp_path / "w"), after_block=stop_after_first)
+    resumed, report = _prune(tiny_folder, settings, work_dir=str(tmp_path / "w"))
+    assert report.resumed_blocks == 1
+    for name, w in _weights(whole).items():
+        np.testing.assert_array_equal(_weights(resumed)[name], w)
+
+
+def test_bad_recover_settings_are_refused():
+    for bad in (dict(steps=-1), dict(learning_rate=float("nan")), dict(holdout=1.0), dict(batch_size=0)):
+        with pytest.raises(ValueError, match="recover"):
+            RecoverSettings(**bad)
+    with pytest.raises(ValueError, match="recover must be"):
+        PruneSettings(recover={"steps": 3})
+
+
+def test_cli_recover(tiny_folder, tmp_path):  # noqa: F811
+    import json
+
+    from fw_jax import cli
+
+    out = tmp_path / "out"
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Anne Elliot walked to the shore with her sister and the captain. " * 40)
+    assert cli.main(["prune", tiny_folder, "--out", str(out), "--method", "wanda", "--recover", "--recover-steps", "6",
+                     "--calib", str(calib), "--nsamples", "4", "--seqlen", "24", "-q"]) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["settings"]["recover"]["steps"] == 6
+    assert all("block_recovery" in r for r in report["layers"])
+    assert cli.main(["prune", tiny_folder, "--out", str(tmp_path / "o2"), "--recover", "--recover-lr", "nan",
+                     "--calib", str(calib), "--nsamples", "4", "--seqlen", "24", "-q"]) == 2
