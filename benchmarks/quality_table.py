@@ -103,14 +103,17 @@ def main() -> None:
                 value = evaluate_perplexity({label: folder}, documents, seqlen=args.eval_seqlen,
                                             max_windows=args.max_windows)[label]
                 table.setdefault(label, {})[f"{dataset} ppl"] = value
-        todo = [t for t in tasks if f"{t.name} acc %" not in table[label]]
+        todo = [t for t in tasks if not _has_accuracy(table[label], t)]
         for task, result in (evaluate_tasks({label: folder}, todo)[label].items() if todo else ()):
             table[label][f"{task} acc %"] = 100 * result.acc
             table[label][f"{task} ±"] = 100 * result.acc_stderr
+            if result.acc_norm is not None:  # multiple choice: lm-eval's length-normalised accuracy too
+                table[label][f"{task} acc_norm %"] = 100 * result.acc_norm
+                table[label][f"{task} acc_norm ±"] = 100 * result.acc_norm_stderr
         produced[label] = table[label]
 
     def has_accuracy(label):
-        return label in table and all(f"{t.name} acc %" in table[label] for t in tasks)
+        return label in table and all(_has_accuracy(table[label], t) for t in tasks)
 
     evaluate("dense", "smollm2-135m")
     this_run["seconds"] = time.perf_counter() - started
@@ -136,6 +139,10 @@ def main() -> None:
             produced[label] = table[label]
             this_run["seconds"] = time.perf_counter() - started
             write(out, *merge_rows(out, produced, this_run), args)
+
+
+def _has_accuracy(row: dict, task) -> bool:
+    return f"{task.name} acc %" in row and (task.kind != "choice" or f"{task.name} acc_norm %" in row)
 
 
 def read_results(out: pathlib.Path) -> tuple[dict, list]:
@@ -239,20 +246,22 @@ def pivot(table):
 
 def accuracy_pivot(table):
     """The rows with zero-shot accuracy: per task, ``acc ± standard error`` (points) per setting."""
-    tasks = list(dict.fromkeys(k[:-len(" acc %")] for row in table.values() for k in row if k.endswith(" acc %")))
+    tasks = list(dict.fromkeys(k[:-len(" %")] for row in table.values() for k in row
+                               if k.endswith((" acc %", " acc_norm %"))))
     if not tasks:
         return []
     lines = ["## Zero-shot accuracy (%, ± standard error; built-in proxy tasks, seed 0)", "",
              "Built here from held-out text (`fw_jax.pipeline.tasks`), not the published benchmarks; two rows "
              "differ beyond noise only when their gap is well over the two standard errors combined.", ""]
-    for task in tasks:
-        lines += [f"### {task}", "", "| method | " + " | ".join(SETTINGS) + " |", "|---|" + "---|" * len(SETTINGS)]
-        names = ["dense"] + [n for n in METHODS if any(f"{task} acc %" in table.get(f"{n} @ {s}", {}) for s in SETTINGS)]
+    for metric in tasks:  # "TASK acc" or "TASK acc_norm"
+        error = f"{metric[:-len(' acc')]} ±" if metric.endswith(" acc") else f"{metric} ±"
+        lines += [f"### {metric}", "", "| method | " + " | ".join(SETTINGS) + " |", "|---|" + "---|" * len(SETTINGS)]
+        names = ["dense"] + [n for n in METHODS if any(f"{metric} %" in table.get(f"{n} @ {s}", {}) for s in SETTINGS)]
         for name in names:
             cells = []
             for setting in SETTINGS:
                 row = table.get("dense" if name == "dense" else f"{name} @ {setting}", {})
-                cells.append(f"{row[f'{task} acc %']:.1f} ± {row[f'{task} ±']:.1f}" if f"{task} acc %" in row else "-")
+                cells.append(f"{row[f'{metric} %']:.1f} ± {row[error]:.1f}" if f"{metric} %" in row else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines

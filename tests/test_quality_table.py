@@ -98,7 +98,10 @@ def test_accuracy_pivot_shows_acc_and_stderr_per_setting():
              "wanda @ 50%": {"Persuasion ppl": 70.1, "pydoc-eval ppl": 36.2, "persuasion-cloze acc %": 30.5,
                              "persuasion-cloze ±": 3.3}}
     lines = quality_table.accuracy_pivot(table)
-    assert "### persuasion-cloze" in lines
+    assert "### persuasion-cloze acc" in lines
     assert "| dense | 41.0 ± 3.5 | 41.0 ± 3.5 | 41.0 ± 3.5 |" in lines
     assert "| wanda | 30.5 ± 3.3 | - | - |" in lines
     assert quality_table.accuracy_pivot({"dense": {"Persuasion ppl": 1.0}}) == []
+    norm = quality_table.accuracy_pivot({"dense": {"x acc %": 30.0, "x ±": 3.0, "x acc_norm %": 40.0, "x acc_norm ±": 3.4}})
+    assert "### x acc_norm" in norm and "| dense | 40.0 ± 3.4 | 40.0 ± 3.4 | 40.0 ± 3.4 |" in norm
+    assert "| dense | 30.0 ± 3.0 | 30.0 ± 3.0 | 30.0 ± 3.0 |" in norm
