@@ -17,7 +17,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import numpy as np
 
-from fw_jax.solver import Budget, mask_lower_bound, saliency_mask, saliency_scores, solve_layer, sparsefw_published, sparsegpt
+from fw_jax.solver import (
+    Budget, SolverOptions, mask_lower_bound, saliency_mask, saliency_scores, solve_layer, sparsefw_published, sparsegpt,
+)
 
 __all__ = ["Layer", "Method", "METHODS", "Pruned"]
 
@@ -37,7 +39,7 @@ class Layer(NamedTuple):
 class Pruned(NamedTuple):
     mask: jax.Array  #: boolean, True = kept.
     weight: Optional[jax.Array] = None  #: new kept weights, if the method updates them.
-    record: dict = {}  #: what the method reports about the layer (bounds, iterations ...).
+    record: Optional[dict] = None  #: what the method reports about the layer (bounds, iterations ...).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +105,6 @@ def certify_mask(weight, gram, budget, mask, iterations: int) -> float:
     """A proved lower bound on the layer's best error on ``gram``, from ``iterations`` plain
     Frank-Wolfe iterations (α = 0, exact line search, no swaps) started at ``mask``; only the
     bound is used, the mask is not changed (``PruneSettings.certify_iter``)."""
-    from fw_jax.solver import SolverOptions
-
     check = solve_layer(weight, gram, budget, warm_start=mask, alpha=0.0, tol=0.0,
                         options=SolverOptions(max_iter=int(iterations), step_rule="exact", swaps=False))
     return float(check.lower_bound)

@@ -225,7 +225,7 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False,
     start = time.perf_counter()
     target = settings.fitted_gram(gram)  # the Gram matrix the method fits; errors below are always for ``gram``
     pruned = METHODS[settings.method].prune(Layer(weight, gram, target, budget, settings, history, mask_error_of))
-    record: dict[str, Any] = dict(pruned.record)
+    record: dict[str, Any] = dict(pruned.record or {})
     mask, new_weight = pruned.mask, pruned.weight
     mask = jnp.asarray(mask, bool)
     if settings.reconstruct:

@@ -100,9 +100,9 @@ def _compiled(graphdef, settings: RecoverSettings):
         return weights, opt_state, loss
 
     @jax.jit
-    def sums(weights, rest, h, target, context):
+    def sums(weights, rest, h, target, context):  # per window: squared error and target energy
         out = _forward(graphdef, weights, rest, h, context)
-        return jnp.sum((out - target) ** 2), jnp.sum(target**2)
+        return jnp.sum((out - target) ** 2, axis=(1, 2)), jnp.sum(target**2, axis=(1, 2))
 
     return optimizer, step, sums
 
@@ -129,16 +129,20 @@ def recover_block(model, b: int, inputs: jax.Array, targets: jax.Array, settings
     heldout = np.arange(n - held, n) if held else train
     context = model.block_context(inputs.shape[1])
 
+    def window_sums(weights, rows):
+        parts = [sums(weights, rest, inputs[rows[i:i + settings.batch_size]], targets[rows[i:i + settings.batch_size]],
+                      context) for i in range(0, len(rows), settings.batch_size)]
+        return np.concatenate([np.asarray(e) for e, _ in parts]), np.concatenate([np.asarray(t) for _, t in parts])
+
+    def relative(err, total, rows=slice(None)):
+        return float(err[rows].sum()) / max(float(total[rows].sum()), np.finfo(np.float32).tiny)
+
     def loss_on(weights, rows):
-        err = total = 0.0
-        for i in range(0, len(rows), settings.batch_size):
-            e, t = sums(weights, rest, inputs[rows[i:i + settings.batch_size]],
-                        targets[rows[i:i + settings.batch_size]], context)
-            err, total = err + float(e), total + float(t)
-        return err / max(total, np.finfo(np.float32).tiny)
+        return relative(*window_sums(weights, rows))
 
     everything = np.arange(n)
-    loss_before, held_before = loss_on(before, everything), loss_on(before, heldout)
+    sums_before = window_sums(before, everything)  # once: the held-out loss is a part of it
+    loss_before, held_before = relative(*sums_before), relative(*sums_before, heldout)
     rng = np.random.default_rng([settings.seed, b])
     weights, opt_state = before, optimizer.init(before)
     best, best_held, waited, taken, stopped = before, held_before, 0, 0, "steps"
