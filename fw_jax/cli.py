@@ -72,7 +72,7 @@ def _settings(args: argparse.Namespace, method: str | None = None):
     solver options are passed only to a method that reads them; a user's ``--method`` gets them
     all, so that an option it would ignore is refused."""
     from fw_jax import NM, SolverOptions
-    from fw_jax.pipeline import METHODS, PruneSettings, RecoverSettings
+    from fw_jax.pipeline import METHODS, Allocation, PruneSettings, RecoverSettings
 
     try:
         pattern = NM.parse(args.pattern).pattern if args.pattern else None
@@ -86,8 +86,12 @@ def _settings(args: argparse.Namespace, method: str | None = None):
         recover = None
         if getattr(args, "recover", False):
             recover = RecoverSettings(steps=args.recover_steps, learning_rate=args.recover_lr, seed=args.seed)
+        allocation = None
+        if getattr(args, "allocation", "uniform") != "uniform":
+            allocation = Allocation(args.allocation, lam=args.allocation_lambda, outlier=args.owl_m)
         return PruneSettings(method=method or args.method, sparsity=args.sparsity, pattern=pattern,
-                             shrinkage=args.shrinkage, reconstruct=args.reconstruct, recover=recover, **solver)
+                             shrinkage=args.shrinkage, reconstruct=args.reconstruct, recover=recover,
+                             allocation=allocation, **solver)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -290,7 +294,8 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
                        method: bool = True) -> None:
     """The pruning options, their defaults taken from ``PruneSettings`` and ``SolverOptions``."""
     from fw_jax import SolverOptions
-    from fw_jax.pipeline import METHODS, PruneSettings, RecoverSettings
+    from fw_jax.pipeline import METHODS, Allocation, PruneSettings, RecoverSettings
+    from fw_jax.pipeline.allocation import ALLOCATIONS
     from fw_jax.pipeline.prune import WARM_STARTS
     from fw_jax.solver import STEP_RULES
 
@@ -326,6 +331,15 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
                    help="--recover: optimizer steps per block at most")
     p.add_argument("--recover-lr", type=float, default=recover.learning_rate, metavar="LR",
                    help="--recover: peak learning rate (cosine schedule)")
+    allocation = Allocation()
+    p.add_argument("--allocation", choices=("uniform",) + ALLOCATIONS, default="uniform",
+                   help="sparsity per block, the same weights kept in all: uniform (--sparsity everywhere); owl "
+                        "(blocks with more outlier Wanda scores keep more, as OWL); error (blocks whose Wanda "
+                        "error is larger keep more); a dense pass over the blocks first")
+    p.add_argument("--allocation-lambda", type=float, default=allocation.lam, metavar="λ",
+                   help="--allocation: a block's sparsity stays within --sparsity ± λ")
+    p.add_argument("--owl-m", type=float, default=allocation.outlier, metavar="M",
+                   help="--allocation owl: a Wanda score is an outlier above M times its block's mean")
     p.add_argument("--shrinkage", type=float, default=None,
                    help="shrink the calibration Gram matrix toward its diagonal by this fraction (0 to 1) "
                         "in every step that fits it (sparsefw mask, sparsegpt, --reconstruct); "

@@ -25,6 +25,7 @@ from fw_jax.pipeline.prune import (
     METHODS, PruneInterrupted, PruneReport, PruneSettings, ResumeMismatch, atomic_write, check_model, prune_layer,
     prune_model,
 )
+from fw_jax.pipeline.allocation import Allocation
 from fw_jax.pipeline.recover import RecoverSettings
 from fw_jax.pipeline.run import AlreadyPruned, prune_to_folder
 
@@ -43,6 +44,7 @@ __all__ = [
     "PruneReport",
     "PruneSettings",
     "RecoverSettings",
+    "Allocation",
     "atomic_write",
     "calibration_tokens",
     "evaluate_perplexity",

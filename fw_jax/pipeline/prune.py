@@ -40,6 +40,7 @@ from .checkpoints import (
     run_record as _run_record, save_block as _save_block,
 )
 from .methods import METHODS, Layer
+from .allocation import Allocation, allocate
 from .recover import RecoverSettings, recover_block
 
 __all__ = ["METHODS", "PruneInterrupted", "PruneSettings", "PruneReport", "ResumeMismatch", "check_model",
@@ -66,6 +67,9 @@ class PruneSettings:
       reconstruct: after the mask, refit the kept weights (``fw_jax.solver.reconstruct``).
       recover: after every block's masks (and reconstruction), tune the block's kept weights to
         reproduce the dense block's output (:mod:`fw_jax.pipeline.recover`); ``None``: off.
+      allocation: a sparsity per block under the same total (:mod:`fw_jax.pipeline.allocation`:
+        OWL's outlier ratios or the blocks' Wanda errors); ``None``: ``sparsity`` in every
+        layer. Per-row sparsity only (not with ``pattern``).
       shrinkage: ``ρ ∈ [0, 1]``; every step that fits the calibration Gram matrix (the
         ``sparsefw`` mask, SparseGPT, reconstruction) uses it shrunk toward its diagonal,
         ``(1 − ρ) G + ρ diag(G)`` (as covariance estimators shrink toward a diagonal target).
@@ -93,6 +97,7 @@ class PruneSettings:
     options: SolverOptions = SolverOptions()
     reconstruct: bool = False
     recover: Optional[RecoverSettings] = None
+    allocation: Optional[Allocation] = None
     shrinkage: Optional[float] = None
     certify_iter: int = 0
 
@@ -126,6 +131,8 @@ class PruneSettings:
             raise ValueError(f"options must be a fw_jax.SolverOptions, got {self.options!r}")
         if self.recover is not None and not isinstance(self.recover, RecoverSettings):
             raise ValueError(f"recover must be None or a fw_jax.pipeline.RecoverSettings, got {self.recover!r}")
+        if self.allocation is not None and not isinstance(self.allocation, Allocation):
+            raise ValueError(f"allocation must be None or a fw_jax.pipeline.Allocation, got {self.allocation!r}")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1] (the fraction of each budget fixed to the top "
                              f"saliency weights), got {self.alpha}")
@@ -149,6 +156,11 @@ class PruneSettings:
             n, m = self.pattern
             if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
                 raise ValueError(f"pattern must be (n, m) with 1 ≤ n ≤ m (n kept of every m), got {self.pattern}")
+            if self.allocation is not None:
+                raise ValueError(f"allocation gives blocks different per-row sparsities; an n:m pattern "
+                                 f"({n}:{m}) fixes every group's count: use sparsity, or no allocation")
+        elif self.allocation is not None:
+            self.allocation.check(self.sparsity)
 
     def budget(self, d_in: int) -> Budget:
         """The budget of a layer with ``d_in`` inputs."""
@@ -158,6 +170,8 @@ class PruneSettings:
 
     def describe(self) -> str:
         target = f"{self.pattern[0]}:{self.pattern[1]} (keep {self.pattern[0]} of every {self.pattern[1]})" if self.pattern else f"{self.sparsity:.0%} per row"
+        if self.allocation is not None:
+            target += f" on average ({self.allocation.method} allocation, ±{self.allocation.lam:g})"
         return (f"{self.method}, {target}" + (" + reconstruction" if self.reconstruct else "")
                 + (" + recovery" if self.recover else ""))
 
@@ -176,6 +190,7 @@ class PruneReport:
     calibration: dict
     history: Optional[dict] = None
     resumed_blocks: int = 0  #: blocks taken from an interrupted run's checkpoints
+    allocation: Optional[dict] = None  #: with ``settings.allocation``: its scores, block sparsities, budgets
 
     def to_json(self) -> dict:
         return {
@@ -186,7 +201,7 @@ class PruneReport:
             "processes": jax.process_count(),  # jax.distributed: the samples and layers were shared out
             "layers": self.layers,
             "summary": self.summary(),
-        }
+        } | ({"allocation": self.allocation} if self.allocation is not None else {})
 
     def summary(self) -> dict:
         errors = np.array([r["error"] for r in self.layers])
@@ -201,8 +216,10 @@ class PruneReport:
 
 
 def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False,
-                inputs=None) -> tuple[jax.Array, dict]:
+                inputs=None, budget: Optional[Budget] = None) -> tuple[jax.Array, dict]:
     """Prune one ``(d_out, d_in)`` layer given its input Gram matrix.
+
+    ``budget``: this layer's own budget (an allocation's), instead of ``settings.budget(d_in)``.
 
     ``inputs``: the layer's ``(n, d_in)`` calibration inputs, when there are fewer tokens than
     inputs (``n < d_in``); the reported errors are then computed from them, at
@@ -215,7 +232,7 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False,
     """
     weight = jnp.asarray(weight, jnp.float32)
     gram = jnp.asarray(gram, jnp.float32)
-    budget = settings.budget(weight.shape[1])
+    budget = settings.budget(weight.shape[1]) if budget is None else budget
     if inputs is not None:
         inputs = jnp.asarray(inputs, jnp.float32)
         error_of = lambda new: float(inputs_error(weight, inputs, new))  # noqa: E731
@@ -280,16 +297,18 @@ def check_model(loaded, settings: PruneSettings, seqlen: Optional[int] = None) -
                          f"use --seqlen {limit} or less")
 
 
-def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool, inputs=None):
+def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool, inputs=None, budget=None):
     """:func:`prune_layer`, with the layer's name in any ``ValueError`` it raises."""
     try:
-        return prune_layer(weight, gram, settings, history=history, inputs=inputs)
+        return prune_layer(weight, gram, settings, history=history, inputs=inputs, budget=budget)
     except ValueError as e:
         raise ValueError(f"layer {name}: {e}") from e
 
 
-def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer, devices, progress, compare: bool):
-    """Prune the linear layers of block ``b`` given its calibration inputs ``hidden``, write the
+def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer, devices, progress, compare: bool,
+                 budgets: Optional[Sequence[int]] = None):
+    """Prune the linear layers of block ``b`` given its calibration inputs ``hidden`` (layer
+    ``i`` keeping ``budgets[i]`` per row when an allocation gives them), write the
     new weights into the model (rounded to the dtype they will be saved in, when ``loaded.dtype``
     asks for one, so the next block is calibrated on the model as written); returns them, the
     layer records, the history (or ``None``) and the seconds its Gram matrices took."""
@@ -306,6 +325,8 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
     jax.block_until_ready(grams)
     calibration_seconds = time.perf_counter() - calibration_start
     wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
+    layer_budgets = ([settings.budget(layer.weight.shape[1]) for layer in linears] if budgets is None
+                     else [PerRow(int(k)) for k in budgets])
 
     def solve(i, device=None):
         layer = linears[i]
@@ -313,7 +334,7 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
         if device is not None:
             w, g = jax.device_put(w, device), jax.device_put(g, device)
             x = None if x is None else jax.device_put(x, device)
-        new_weight, record = _prune_named(layer.name, w, g, settings, wants[i], x)
+        new_weight, record = _prune_named(layer.name, w, g, settings, wants[i], x, layer_budgets[i])
         return (new_weight if device is None else jax.device_put(new_weight, jax.local_devices()[0])), record
 
     mine = [i for i in range(len(linears)) if distributed.owner(i) == jax.process_index()]
@@ -327,11 +348,12 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
         results = (solve(i) for i in range(len(linears)))  # lazily: the progress bar follows the layers
     new_weights, records, history = {}, [], None
     with progress.steps(len(linears), f"block {b}", unit="layer", leave=False) as steps:
-        for layer, want_history, (new_weight, record) in zip(linears, wants, results):
+        for layer, want_history, budget, (new_weight, record) in zip(linears, wants, layer_budgets, results):
             if want_history:
                 history = dict(record.pop("_history"), layer=layer.name)
-            record = dict(name=layer.name, block=b, shape=list(layer.weight.shape),
-                          budget=str(settings.budget(layer.weight.shape[1])), method=settings.method, **record)
+            record = dict(name=layer.name, block=b, shape=list(layer.weight.shape), budget=str(budget),
+                          method=settings.method, **record)
+            record["sparsity"] = 1 - record["kept"] / record["size"]
             if loaded.dtype is not None:
                 new_weight = models.round_to(new_weight, loaded.output_dtype(layer.name + ".weight"))
             new_weights[layer.name] = new_weight
@@ -487,6 +509,12 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
         hidden = models.embed(model, jnp.asarray(distributed.local_samples(tokens))).astype(keep)
         dense = hidden if settings.recover is not None else None  # the dense model's hidden states
         models.unload_rest(loaded)  # streamed: only the blocks are needed from here on
+        allocation = None
+        if settings.allocation is not None:  # a dense pass first (again on resume: it is deterministic)
+            allocation = allocate(loaded, hidden, settings.allocation, settings.sparsity, progress)
+            per_block = np.asarray(allocation["block_sparsity"])
+            progress.say(f"allocation ({settings.allocation.method}): block sparsities {per_block.min():.3f} to "
+                         f"{per_block.max():.3f}; the same weights kept in all as uniform {settings.sparsity:g}")
         if start_block:
             with progress.steps(start_block, "replaying the finished blocks", unit="block") as steps:
                 for replayed in range(start_block):  # the pruned block as saved, read back
@@ -504,7 +532,8 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                 models.load_block(loaded, b)
                 target = None if dense is None else models.run_block(model, b, dense).astype(keep)
                 new_weights, block_records, block_history, calibration_seconds = _prune_block(
-                    loaded, b, hidden, settings, history_layer, devices, progress, compare)
+                    loaded, b, hidden, settings, history_layer, devices, progress, compare,
+                    None if allocation is None else allocation["budgets"][b])
                 history = block_history or history
                 if target is not None:
                     recovery = _recover(loaded, b, hidden, target, settings.recover)
@@ -533,4 +562,4 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
             done = _blocks_on_disk(work_dir, done)
         raise PruneInterrupted(done, blocks, work_dir) from None
     return PruneReport(settings=settings, layers=records, seconds=earlier_seconds + time.perf_counter() - started,
-                       calibration=calibration, history=history, resumed_blocks=start_block)
+                       calibration=calibration, history=history, resumed_blocks=start_block, allocation=allocation)
