@@ -141,6 +141,29 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from fw_jax.pipeline.finetune import FinetuneSettings, finetune
+
+    try:
+        settings = FinetuneSettings(steps=args.steps, learning_rate=args.lr, warmup=args.warmup,
+                                    batch_size=args.batch_size, seqlen=args.seqlen, nsamples=args.nsamples,
+                                    heldout=args.heldout, eval_every=args.eval_every, save_every=args.save_every,
+                                    distill=args.distill, temperature=args.temperature, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.teacher is None and args.distill != FinetuneSettings.distill:
+        raise UsageError("--distill weighs the distillation term: it needs --teacher DENSE")
+    out = args.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(str(args.model)))}-finetuned")
+    report = finetune(args.model, out, args.data, settings, teacher=args.teacher, dtype=args.dtype,
+                      overwrite=args.overwrite, progress=_progress(args))
+    kept = (f"kept the weights of step {report['kept_step']}" if report["kept_step"]
+            else "no step lowered the held-out loss: the weights are the input's")
+    print(f"fine-tuned {report['trained']} linear weights for {len(report['losses'])} steps in {report['seconds']:.0f}s; "
+          f"held-out loss {report['heldout_before']:.4f} -> {report['heldout_after']:.4f}; {kept}")
+    print(f"saved to {out} (Hugging Face folder, finetune_report.json)")
+    return 0
+
+
 def _evaluate(models_by_name: dict, data: str | None, seqlen: int, max_windows: int | None, progress, *,
               tasks=(), task_size: int = 200, json_path: str | None = None, lm_eval_tasks=(),
               lm_eval_limit: int | None = None) -> int:
@@ -280,6 +303,12 @@ def _task_options(p: argparse.ArgumentParser, flag: str) -> None:
                         + ", ".join(BUILTIN_TASKS) + " (proxies made here from offline text, not the published "
                         "benchmarks)")
     p.add_argument("--task-size", type=int, default=200, help="items of each builtin task")
+
+
+def _finetune_defaults():
+    from fw_jax.pipeline.finetune import FinetuneSettings
+
+    return FinetuneSettings()
 
 
 def _verbosity_options(p: argparse.ArgumentParser, pruning: bool = True) -> None:
@@ -443,6 +472,41 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity_options(evaluate, pruning=False)
     evaluate.set_defaults(run=_eval)
 
+    tune = sub.add_parser(
+        "finetune", formatter_class=_HelpFormatter, help="fine-tune a pruned model, masks kept exactly (resumable)",
+        description="Train the linear weights of a pruned model's blocks with AdamW on random windows of a text, "
+                    "their pruned entries held at exactly 0: next-token cross-entropy, or distillation from the "
+                    "dense model with --teacher. Keeps the weights of the best loss on held-out windows. "
+                    "Checkpoints go to OUT.partial: run the same command again to resume.")
+    defaults = _finetune_defaults()
+    tune.add_argument("model", help="the pruned model: Hugging Face folder, .gguf file or Flax msgpack folder")
+    tune.add_argument("--data", required=True,
+                      help="training text: a text file, folder, JSONL (a 'text' field), parquet, pydoc-calib, "
+                           "or c4/wikitext2 (needs datasets, online)")
+    tune.add_argument("--teacher", default=None, metavar="DENSE",
+                      help="distil from this (dense) model's next-token distribution (same tokenizer)")
+    tune.add_argument("--distill", type=float, default=defaults.distill,
+                      help="--teacher: weight of the distillation term against cross-entropy (1: distillation only)")
+    tune.add_argument("--temperature", type=float, default=defaults.temperature, help="--teacher: distillation temperature")
+    tune.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    tune.add_argument("--lr", type=float, default=defaults.learning_rate,
+                      help="peak learning rate (linear warm-up, then cosine decay to 0)")
+    tune.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up steps")
+    tune.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per step")
+    tune.add_argument("--seqlen", type=int, default=defaults.seqlen, help="tokens per window")
+    tune.add_argument("--nsamples", type=int, default=defaults.nsamples, help="training windows drawn from --data")
+    tune.add_argument("--heldout", type=int, default=defaults.heldout, help="further windows for the held-out loss")
+    tune.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out evaluations")
+    tune.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints")
+    tune.add_argument("--seed", type=int, default=defaults.seed, help="seed of the windows and the batch order")
+    tune.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                      help="dtype of the written weights (training is in float32): auto keeps each tensor's own")
+    tune.add_argument("--out", default=None, help="output folder (default: runs/<model>-finetuned)")
+    tune.add_argument("--overwrite", action="store_true",
+                      help="replace a finished output of fw_jax's in --out, or discard other checkpoints in OUT.partial")
+    _verbosity_options(tune, pruning=False)
+    tune.set_defaults(run=_finetune)
+
     main_job = sub.add_parser(
         "demo", formatter_class=_HelpFormatter,
         help="the main job: dense vs Wanda vs SparseFW on SmolLM2-135M, offline",
@@ -496,10 +560,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fw_jax.models import CheckpointError, WriteError
+    from fw_jax.pipeline.finetune import FinetuneInterrupted
     from fw_jax.pipeline.prune import PruneInterrupted
 
     try:
         return args.run(args)
+    except FinetuneInterrupted as e:
+        kept = f"step {e.step} of {e.steps} is saved in {e.work_dir}" if e.step else "no checkpoint was saved yet"
+        print(f"fw-jax {args.command}: stopped by Ctrl-C; {kept}. Run the same command again to resume.",
+              file=sys.stderr)
+        return INTERRUPTED
     except PruneInterrupted as e:
         if e.work_dir:
             kept = f"{e.blocks_done} of {e.blocks} blocks are saved in {e.work_dir}" if e.blocks_done else \

@@ -26,6 +26,7 @@ from fw_jax.pipeline.prune import (
     prune_model,
 )
 from fw_jax.pipeline.allocation import Allocation
+from fw_jax.pipeline.finetune import FinetuneInterrupted, FinetuneSettings, finetune
 from fw_jax.pipeline.recover import RecoverSettings
 from fw_jax.pipeline.run import AlreadyPruned, prune_to_folder
 
@@ -45,6 +46,9 @@ __all__ = [
     "PruneSettings",
     "RecoverSettings",
     "Allocation",
+    "FinetuneInterrupted",
+    "FinetuneSettings",
+    "finetune",
     "atomic_write",
     "calibration_tokens",
     "evaluate_perplexity",

@@ -1,0 +1,362 @@
+"""Fine-tune a pruned model with optax, masks kept exactly: ``fw-jax finetune PRUNED --data TEXT``.
+
+What is trained: the weights of every decoder block's linear layers (the ones pruning chose
+masks for), with their pruned entries held at exactly 0 (their gradients and updates are
+masked); embeddings, norms and the head stay as they are. The loss on random windows of the text
+is next-token cross-entropy or, with a ``teacher`` (the dense model), distillation: the
+KL divergence from the teacher's next-token distribution (temperature ``τ``), mixed with the
+cross-entropy by ``distill``. AdamW with a linear warm-up and a cosine decay, jitted over the
+whole model.
+
+Windows are split into training and held-out ones; the held-out loss is measured before the first
+step and every ``eval_every`` steps, and the output keeps the weights of the best held-out loss
+(the input's own when no step beats it; the report says so). A non-finite loss stops the run
+with the best weights so far.
+
+Resumable: every ``save_every`` steps the trained weights, the optimizer's state and the record
+so far are saved (atomically) in ``OUT.partial``; the same command resumes there, with the same
+batches (their order is drawn from ``seed`` up front), so a resumed run ends with the weights an
+uninterrupted one ends with. What may be written or replaced is decided in ``output.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fw_jax import _progress, models
+from fw_jax._files import atomic_write, replace_folder
+from fw_jax.pipeline.checkpoints import digest
+from fw_jax.pipeline.data import calibration_tokens, load_documents, needs_bos_per_window
+from fw_jax.pipeline.output import (
+    FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, read_marker,
+    remove_own_folder, write_marker,
+)
+
+__all__ = ["FinetuneSettings", "FinetuneInterrupted", "finetune", "REPORT_NAME"]
+
+REPORT_NAME = "finetune_report.json"
+STATE_NAME = "finetune_state.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """How ``fw-jax finetune`` trains (defaults cheap enough for SmolLM2-135M on a laptop CPU).
+
+    Attributes:
+      steps: optimizer steps.
+      learning_rate: AdamW's peak learning rate (linear warm-up over ``warmup`` steps, then cosine to 0).
+      warmup: warm-up steps.
+      weight_decay: AdamW's decoupled weight decay.
+      batch_size: windows per step.
+      seqlen: tokens per window.
+      nsamples: training windows drawn from the text (batches cycle through them).
+      heldout: further windows, never trained on, for the held-out loss.
+      eval_every: steps between held-out evaluations (and chances to keep the weights).
+      save_every: steps between checkpoints in ``OUT.partial``.
+      distill: with a teacher, the weight of the distillation term (1: distillation only, 0:
+        cross-entropy only).
+      temperature: the distillation temperature ``τ`` (the KL term is scaled by ``τ²``).
+      seed: of the windows and of the batch order.
+    """
+
+    steps: int = 100
+    learning_rate: float = 2e-5
+    warmup: int = 10
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    seqlen: int = 256
+    nsamples: int = 128
+    heldout: int = 8
+    eval_every: int = 20
+    save_every: int = 20
+    distill: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        least = {"steps": 1, "warmup": 0, "batch_size": 1, "seqlen": 2, "nsamples": 1, "heldout": 1,
+                 "eval_every": 1, "save_every": 1, "seed": 0}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"finetune {name} must be an int ≥ {low}, got {value!r}")
+        for name in ("learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"finetune {name} must be a finite number ≥ 0, got {value!r}")
+        if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
+            raise ValueError(f"finetune distill must be in [0, 1] (the distillation term's weight), got {self.distill!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"finetune temperature must be a positive number, got {self.temperature!r}")
+
+
+class FinetuneInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`finetune`: ``step`` steps are saved in ``work_dir`` (the last checkpoint)."""
+
+    def __init__(self, step: int, steps: int, work_dir: str):
+        super().__init__(f"stopped at step {step} of {steps}")
+        self.step, self.steps, self.work_dir = step, steps, work_dir
+
+
+def _trained(model) -> tuple[str, ...]:
+    """Paths (``model.layers.3.mlp.up_proj.weight`` style, as nnx names them) of the weights trained."""
+    names = []
+    for b in range(models.num_blocks(model)):
+        for _, group in model.blocks[b].LINEAR_GROUPS:
+            names.extend(f"{model.block_path}.{b}.{member}.weight" for member in group)
+    return tuple(names)
+
+
+def _filter(names: tuple[str, ...]):
+    wanted = set(names)
+    return lambda path, _: ".".join(str(p) for p in path) in wanted
+
+
+def _log_softmax(logits, temperature=1.0):
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(graphdef, teacher_graphdef, settings: FinetuneSettings):
+    """The jitted loss and step of a model structure (and its teacher's)."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate, settings.warmup,
+                                                  max(settings.steps, settings.warmup + 1))
+    optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
+    tau = settings.temperature
+
+    def losses(weights, rest, teacher_state, tokens):
+        """Mean next-token cross-entropy and, with a teacher, the τ²-scaled KL from it."""
+        logits = nnx.merge(graphdef, weights, rest)(tokens)[:, :-1]
+        targets = tokens[:, 1:]
+        ce = -jnp.mean(jnp.take_along_axis(_log_softmax(logits), targets[..., None], axis=-1))
+        if teacher_graphdef is None:
+            return ce, jnp.zeros(())
+        teacher = jax.lax.stop_gradient(nnx.merge(teacher_graphdef, teacher_state)(tokens)[:, :-1])
+        p_teacher = _log_softmax(teacher, tau)
+        kl = jnp.mean(jnp.sum(jnp.exp(p_teacher) * (p_teacher - _log_softmax(logits, tau)), axis=-1)) * tau**2
+        return ce, kl
+
+    def objective(weights, rest, teacher_state, tokens):
+        ce, kl = losses(weights, rest, teacher_state, tokens)
+        if teacher_graphdef is None:
+            return ce, (ce, kl)
+        return (1 - settings.distill) * ce + settings.distill * kl, (ce, kl)
+
+    @jax.jit
+    def step(weights, opt_state, masks, rest, teacher_state, tokens):
+        (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(weights, rest, teacher_state, tokens)
+        grads = jax.tree.map(jnp.multiply, grads, masks)
+        updates, opt_state = optimizer.update(grads, opt_state, weights)
+        weights = jax.tree.map(lambda w, u, m: w + u * m, weights, updates, masks)  # pruned stay exactly 0
+        return weights, opt_state, loss
+
+    evaluate = jax.jit(objective)
+    return optimizer, step, evaluate
+
+
+def _batches(settings: FinetuneSettings) -> np.ndarray:
+    """``(steps, batch_size)`` indices of the training windows, drawn once from the seed."""
+    rng = np.random.default_rng([settings.seed, 1])
+    need = settings.steps * settings.batch_size
+    order = np.concatenate([rng.permutation(settings.nsamples) for _ in range(-(-need // settings.nsamples))])
+    return order[:need].reshape(settings.steps, settings.batch_size)
+
+
+def finetune(
+    model: str,
+    out_dir: str,
+    data,
+    settings: FinetuneSettings = FinetuneSettings(),
+    *,
+    teacher: Optional[str] = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    progress: bool | _progress.Progress = True,
+    after_step=None,
+) -> dict:
+    """Fine-tune the pruned ``model`` (a folder, GGUF file or ``"smollm2-135m"``) on ``data``
+    (anything :func:`~fw_jax.pipeline.load_documents` reads) into the Hugging Face folder
+    ``out_dir``, with ``finetune_report.json``. See the module docstring for what is trained,
+    kept and resumed. ``teacher``: the dense model to distil from (same tokenizer). ``dtype``: of
+    the written weights, as for ``prune_to_folder`` (training is in float32).
+    ``after_step(step)`` is called after every step (tests interrupt with it).
+
+    Returns the report: settings, held-out losses before and after, the step whose weights are
+    kept, the training losses, seconds.
+
+    Raises:
+      FileExistsError: ``out_dir`` holds a finished model and ``overwrite`` is false.
+      OutputError, DataError (``ValueError``): what the message says; nothing was written.
+      FinetuneInterrupted: Ctrl-C; the last checkpoint is in ``OUT.partial``.
+    """
+    with _progress.use(progress) as report_to:
+        return _finetune(model, out_dir, data, settings, teacher, dtype, overwrite, report_to, after_step)
+
+
+def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrite, progress, after_step) -> dict:
+    if not isinstance(settings, FinetuneSettings):
+        raise ValueError(f"settings must be a fw_jax.pipeline.FinetuneSettings, got {settings!r}")
+    models.output_dtype("float32", dtype)  # a bad name is refused before anything is read
+    plan = check_output(out_dir, model_path)
+    if teacher_path is not None:
+        check_output(out_dir, teacher_path)  # never over the teacher either
+    out, work_dir = plan.out_dir, plan.work_dir
+    documents = load_documents(data)
+    request = {"command": "finetune", "model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+               "teacher": None if teacher_path is None else (os.path.abspath(teacher_path)
+                                                             if os.path.exists(teacher_path) else teacher_path),
+               "data": data if isinstance(data, str) else list(data), "dtype": dtype,
+               "settings": dataclasses.asdict(settings)}
+    for folder in (out, work_dir):
+        clean_stale_temporaries(folder)
+    plan.check_replace(overwrite)
+    loaded = models.load_model(model_path, dtype=dtype)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{model_path} has no tokenizer; fine-tuning on text needs one")
+    bos_id = getattr(loaded.tokenizer, "bos_token_id", None) if needs_bos_per_window(loaded) else None
+    tokens = calibration_tokens(loaded.tokenizer, documents, settings.nsamples + settings.heldout, settings.seqlen,
+                                settings.seed, bos_id=bos_id, source=str(data))
+    request["tokens"] = hashlib.sha256(np.ascontiguousarray(tokens, np.int64).tobytes()).hexdigest()
+    fingerprint = digest(request)
+    train, held = jnp.asarray(tokens[:settings.nsamples]), jnp.asarray(tokens[settings.nsamples:])
+    model = loaded.model
+    names = _trained(model)
+    graphdef, weights, rest = nnx.split(model, _filter(names), ...)
+    if len(jax.tree.leaves(weights)) != len(names):  # every linear weight found, or the model's layout changed
+        raise AssertionError(f"found {len(jax.tree.leaves(weights))} of the {len(names)} linear weights to train")
+    masks = jax.tree.map(lambda w: (w != 0).astype(jnp.float32), weights)
+    teacher_graphdef = teacher_state = None
+    if teacher_path is not None:
+        dense = models.load_model(teacher_path, dtype="float32")
+        if dense.config is not None and loaded.config is not None and \
+                getattr(dense.config, "vocab_size", None) != getattr(loaded.config, "vocab_size", None):
+            raise ValueError(f"--teacher {teacher_path} has vocabulary size {getattr(dense.config, 'vocab_size', '?')}, "
+                             f"the model {getattr(loaded.config, 'vocab_size', '?')}: distillation needs the same tokenizer")
+        teacher_graphdef, teacher_state = nnx.split(dense.model)
+    optimizer, step_fn, evaluate = _compiled(graphdef, teacher_graphdef, settings)
+    batches = _batches(settings)
+
+    def held_loss(w):
+        parts = [evaluate(w, rest, teacher_state, held[i:i + settings.batch_size])
+                 for i in range(0, held.shape[0], settings.batch_size)]
+        sizes = [min(settings.batch_size, held.shape[0] - i) for i in range(0, held.shape[0], settings.batch_size)]
+        total = sum(float(loss) * n for (loss, _), n in zip(parts, sizes)) / sum(sizes)
+        return total
+
+    start = time.perf_counter()
+    opt_state = optimizer.init(weights)
+    state = {"step": 0, "best_step": 0, "best": None, "heldout_before": None, "heldout": [], "losses": [],
+             "seconds": 0.0}
+    best = weights
+    resumed = _read_state(work_dir, fingerprint, {"weights": weights, "opt_state": opt_state, "best": weights})
+    if resumed is not None:
+        arrays, state = resumed
+        weights, opt_state, best = arrays["weights"], arrays["opt_state"], arrays["best"]
+        progress.say(f"resuming at step {state['step']} of {settings.steps} from {work_dir}")
+    else:
+        if plan.partial is not None and not overwrite:
+            raise ValueError(f"{work_dir} holds the checkpoints of another fine-tuning or pruning run; pass "
+                             "--overwrite to discard them and start over")
+        if os.path.isdir(work_dir):
+            remove_own_folder(work_dir)
+        os.makedirs(work_dir)
+        write_marker(work_dir, PARTIAL, describe="fine-tuning", request=request)
+        state["heldout_before"] = state["best"] = held_loss(weights)
+    progress.say(f"fine-tuning {model_path}: {len(names)} linear weights (masks kept), {settings.steps} steps of "
+                 f"{settings.batch_size}×{settings.seqlen} tokens of {data}"
+                 + (f", distilling from {teacher_path}" if teacher_path else "")
+                 + f"; held-out loss {state['heldout_before']:.4f}")
+    stopped = "steps"
+    try:
+        with progress.steps(settings.steps, "fine-tuning", unit="step") as bar:
+            bar.advance(state["step"])
+            for t in range(state["step"], settings.steps):
+                weights, opt_state, loss = step_fn(weights, opt_state, masks, rest, teacher_state,
+                                                   train[batches[t]])
+                loss = float(loss)
+                state["losses"].append(loss)
+                state["step"] = t + 1
+                if not math.isfinite(loss):
+                    stopped = "nonfinite"
+                    progress.say(f"step {t + 1}: the loss is not finite ({loss}); stopping with the best weights so far")
+                    break
+                if state["step"] % settings.eval_every == 0 or state["step"] == settings.steps:
+                    now = held_loss(weights)
+                    state["heldout"].append([state["step"], now])
+                    if now < state["best"]:
+                        best, state["best"], state["best_step"] = weights, now, state["step"]
+                    progress.say(f"step {state['step']}/{settings.steps}: train loss {loss:.4f}, held-out {now:.4f} "
+                                 f"(best {state['best']:.4f} at step {state['best_step']})", _progress.VERBOSE)
+                if state["step"] % settings.save_every == 0 and state["step"] < settings.steps:
+                    state["seconds"] += time.perf_counter() - start
+                    start = time.perf_counter()
+                    _write_state(work_dir, fingerprint, {"weights": weights, "opt_state": opt_state, "best": best},
+                                 state)
+                bar.advance(note=f"loss {loss:.3f}")
+                if after_step is not None:
+                    after_step(state["step"])
+    except KeyboardInterrupt:
+        saved = _read_state(work_dir, fingerprint, None, header_only=True)
+        raise FinetuneInterrupted(0 if saved is None else saved["step"], settings.steps, work_dir) from None
+    state["seconds"] += time.perf_counter() - start
+    nnx.update(model, best)
+    report = {"model": model_path, "teacher": teacher_path, "data": request["data"],
+              "settings": dataclasses.asdict(settings), "trained": len(names),
+              "heldout_before": state["heldout_before"], "heldout_after": state["best"],
+              "kept_step": state["best_step"], "stopped": stopped, "heldout": state["heldout"],
+              "losses": state["losses"], "seconds": state["seconds"]}
+    tmp = new_temporary(out)
+    try:
+        models.WRITERS["hf"](loaded, tmp)
+        atomic_write(os.path.join(tmp, REPORT_NAME), json.dumps(report, indent=1))
+        files = sorted(name for name in os.listdir(tmp) if name != MARKER_NAME)
+        write_marker(tmp, FINISHED, describe=f"fine-tuned {model_path}", request=request, files=files)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    remove_own_folder(work_dir)
+    return report
+
+
+def _write_state(work_dir: str, fingerprint: str, arrays: dict, state: dict) -> None:
+    """The checkpoint: the arrays (an ``.npz`` of the pytree's leaves) first, then the record that names them."""
+    buffer = io.BytesIO()
+    np.savez(buffer, *[np.asarray(leaf) for leaf in jax.tree.leaves(arrays)])
+    atomic_write(os.path.join(work_dir, STATE_NAME), buffer.getvalue())
+    atomic_write(os.path.join(work_dir, "finetune_state.json"), json.dumps({"fingerprint": fingerprint, **state}))
+
+
+def _read_state(work_dir: str, fingerprint: str, template, header_only: bool = False):
+    """The checkpoint of this very run (same fingerprint), or ``None``."""
+    try:
+        with open(os.path.join(work_dir, "finetune_state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if state.pop("fingerprint", None) != fingerprint or read_marker(work_dir) is None:
+        return None
+    if header_only:
+        return state
+    with np.load(os.path.join(work_dir, STATE_NAME)) as saved:
+        leaves = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    treedef = jax.tree.structure(template)
+    if treedef.num_leaves != len(leaves):
+        return None
+    like = jax.tree.leaves(template)
+    return jax.tree.unflatten(treedef, [jnp.asarray(v, t.dtype) for v, t in zip(leaves, like)]), state
