@@ -56,7 +56,13 @@ def main() -> None:
     model = loaded.model
     hidden = models.embed(model, jnp.asarray(tokens))
     dense = hidden
-    rows = []
+    out = pathlib.Path(args.out)
+    # rows of earlier runs (other learning rates or step counts) are kept; a row run again is replaced
+    earlier = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    rows = earlier.get("rows", [])
+    commands = earlier.get("commands", [])
+    this_run = {"command": command, "seconds": 0.0}
+    commands.append(this_run)
     for b in range(args.blocks):
         target = models.run_block(model, b, dense)
         _prune_block(loaded, b, hidden, settings, None, None, _progress.Progress(_progress.QUIET), False)
@@ -66,34 +72,44 @@ def main() -> None:
                 models.set_linear_weights(model, pruned)
                 candidate = RecoverSettings(steps=steps, learning_rate=lr)
                 record = recover_block(model, b, hidden, target, candidate)
-                rows.append({"block": b, "max_steps": steps, "lr": lr, **record})
-                print(json.dumps(rows[-1]), flush=True)
+                row = {"block": b, "max_steps": steps, "lr": lr, "method": settings.describe(), **record}
+                rows = [r for r in rows if (r["block"], r["max_steps"], r["lr"], r.get("method")) !=
+                        (b, steps, lr, row["method"])] + [row]
+                print(json.dumps(row), flush=True)
+                this_run["seconds"] = time.perf_counter() - started
+                write(out, rows, commands, args, settings)
         models.set_linear_weights(model, pruned)  # the next block sees the un-recovered pruned model
         hidden = models.run_block(model, b, hidden)
         dense = target
 
-    out = pathlib.Path(args.out)
-    table = {f"block {r['block']}, lr {r['lr']:g}, ≤{r['max_steps']} steps": {
+
+
+def write(out, rows, commands, args, settings):
+    rows = sorted(rows, key=lambda r: (r.get("method", ""), r["block"], r["max_steps"], r["lr"]))
+    methods = sorted({r.get("method", settings.describe()) for r in rows})
+    table = {(f"{r['method']}: " if len(methods) > 1 else "") + f"block {r['block']}, lr {r['lr']:g}, ≤{r['max_steps']} steps": {
         "loss before": f"{r['loss_before']:.4f}", "loss after": f"{r['loss_after']:.4f}",
         "held-out before": f"{r['heldout_before']:.4f}", "held-out after": f"{r['heldout_after']:.4f}",
         "steps": str(r["steps"]), "stopped": r["stopped"], "s": f"{r['seconds']:.1f}"} for r in rows}
     text = "\n".join([
-        f"# Block-wise recovery on SmolLM2-135M: {settings.describe()}, the first {args.blocks} blocks",
+        f"# Block-wise recovery on the first blocks of SmolLM2-135M ({'; '.join(methods)})",
         "",
-        f"Produced on {platform.machine()} ({jax.default_backend()}, {jax.local_device_count()} devices), "
-        f"jax {jax.__version__}, by `{command}` in {time.perf_counter() - started:.0f} s.",
+        f"Produced on {platform.machine()} ({jax.default_backend()}, {jax.local_device_count()} device), "
+        f"jax {jax.__version__}, by:",
+        "",
+        *[f"- `{c['command']}` — {c['seconds'] / 60:.0f} min" for c in commands],
         "",
         f"Calibration: {args.nsamples} windows × {args.seqlen} tokens of five Austen novels (Persuasion held out), "
         "seed 0. Loss: ‖dense block(dense inputs) − pruned block(pruned inputs)‖² / ‖dense block(dense inputs)‖² on "
         "all calibration windows; held-out: on the last 1/8 of them, which recovery does not train on. "
-        "The seconds include compiling the step (the first candidate of a shape compiles; later ones reuse it).",
+        "Every row of a block starts from the same pruned weights and inputs. Seconds include compiling the step "
+        "(once per learning rate) and were measured on a shared 2-core machine.",
         "",
         format_table(table),
         "",
     ])
     atomic_write(str(out) + ".md", text)
-    atomic_write(str(out) + ".json", json.dumps({"command": command, "rows": rows}, indent=1))
-    print(text)
+    atomic_write(str(out) + ".json", json.dumps({"commands": commands, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

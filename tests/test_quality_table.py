@@ -47,10 +47,10 @@ def test_pivot_has_a_line_per_method_and_says_not_run():
 
     table = {"dense": _row(10.0, 5.0), "wanda @ 50%": _row(20.0, 8.0), f"{q.DEFAULT} @ 2:4": _row(30.0, 9.0)}
     lines = q.pivot(table)
-    assert "| dense | 10.0 / 5.0 | 10.0 / 5.0 | 10.0 / 5.0 |" in lines
-    assert "| wanda | 20.0 / 8.0 | not run | not run |" in lines
-    assert f"| **{q.DEFAULT}** (fw_jax default) | not run | not run | 30.0 / 9.0 |" in lines
-    assert "| sparsefw published | not run | not run | not run |" in lines
+    assert "| dense | 10.0 / 5.0 | 10.0 / 5.0 | 10.0 / 5.0 | 10.0 / 5.0 |" in lines
+    assert "| wanda | 20.0 / 8.0 | not run | not run | not run |" in lines  # 50%, 60%, 70%, 2:4
+    assert f"| **{q.DEFAULT}** (fw_jax default) | not run | not run | not run | 30.0 / 9.0 |" in lines
+    assert "| sparsefw published | not run | not run | not run | not run |" in lines
 
 
 def test_readme_section_is_rewritten_between_the_markers_only(tmp_path):
@@ -99,9 +99,9 @@ def test_accuracy_pivot_shows_acc_and_stderr_per_setting():
                              "persuasion-cloze ±": 3.3}}
     lines = quality_table.accuracy_pivot(table)
     assert "### persuasion-cloze acc" in lines
-    assert "| dense | 41.0 ± 3.5 | 41.0 ± 3.5 | 41.0 ± 3.5 |" in lines
-    assert "| wanda | 30.5 ± 3.3 | - | - |" in lines
+    assert "| dense | 41.0 ± 3.5 | 41.0 ± 3.5 | 41.0 ± 3.5 | 41.0 ± 3.5 |" in lines
+    assert "| wanda | 30.5 ± 3.3 | - | - | - |" in lines
     assert quality_table.accuracy_pivot({"dense": {"Persuasion ppl": 1.0}}) == []
     norm = quality_table.accuracy_pivot({"dense": {"x acc %": 30.0, "x ±": 3.0, "x acc_norm %": 40.0, "x acc_norm ±": 3.4}})
-    assert "### x acc_norm" in norm and "| dense | 40.0 ± 3.4 | 40.0 ± 3.4 | 40.0 ± 3.4 |" in norm
-    assert "| dense | 30.0 ± 3.0 | 30.0 ± 3.0 | 30.0 ± 3.0 |" in norm
+    assert "### x acc_norm" in norm and "| dense | 40.0 ± 3.4 | 40.0 ± 3.4 | 40.0 ± 3.4 | 40.0 ± 3.4 |" in norm
+    assert "| dense | 30.0 ± 3.0 | 30.0 ± 3.0 | 30.0 ± 3.0 | 30.0 ± 3.0 |" in norm
