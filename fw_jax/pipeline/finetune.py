@@ -42,6 +42,7 @@ from fw_jax import _progress, models
 from fw_jax._files import atomic_write, replace_folder
 from fw_jax.pipeline.checkpoints import digest
 from fw_jax.pipeline.data import calibration_tokens, load_documents, needs_bos_per_window
+from fw_jax.pipeline._training import check_fields, masked_update
 from fw_jax.pipeline.output import (
     FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, read_marker,
     remove_own_folder, write_marker,
@@ -89,16 +90,9 @@ class FinetuneSettings:
     seed: int = 0
 
     def __post_init__(self):
-        least = {"steps": 1, "warmup": 0, "batch_size": 1, "seqlen": 2, "nsamples": 1, "heldout": 1,
-                 "eval_every": 1, "save_every": 1, "seed": 0}
-        for name, low in least.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"finetune {name} must be an int ≥ {low}, got {value!r}")
-        for name in ("learning_rate", "weight_decay"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"finetune {name} must be a finite number ≥ 0, got {value!r}")
+        check_fields("finetune", self, {"steps": 1, "warmup": 0, "batch_size": 1, "seqlen": 2, "nsamples": 1,
+                                        "heldout": 1, "eval_every": 1, "save_every": 1, "seed": 0},
+                     ("learning_rate", "weight_decay"))
         if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
             raise ValueError(f"finetune distill must be in [0, 1] (the distillation term's weight), got {self.distill!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
@@ -160,9 +154,7 @@ def _compiled(graphdef, teacher_graphdef, settings: FinetuneSettings):
     @jax.jit
     def step(weights, opt_state, masks, rest, teacher_state, tokens):
         (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(weights, rest, teacher_state, tokens)
-        grads = jax.tree.map(jnp.multiply, grads, masks)
-        updates, opt_state = optimizer.update(grads, opt_state, weights)
-        weights = jax.tree.map(lambda w, u, m: w + u * m, weights, updates, masks)  # pruned stay exactly 0
+        weights, opt_state = masked_update(optimizer, weights, opt_state, grads, masks)
         return weights, opt_state, loss
 
     evaluate = jax.jit(objective)

@@ -28,6 +28,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ._training import check_fields, masked_update
+
 
 __all__ = ["RecoverSettings", "recover_block"]
 
@@ -59,15 +61,8 @@ class RecoverSettings:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "patience", "seed"):
-            value = getattr(self, name)
-            least = 0 if name in ("steps", "seed") else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"recover {name} must be an int ≥ {least}, got {value!r}")
-        for name in ("learning_rate", "weight_decay"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"recover {name} must be a finite number ≥ 0, got {value!r}")
+        check_fields("recover", self, {"steps": 0, "batch_size": 1, "eval_every": 1, "patience": 1, "seed": 0},
+                     ("learning_rate", "weight_decay"))
         if not 0 < self.holdout < 1:
             raise ValueError(f"recover holdout must be a fraction in (0, 1), got {self.holdout!r}")
 
@@ -95,10 +90,7 @@ def _compiled(graphdef, settings: RecoverSettings):
     @jax.jit
     def step(weights, opt_state, masks, rest, h, target, context):
         loss, grads = jax.value_and_grad(relative_loss)(weights, rest, h, target, context)
-        grads = jax.tree.map(jnp.multiply, grads, masks)
-        updates, opt_state = optimizer.update(grads, opt_state, weights)
-        # pruned entries stay exactly 0: their gradient, update and value are all 0
-        weights = jax.tree.map(lambda w, u, m: w + u * m, weights, updates, masks)
+        weights, opt_state = masked_update(optimizer, weights, opt_state, grads, masks)
         return weights, opt_state, loss
 
     @jax.jit
