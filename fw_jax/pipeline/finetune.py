@@ -245,11 +245,9 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
     batches = _batches(settings)
 
     def held_loss(w):
-        parts = [evaluate(w, rest, teacher_state, held[i:i + settings.batch_size])
-                 for i in range(0, held.shape[0], settings.batch_size)]
-        sizes = [min(settings.batch_size, held.shape[0] - i) for i in range(0, held.shape[0], settings.batch_size)]
-        total = sum(float(loss) * n for (loss, _), n in zip(parts, sizes)) / sum(sizes)
-        return total
+        chunks = [held[i:i + settings.batch_size] for i in range(0, held.shape[0], settings.batch_size)]
+        losses = [float(evaluate(w, rest, teacher_state, chunk)[0]) * chunk.shape[0] for chunk in chunks]
+        return sum(losses) / held.shape[0]
 
     start = time.perf_counter()
     opt_state = optimizer.init(weights)
@@ -265,9 +263,9 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
         if plan.partial is not None and not overwrite:
             raise ValueError(f"{work_dir} holds the checkpoints of another fine-tuning or pruning run; pass "
                              "--overwrite to discard them and start over")
-        if os.path.isdir(work_dir):
+        if plan.partial is not None:  # fw_jax's own (another run's, discarded as asked)
             remove_own_folder(work_dir)
-        os.makedirs(work_dir)
+        os.makedirs(work_dir, exist_ok=True)  # an empty folder of the user's is used, not deleted
         write_marker(work_dir, PARTIAL, describe="fine-tuning", request=request)
         state["heldout_before"] = state["best"] = held_loss(weights)
     progress.say(f"fine-tuning {model_path}: {len(names)} linear weights (masks kept), {settings.steps} steps of "
