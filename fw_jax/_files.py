@@ -16,19 +16,25 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import BinaryIO, Callable
 
 __all__ = ["atomic_write", "new_folder_beside", "move_aside", "replace_folder"]
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` (``str`` as UTF-8) to ``path`` so that a reader, or a run killed midway,
-    sees either the old file or the whole new one: a synced temporary file renamed over it."""
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], object]) -> None:
+    """Write ``data`` (``str`` as UTF-8; a callable is given the open binary file to write, so
+    large contents need not sit in memory as bytes) to ``path`` so that a reader, or a run
+    killed midway, sees either the old file or the whole new one: a synced temporary file
+    renamed over it."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 kept bit for bit, the held-out loss equal to a PyTorch computation and lowered, distillation,
 resume bit for bit, a non-finite loss keeping the input's weights, and refusals."""
 
+import importlib
 import json
 import os
 
@@ -73,6 +74,57 @@ def test_distillation_from_the_dense_model(pruned, tiny_folder, tmp_path):  # no
     assert self_taught["heldout_before"] == pytest.approx(0.0, abs=1e-6)  # KL of a model from itself
 
 
+def _torch_heldout_kl(student, teacher, data, settings):
+    """τ²-scaled mean KL(teacher ‖ student) of the next-token distributions at temperature τ, by
+    transformers + PyTorch, on the held-out windows."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(student)
+    tokens = torch.as_tensor(calibration_tokens(tokenizer, load_documents(data), settings.nsamples + settings.heldout,
+                                                settings.seqlen, settings.seed)[settings.nsamples:], dtype=torch.long)
+    tau = settings.temperature
+    with torch.no_grad():
+        s, t = (transformers.AutoModelForCausalLM.from_pretrained(f, torch_dtype=torch.float32).eval()(tokens)
+                .logits[:, :-1].double() / tau for f in (student, teacher))
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True,
+                                    reduction="none").sum(-1)
+    return float(kl.mean()) * tau**2
+
+
+def test_distillation_at_a_temperature_equals_pytorch(pruned, tiny_folder, tmp_path):  # noqa: F811
+    """The chunked loss (5 positions at a time, the last chunk padded) with τ = 2 is PyTorch's KL."""
+    folder, calib = pruned
+    settings = FinetuneSettings(**dict(FAST, steps=1, temperature=2.0, loss_chunk=5))
+    report = finetune(folder, str(tmp_path / "kd2"), calib, settings, teacher=tiny_folder, progress=False)
+    assert report["heldout_before"] == pytest.approx(_torch_heldout_kl(folder, tiny_folder, calib, settings), rel=1e-4)
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.5])
+def test_remat_and_chunked_loss_change_nothing_but_memory(pruned, tiny_folder, distill):  # noqa: F811
+    """Rematerialised blocks and a loss computed chunk by chunk give the plain computation's loss
+    and gradients (float32 rounding), with and without a teacher."""
+    import jax
+    from flax import nnx
+
+    ft = importlib.import_module("fw_jax.pipeline.finetune")  # the module, not the function of its name
+
+    folder, calib = pruned
+    loaded, dense = models.load_model(folder), models.load_model(tiny_folder)
+    graphdef, weights, rest = nnx.split(loaded.model, ft._filter(ft._trained(loaded.model)), ...)
+    teacher_graphdef, teacher_state = nnx.split(dense.model)
+    tokens = calibration_tokens(loaded.tokenizer, load_documents(calib), 3, 24, 0)
+    results = []
+    for remat, chunk in ((False, 0), (True, 7), (True, 0), (False, 30)):
+        settings = FinetuneSettings(**dict(FAST, remat=remat, loss_chunk=chunk, distill=distill, temperature=1.5))
+        _, _, evaluate = ft._compiled(graphdef, teacher_graphdef, settings)
+        value, grads = jax.value_and_grad(lambda w: evaluate(w, rest, teacher_state, tokens)[0])(weights)
+        results.append((float(value), jax.tree.leaves(grads)))
+    (plain, plain_grads), *others = results
+    assert plain > 0
+    for value, grads in others:
+        assert value == pytest.approx(plain, rel=1e-5)
+        for g, ref in zip(grads, plain_grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+
+
 def test_finetune_resumes_bit_for_bit(pruned, tmp_path):
     folder, calib = pruned
     settings = FinetuneSettings(**FAST)
@@ -104,7 +156,8 @@ def test_a_nonfinite_loss_keeps_the_inputs_weights(pruned, tmp_path):
 
 def test_finetune_refusals(pruned, tmp_path):
     folder, calib = pruned
-    for bad in (dict(steps=0), dict(learning_rate=float("nan")), dict(distill=2.0), dict(temperature=0.0)):
+    for bad in (dict(steps=0), dict(learning_rate=float("nan")), dict(distill=2.0), dict(temperature=0.0),
+                dict(remat="yes"), dict(loss_chunk=-1)):
         with pytest.raises(ValueError, match="finetune"):
             FinetuneSettings(**bad)
     mine = tmp_path / "mine"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -74,6 +73,12 @@ class FinetuneSettings:
         cross-entropy only).
       temperature: the distillation temperature ``τ`` (the KL term is scaled by ``τ²``).
       seed: of the windows and of the batch order.
+      remat: recompute each block's activations in the backward pass instead of keeping them
+        (``jax.checkpoint`` per block): the backward pass then holds one block's activations
+        besides the blocks' inputs, for about one more forward pass of compute.
+      loss_chunk: positions whose logits are computed at a time (a ``lax.scan`` over chunks
+        of the sequence, each recomputed in the backward pass), so the ``(batch, seqlen,
+        vocab)`` logits, and the teacher's, never exist whole; 0: all positions at once.
     """
 
     steps: int = 50
@@ -89,15 +94,20 @@ class FinetuneSettings:
     distill: float = 1.0
     temperature: float = 1.0
     seed: int = 0
+    remat: bool = True
+    loss_chunk: int = 64
 
     def __post_init__(self):
         check_fields("finetune", self, {"steps": 1, "warmup": 0, "batch_size": 1, "seqlen": 2, "nsamples": 1,
-                                        "heldout": 1, "eval_every": 1, "save_every": 1, "seed": 0},
+                                        "heldout": 1, "eval_every": 1, "save_every": 1, "seed": 0,
+                                        "loss_chunk": 0},
                      ("learning_rate", "weight_decay"))
         if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
             raise ValueError(f"finetune distill must be in [0, 1] (the distillation term's weight), got {self.distill!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"finetune temperature must be a positive number, got {self.temperature!r}")
+        if not isinstance(self.remat, bool):
+            raise ValueError(f"finetune remat must be True or False, got {self.remat!r}")
 
 
 class FinetuneInterrupted(KeyboardInterrupt):
@@ -126,25 +136,76 @@ def _log_softmax(logits, temperature=1.0):
     return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
 
 
+def _final_hidden(model, tokens, remat: bool):
+    """The last block's outputs (B, T, d) for tokens (B, T); with ``remat``, each block under
+    ``jax.checkpoint`` (its activations recomputed in the backward pass, only its input kept)."""
+    h = model.embed(tokens)
+    context = model.block_context(tokens.shape[1])
+    for block in model.blocks:
+        block_graphdef, block_state = nnx.split(block)
+
+        def run(state, h, block_graphdef=block_graphdef):
+            return nnx.merge(block_graphdef, state).forward(h, context)[0]
+
+        h = (jax.checkpoint(run) if remat else run)(block_state, h)
+    return h
+
+
+def _token_losses(model, teacher, hidden, teacher_hidden, targets, tau: float, chunk: int):
+    """Summed next-token cross-entropy and summed (unscaled) KL from the teacher over all
+    positions of ``hidden`` (B, n, d), computing ``chunk`` positions' logits at a time."""
+
+    def sums(h, ht, y, valid):
+        logits = model.head(h)
+        log_p = _log_softmax(logits)
+        ce = -jnp.sum(jnp.take_along_axis(log_p, y[..., None], axis=-1)[..., 0] * valid)
+        if teacher is None:
+            return ce, jnp.zeros(())
+        log_t = _log_softmax(jax.lax.stop_gradient(teacher.head(ht)), tau)
+        log_s = log_p if tau == 1.0 else _log_softmax(logits, tau)
+        return ce, jnp.sum(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1) * valid)
+
+    batch, n = targets.shape
+    if chunk <= 0 or chunk >= n:
+        return sums(hidden, teacher_hidden, targets, jnp.ones(targets.shape, jnp.float32))
+    pieces = -(-n // chunk)
+    pad = pieces * chunk - n
+
+    def split(x):  # (B, n, ...) -> (pieces, B, chunk, ...), padded with zeros
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, pieces, chunk, *x.shape[2:]), 1, 0)
+
+    valid = split(jnp.ones(targets.shape, jnp.float32))
+    ht = split(hidden if teacher_hidden is None else teacher_hidden)  # a stand-in without a teacher
+
+    @jax.checkpoint
+    def body(total, xs):
+        ce, kl = sums(*xs)
+        return (total[0] + ce, total[1] + kl), None
+
+    (ce, kl), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (split(hidden), ht, split(targets), valid))
+    return ce, kl
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled(graphdef, teacher_graphdef, settings: FinetuneSettings):
     """The jitted loss and step of a model structure (and its teacher's)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate, settings.warmup,
                                                   max(settings.steps, settings.warmup + 1))
     optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
-    tau = settings.temperature
+    tau = float(settings.temperature)
 
     def losses(weights, rest, teacher_state, tokens):
         """Mean next-token cross-entropy and, with a teacher, the τ²-scaled KL from it."""
-        logits = nnx.merge(graphdef, weights, rest)(tokens)[:, :-1]
+        model = nnx.merge(graphdef, weights, rest)
+        hidden = _final_hidden(model, tokens, settings.remat)[:, :-1]
+        teacher = teacher_hidden = None
+        if teacher_graphdef is not None:
+            teacher = nnx.merge(teacher_graphdef, teacher_state)
+            teacher_hidden = jax.lax.stop_gradient(_final_hidden(teacher, tokens, False)[:, :-1])
         targets = tokens[:, 1:]
-        ce = -jnp.mean(jnp.take_along_axis(_log_softmax(logits), targets[..., None], axis=-1))
-        if teacher_graphdef is None:
-            return ce, jnp.zeros(())
-        teacher = jax.lax.stop_gradient(nnx.merge(teacher_graphdef, teacher_state)(tokens)[:, :-1])
-        p_teacher = _log_softmax(teacher, tau)
-        kl = jnp.mean(jnp.sum(jnp.exp(p_teacher) * (p_teacher - _log_softmax(logits, tau)), axis=-1)) * tau**2
-        return ce, kl
+        ce, kl = _token_losses(model, teacher, hidden, teacher_hidden, targets, tau, settings.loss_chunk)
+        return ce / targets.size, kl / targets.size * tau**2
 
     def objective(weights, rest, teacher_state, tokens):
         ce, kl = losses(weights, rest, teacher_state, tokens)
@@ -327,9 +388,8 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
 
 def _write_state(work_dir: str, fingerprint: str, arrays: dict, state: dict) -> None:
     """The checkpoint: the arrays (an ``.npz`` of the pytree's leaves) first, then the record that names them."""
-    buffer = io.BytesIO()
-    np.savez(buffer, *[np.asarray(leaf) for leaf in jax.tree.leaves(arrays)])
-    atomic_write(os.path.join(work_dir, STATE_NAME), buffer.getvalue())
+    leaves = jax.tree.leaves(arrays)
+    atomic_write(os.path.join(work_dir, STATE_NAME), lambda f: np.savez(f, *[np.asarray(leaf) for leaf in leaves]))
     atomic_write(os.path.join(work_dir, "finetune_state.json"), json.dumps({"fingerprint": fingerprint, **state}))
 
 
