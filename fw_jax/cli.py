@@ -148,7 +148,8 @@ def _finetune(args: argparse.Namespace) -> int:
         settings = FinetuneSettings(steps=args.steps, learning_rate=args.lr, warmup=args.warmup,
                                     batch_size=args.batch_size, seqlen=args.seqlen, nsamples=args.nsamples,
                                     heldout=args.heldout, eval_every=args.eval_every, save_every=args.save_every,
-                                    distill=args.distill, temperature=args.temperature, seed=args.seed)
+                                    distill=args.distill, temperature=args.temperature, seed=args.seed,
+                                    remat=not args.no_remat, loss_chunk=args.loss_chunk)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.teacher is None and args.distill != FinetuneSettings.distill:
@@ -499,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out evaluations")
     tune.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints")
     tune.add_argument("--seed", type=int, default=defaults.seed, help="seed of the windows and the batch order")
+    tune.add_argument("--no-remat", action="store_true",
+                      help="keep every block's activations for the backward pass instead of recomputing them "
+                           "(faster, far more memory)")
+    tune.add_argument("--loss-chunk", type=int, default=defaults.loss_chunk, metavar="N",
+                      help="positions whose logits are computed at a time (0: all at once, the most memory)")
     tune.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                       help="dtype of the written weights (training is in float32): auto keeps each tensor's own")
     tune.add_argument("--out", default=None, help="output folder (default: runs/<model>-finetuned)")

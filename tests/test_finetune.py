@@ -176,10 +176,12 @@ def test_cli_finetune(pruned, tmp_path, capsys):
     folder, calib = pruned
     out = tmp_path / "cli"
     args = ["finetune", folder, "--data", calib, "--out", str(out), "--steps", "4", "--lr", "3e-3", "--warmup", "1",
-            "--batch-size", "2", "--seqlen", "24", "--nsamples", "4", "--heldout", "2", "--eval-every", "2", "-q"]
+            "--batch-size", "2", "--seqlen", "24", "--nsamples", "4", "--heldout", "2", "--eval-every", "2", "-q",
+            "--no-remat", "--loss-chunk", "5"]
     assert cli.main(args) == 0
     assert "held-out loss" in capsys.readouterr().out
-    assert json.loads((out / "finetune_report.json").read_text())["settings"]["steps"] == 4
+    recorded = json.loads((out / "finetune_report.json").read_text())["settings"]
+    assert (recorded["steps"], recorded["remat"], recorded["loss_chunk"]) == (4, False, 5)
     assert cli.main(args) == 2  # a finished output is not replaced without --overwrite
     assert cli.main(args + ["--overwrite"]) == 0
     assert cli.main(["finetune", folder, "--data", calib, "--distill", "0.5", "--out", str(tmp_path / "x")]) == 2
