@@ -252,6 +252,37 @@ def test_block_figure_of_a_wanda_run_is_only_the_time():
     assert len(_blocks_figure(layers, "wanda", compare_wanda=False).axes) == 1
 
 
+def test_block_figure_shows_recovery_and_an_allocation():
+    """Recovery's seconds stack on the layers' (once per block, though every layer of the block
+    carries the record), its losses get a panel, and per-block sparsities one when they differ."""
+    layers = layer_records(4, bounds="none")
+    recovery = {b: {"seconds": 10.0 + b, "heldout_before": 0.1 * (b + 1), "heldout_after": 0.04 * (b + 1),
+                    "loss_before": 0.0, "loss_after": 0.0} for b in range(4)}
+    sparsity = [0.55, 0.65, 0.6, 0.6]
+    for layer in layers:
+        b = layer["block"]
+        layer.update(block_recovery=recovery[b], size=1000, kept=round(1000 * (1 - sparsity[b])))
+    fig = _blocks_figure(layers, "recovered", compare_wanda=False)
+    assert [ax.get_gid() for ax in fig.axes] == ["seconds", "recovery", "sparsity"]
+    by_gid = panels(fig)
+    x, heights = bars(by_gid["seconds"])
+    by_hand = [e["seconds"] for e in blocks_by_hand(layers).values()]
+    assert heights == pytest.approx(by_hand + [10.0, 11.0, 12.0, 13.0])
+    assert [p.get_y() for p in by_gid["seconds"].patches[4:]] == pytest.approx(by_hand)  # stacked
+    assert "recovery 46.0 s" in by_gid["seconds"].get_title(loc="left")
+    x, heights = bars(by_gid["recovery"])
+    assert x == pytest.approx([-0.2, 0.8, 1.8, 2.8, 0.2, 1.2, 2.2, 3.2])
+    assert heights == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.04, 0.08, 0.12, 0.16])
+    assert "median after/before 0.40" in by_gid["recovery"].get_title(loc="left")
+    x, heights = bars(by_gid["sparsity"])
+    assert heights == pytest.approx([55.0, 65.0, 60.0, 60.0])
+    assert "60.00%" in by_gid["sparsity"].get_title(loc="left")
+    for layer in layers:  # a uniform sparsity has no panel
+        layer["kept"] = 400
+    assert [ax.get_gid() for ax in _blocks_figure(layers, "uniform", compare_wanda=False).axes] == [
+        "seconds", "recovery"]
+
+
 def test_block_of_a_layer_comes_from_its_record_or_its_name(tmp_path):
     layers = layer_records(2)
     for layer in layers:

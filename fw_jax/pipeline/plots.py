@@ -213,7 +213,12 @@ def plot_blocks(
       block's layers with a proved bound (``lower_bound > 0``), with ``k/n`` (layers proved /
       layers) above each bar. Records without ``"certificate"`` (Wanda, SparseGPT, ...) have no
       such panel; when no layer of the model has a proved bound there is none either, and the
-      title says "no lower bound proved".
+      title says "no lower bound proved";
+    * with block-wise recovery (records with ``"block_recovery"``, see
+      :mod:`fw_jax.pipeline.recover`): the recovery's seconds stacked on (b), and a panel of the
+      block's held-out loss against the dense block's output before and after recovery;
+    * with a non-uniform allocation (records with ``"kept"`` and ``"size"`` whose blocks'
+      sparsities differ): a panel of each block's sparsity, the overall one as a line.
 
     Args:
       layers: one dict per layer with ``"seconds"`` and ``"block"`` (or a name like
@@ -251,7 +256,11 @@ def _per_block(layers: Sequence[Mapping[str, Any]], compare_wanda: bool) -> dict
     seconds = np.array([float(l["seconds"]) for l in layers])
     proved = np.array([has_proved_bound(l) and "certificate" in l for l in layers])
     certificate = np.array([float(l["certificate"]) if p else math.nan for l, p in zip(layers, proved)])
-    out = {"block": blocks, "reduction": [], "seconds": [], "certificate": [], "proved": [], "layers": []}
+    recovery = [l.get("block_recovery") for l in layers]
+    kept = np.array([float(l.get("kept", math.nan)) for l in layers])
+    size = np.array([float(l.get("size", math.nan)) for l in layers])
+    out = {"block": blocks, "reduction": [], "seconds": [], "certificate": [], "proved": [], "layers": [],
+           "recovery_seconds": [], "heldout_before": [], "heldout_after": [], "sparsity": []}
     for b in blocks:
         here = of_layer == b
         r, c = reduction[here], certificate[here]
@@ -260,18 +269,34 @@ def _per_block(layers: Sequence[Mapping[str, Any]], compare_wanda: bool) -> dict
         out["certificate"].append(np.nanmean(c) if np.isfinite(c).any() else math.nan)
         out["proved"].append(int(proved[here].sum()))
         out["layers"].append(int(here.sum()))
-    return {k: np.asarray(v) for k, v in out.items()}
+        block_recovery = next((rec for rec, h in zip(recovery, here) if h and rec), None)  # one per block
+        for key, field in (("recovery_seconds", "seconds"), ("heldout_before", "heldout_before"),
+                           ("heldout_after", "heldout_after")):
+            out[key].append(math.nan if block_recovery is None else float(block_recovery[field]))
+        out["sparsity"].append(1.0 - kept[here].sum() / size[here].sum())
+    out = {k: np.asarray(v) for k, v in out.items()}
+    out["overall_sparsity"] = 1.0 - kept.sum() / size.sum()  # nan when a record has no counts
+    return out
+
+
+def _has_allocation(data: Mapping[str, Any]) -> bool:
+    """Whether the blocks' sparsities differ (a non-uniform allocation), all of them known."""
+    sparsity = data["sparsity"]
+    return bool(np.isfinite(sparsity).all() and sparsity.max() - sparsity.min() > 1e-3)
 
 
 def _blocks_figure(layers: Sequence[Mapping[str, Any]], title: str, compare_wanda: bool = True) -> Figure:
-    """The figure :func:`plot_blocks` saves. Its axes carry gids ``"reduction"``, ``"seconds"``
-    and ``"certificate"`` (those drawn, top to bottom); each has one bar per block in
-    ``ax.patches``, at x = the block index."""
+    """The figure :func:`plot_blocks` saves. Its axes carry gids ``"reduction"``, ``"seconds"``,
+    ``"certificate"``, ``"recovery"`` and ``"sparsity"`` (those drawn, top to bottom); each has
+    one bar per block in ``ax.patches``, at x = the block index (``"seconds"`` then the recovery's
+    stacked bars; ``"recovery"`` the bars before, at x − 0.2, then those after, at x + 0.2)."""
     data = _per_block(layers, compare_wanda)
     blocks = data["block"]
     has_certificates = any("certificate" in layer for layer in layers)
     any_proved = bool(data["proved"].sum())
-    panels = (["reduction"] if compare_wanda else []) + ["seconds"] + (["certificate"] if any_proved else [])
+    recovered = bool(np.isfinite(data["recovery_seconds"]).any())
+    panels = ((["reduction"] if compare_wanda else []) + ["seconds"] + (["certificate"] if any_proved else [])
+              + (["recovery"] if recovered else []) + (["sparsity"] if _has_allocation(data) else []))
     width = min(max(9.0, 0.28 * len(blocks) + 3.5), 16.0)
     fig = Figure(figsize=(width, 1.2 + 2.5 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -284,7 +309,7 @@ def _blocks_figure(layers: Sequence[Mapping[str, Any]], title: str, compare_wand
     elif not has_certificates:
         notes.append(NO_BOUNDS_COMPUTED)
     fig.suptitle("\n".join([title, "; ".join(notes)]))
-    letters = iter("abc")
+    letters = iter("abcde")
     for ax, panel in zip(axes, panels):
         ax.set_gid(panel)
         ax.grid(axis="y", alpha=0.3, zorder=0)
@@ -301,10 +326,35 @@ def _blocks_figure(layers: Sequence[Mapping[str, Any]], title: str, compare_wand
             ax.set_ylabel("error reduction\nvs Wanda (%)")
         elif panel == "seconds":
             values = data["seconds"]
-            ax.bar(blocks, values, width=0.8, color="#8C8C8C", zorder=2)
-            ax.set_title(f"({letter}) time per block (sum of its layers' times); total "
-                         f"{_duration(values.sum())}", fontsize=10, loc="left")
+            ax.bar(blocks, values, width=0.8, color="#8C8C8C", zorder=2, label="layers")
+            total = f"total {_duration(values.sum())}"
+            if recovered:
+                extra = np.nan_to_num(data["recovery_seconds"])
+                ax.bar(blocks, extra, bottom=values, width=0.8, color="#DD8452", zorder=2, label="recovery")
+                ax.legend(fontsize=8, loc="upper right")
+                total = f"layers {_duration(values.sum())} + recovery {_duration(extra.sum())}"
+            ax.set_title(f"({letter}) time per block (sum of its layers' times"
+                         + (", then its recovery" if recovered else "") + f"); {total}", fontsize=10, loc="left")
             ax.set_ylabel("time (s)")
+        elif panel == "recovery":
+            before, after = data["heldout_before"], data["heldout_after"]
+            ax.bar(blocks - 0.2, before, width=0.4, color="#C8C8C8", zorder=2, label="before recovery")
+            ax.bar(blocks + 0.2, after, width=0.4, color="#DD8452", zorder=2, label="after recovery")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8, loc="upper left")
+            ratio = np.nanmedian(after / before)
+            ax.set_title(f"({letter}) held-out loss of the block's output against the dense block's "
+                         f"(mean squared difference); median after/before {ratio:.2f}", fontsize=10, loc="left")
+            ax.set_ylabel("loss vs dense")
+        elif panel == "sparsity":
+            values = 100 * data["sparsity"]
+            ax.bar(blocks, values, width=0.8, color="#4C72B0", zorder=2)
+            overall = 100 * data["overall_sparsity"]
+            ax.axhline(overall, color="black", linewidth=0.8)
+            ax.set_ylim(max(0.0, values.min() - 5), min(100.0, values.max() + 5))
+            ax.set_title(f"({letter}) sparsity of the block's layers (allocation); the line: the model's, "
+                         f"{overall:.2f}%", fontsize=10, loc="left")
+            ax.set_ylabel("sparsity (%)")
         else:
             values = data["certificate"]
             ax.bar(blocks, values, width=0.8, color="#55A868", zorder=2)
