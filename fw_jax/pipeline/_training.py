@@ -11,11 +11,12 @@ import numpy as np
 
 
 def masked_update(optimizer, weights, opt_state, grads, masks):
-    """One optax step in which pruned entries (``mask`` 0) stay exactly 0: their gradient,
-    update and so their Adam moments are 0."""
-    grads = jax.tree.map(jnp.multiply, grads, masks)
+    """One optax step in which pruned entries (``masks`` false, boolean arrays like the
+    weights) stay exactly 0: their gradient, update and so their Adam moments are 0, and the
+    weight is not touched even by a non-finite update."""
+    grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0), grads, masks)
     updates, opt_state = optimizer.update(grads, opt_state, weights)
-    return jax.tree.map(lambda w, u, m: w + u * m, weights, updates, masks), opt_state
+    return jax.tree.map(lambda w, u, m: jnp.where(m, w + u, w), weights, updates, masks), opt_state
 
 
 def check_fields(owner: str, settings, counts: dict, rates: tuple = ()) -> None:

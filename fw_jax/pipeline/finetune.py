@@ -213,7 +213,7 @@ def _compiled(graphdef, teacher_graphdef, settings: FinetuneSettings):
             return ce, (ce, kl)
         return (1 - settings.distill) * ce + settings.distill * kl, (ce, kl)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # the step's weights and state replace its inputs
     def step(weights, opt_state, masks, rest, teacher_state, tokens):
         (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(weights, rest, teacher_state, tokens)
         weights, opt_state = masked_update(optimizer, weights, opt_state, grads, masks)
@@ -293,7 +293,7 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
     graphdef, weights, rest = nnx.split(model, _filter(names), ...)
     if len(jax.tree.leaves(weights)) != len(names):  # every linear weight found, or the model's layout changed
         raise AssertionError(f"found {len(jax.tree.leaves(weights))} of the {len(names)} linear weights to train")
-    masks = jax.tree.map(lambda w: (w != 0).astype(jnp.float32), weights)
+    masks = jax.tree.map(lambda w: w != 0, weights)
     teacher_graphdef = teacher_state = None
     if teacher_path is not None:
         dense = models.load_model(teacher_path, dtype="float32")
@@ -311,10 +311,11 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
         return sum(losses) / held.shape[0]
 
     start = time.perf_counter()
+    best = weights  # the model's own arrays; the steps train (and donate) copies of them
+    weights = jax.tree.map(jnp.copy, weights)
     opt_state = optimizer.init(weights)
     state = {"step": 0, "best_step": 0, "best": None, "heldout_before": None, "heldout": [], "losses": [],
              "seconds": 0.0}
-    best = weights
     resumed = _read_state(work_dir, fingerprint, {"weights": weights, "opt_state": opt_state, "best": weights})
     if resumed is not None:
         arrays, state = resumed
@@ -351,7 +352,8 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
                     now = held_loss(weights)
                     state["heldout"].append([state["step"], now])
                     if now < state["best"]:
-                        best, state["best"], state["best_step"] = weights, now, state["step"]
+                        best = jax.tree.map(jnp.copy, weights)  # the next step donates ``weights``
+                        state["best"], state["best_step"] = now, state["step"]
                     progress.say(f"step {state['step']}/{settings.steps}: train loss {loss:.4f}, held-out {now:.4f} "
                                  f"(best {state['best']:.4f} at step {state['best_step']})", _progress.VERBOSE)
                 if state["step"] % settings.save_every == 0 and state["step"] < settings.steps:

@@ -115,7 +115,7 @@ def recover_block(model, b: int, inputs: jax.Array, targets: jax.Array, settings
     members = tuple(m for _, group in block.LINEAR_GROUPS for m in group)
     graphdef, before, rest = nnx.split(block, _linear_weights(members), ...)
     optimizer, step, sums = _compiled(graphdef, settings)
-    masks = jax.tree.map(lambda w: (w != 0).astype(jnp.float32), before)
+    masks = jax.tree.map(lambda w: w != 0, before)
     inputs, targets = jnp.asarray(inputs, jnp.float32), jnp.asarray(targets, jnp.float32)
     n = inputs.shape[0]
     held = max(1, int(round(settings.holdout * n))) if n > 1 else 0
