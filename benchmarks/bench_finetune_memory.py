@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import resource
@@ -83,7 +84,7 @@ def main() -> None:
     lines = [
         "# `fw-jax finetune`: memory of rematerialised blocks and the chunked loss",
         "",
-        f"Produced on {platform.machine()} ({next(iter(rows.values()))['platform']}), by `{command}`.",
+        f"Produced on {platform.machine()} ({next(iter(rows.values()))['platform']}, {os.cpu_count()} cores), by `{command}`.",
         "",
         f"SmolLM2-135M distilling from itself, {args.batch_size} windows × {args.seqlen} tokens a step, "
         f"{args.steps} steps (a checkpoint written after step {max(1, args.steps - 1)}), each configuration in "
