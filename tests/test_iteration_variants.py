@@ -42,3 +42,25 @@ def test_solver_options_are_checked():
         fw_jax.solve_layer(weight, gram, 4, options={"max_iter": 3})
     with pytest.raises(TypeError):  # the tuning is not a keyword of solve_layer any more
         fw_jax.solve_layer(weight, gram, 4, max_iter=3)
+
+
+def test_refresh_every_reaches_the_swaps(monkeypatch):
+    """``SolverOptions.refresh_every`` is the period of the 1-swaps' dense refresh too (it was a
+    literal 64 there), and how often the products are refreshed changes no mask here (it only
+    bounds float drift)."""
+    from fw_jax.solver import _budgets
+
+    weight, gram = correlated_problem(np.random.default_rng(6), 6, 10)
+    seen = []
+    original = _budgets.PerRow.refine
+
+    def spy(self, weight, gram, mask, frozen, max_swaps, refresh_every):
+        seen.append(refresh_every)
+        return original(self, weight, gram, mask, frozen, max_swaps, refresh_every)
+
+    monkeypatch.setattr(_budgets.PerRow, "refine", spy)
+    # periods no other test uses, so that both calls trace (and so call refine) afresh
+    every_step = fw_jax.solve_layer(weight, gram, 4, options=SolverOptions(max_iter=17, refresh_every=1))
+    sparse = fw_jax.solve_layer(weight, gram, 4, options=SolverOptions(max_iter=17, refresh_every=5))
+    assert seen == [1, 5]
+    np.testing.assert_array_equal(np.asarray(every_step.mask), np.asarray(sparse.mask))

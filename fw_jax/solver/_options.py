@@ -32,7 +32,8 @@ class SolverOptions:
       max_swaps: cap on swap steps (each step swaps at most once per unit).
       lmo_method: the top-k oracle's threshold search: ``"search"``, ``"bisect"`` or
         ``"top_k"`` (same vertices; speeds in ``results/variants.md``).
-      refresh_every: period of the dense recomputation of the loop's running product.
+      refresh_every: period of the dense recomputation of the running products of the
+        Frank-Wolfe loop and of the 1-swaps (bounding their float drift).
       precision: of the loop's products: ``"default"`` (JAX's: full float32 on CPU, TF32 on
         recent GPUs), ``"highest"`` or ``"bfloat16"`` (bfloat16 inputs, float32 sums). The
         errors, swaps and lower bound never use bfloat16 products.

@@ -135,7 +135,7 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
     mask = jnp.where(jnp.reshape(better, (-1, 1)), rounded, warm)
     swaps = jnp.zeros((), jnp.int32)
     if options.swaps:
-        refined = budget.refine(weight, gram, mask, fixed, options.max_swaps, refresh_every=64)
+        refined = budget.refine(weight, gram, mask, fixed, options.max_swaps, refresh_every=options.refresh_every)
         mask, swaps = refined.mask, jnp.sum(refined.swaps)
     mask_rows = row_errors(weight, gram, mask)
 
