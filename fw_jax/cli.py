@@ -168,67 +168,27 @@ def _finetune(args: argparse.Namespace) -> int:
 def _evaluate(models_by_name: dict, data: str | None, seqlen: int, max_windows: int | None, progress, *,
               tasks=(), task_size: int = 200, json_path: str | None = None, lm_eval_tasks=(),
               lm_eval_limit: int | None = None) -> int:
-    from fw_jax.pipeline import evaluate_perplexity, format_table, load_documents
-    from fw_jax.pipeline import harness
-    from fw_jax.pipeline.tasks import evaluate_tasks, load_task
+    """Print ``fw_jax.pipeline.evaluate_models``' table and notes; write its record to ``--json``."""
+    from fw_jax.pipeline import evaluate_models, format_table
+    from fw_jax.pipeline.harness import HarnessError
 
-    if lm_eval_tasks and not harness.lm_eval_available():
-        raise UsageError("--lm-eval needs lm-evaluation-harness, which is not installed: pip install 'fw-jax[lm-eval]'")
-    loaded_tasks = [load_task(spec, size=task_size) for spec in tasks]  # bad task files fail before any model runs
     if json_path is not None:
         _check_json_path(json_path)
-    table: dict[str, dict] = {name: {} for name in models_by_name}
-    record: dict = {"written_by": "fw_jax", "models": {name: str(m) for name, m in models_by_name.items()}}
-    if data is not None:
-        documents = load_documents(data, split="evaluation")
-        perplexities = evaluate_perplexity(models_by_name, documents, seqlen=seqlen, max_windows=max_windows,
-                                           progress=progress)
-        for name, value in perplexities.items():
-            table[name][f"{data} ppl"] = value
-        record["perplexity"] = {"data": data, "seqlen": seqlen, "max_windows": max_windows, "results": perplexities}
-    if loaded_tasks:
-        accuracies = evaluate_tasks(models_by_name, loaded_tasks, progress=progress)
-        for name, by_task in accuracies.items():
-            for task, result in by_task.items():
-                table[name][f"{task} acc"] = _percent(result.acc, result.acc_stderr)
-                if result.acc_norm is not None:
-                    table[name][f"{task} acc_norm"] = _percent(result.acc_norm, result.acc_norm_stderr)
-        record["tasks"] = {name: {t: r.to_json() for t, r in by_task.items()} for name, by_task in accuracies.items()}
-    if lm_eval_tasks:
-        progress.say(f"lm-eval: {', '.join(lm_eval_tasks)} on {len(models_by_name)} model(s) (its hf backend, PyTorch)")
-        try:
-            harnessed = harness.run_lm_eval({n: str(m) for n, m in models_by_name.items()}, lm_eval_tasks,
-                                            limit=lm_eval_limit)
-        except harness.HarnessError as e:
-            raise UsageError(str(e)) from None
-        for name, by_task in harnessed.items():
-            for task, r in by_task.items():
-                label = os.path.basename(task) if task.endswith(".jsonl") else task
-                for metric in ("acc", "acc_norm"):
-                    if metric in r:
-                        table[name][f"lm-eval {label} {metric}"] = _percent(r[metric], r.get(f"{metric}_stderr"))
-        record["lm_eval"] = {"tasks": list(lm_eval_tasks), "limit": lm_eval_limit, "results": harnessed}
-    print(format_table(table))
-    if data is not None:
-        windows = f"the first {max_windows} windows" if max_windows else "all windows"
-        print(f"perplexity: {windows} of {seqlen} tokens of {data} (non-overlapping; --seqlen, --max-windows)")
-    if loaded_tasks:
-        print("accuracy: % ± standard error, zero-shot, each choice scored by its summed log-probability as "
-              "lm-eval does (acc_norm: per byte; cloze: greedy match); " + ", ".join(
-                  f"{t.name} {len(t.items)} items" for t in loaded_tasks))
-    if lm_eval_tasks:
-        print("lm-eval: lm-evaluation-harness's own zero-shot acc / acc_norm (per character), % ± standard error"
-              + (f", at most {lm_eval_limit} items per task" if lm_eval_limit else ""))
+    try:
+        evaluation = evaluate_models(models_by_name, data=data, seqlen=seqlen, max_windows=max_windows, tasks=tasks,
+                                     task_size=task_size, lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit,
+                                     progress=progress)
+    except HarnessError as e:
+        raise UsageError(str(e)) from None
+    print(format_table(evaluation.table))
+    for note in evaluation.notes:
+        print(note)
     if json_path is not None:
         from fw_jax._files import atomic_write
 
-        atomic_write(json_path, json.dumps(record, indent=1))
+        atomic_write(json_path, json.dumps(evaluation.record, indent=1))
         print(f"wrote {json_path}")
     return 0
-
-
-def _percent(value: float, stderr: float) -> str:
-    return f"{100 * value:.1f} ± {100 * stderr:.1f}" if stderr is not None and stderr == stderr else f"{100 * value:.1f}"
 
 
 def _check_json_path(path: str) -> None:

@@ -171,6 +171,32 @@ def test_command_line_accuracy_table_and_json(tiny_folder, tmp_path, capsys):
     assert f"{tasks}:1: \"gold\"" in capsys.readouterr().err
 
 
+def test_evaluate_models_is_what_the_command_line_prints(tiny_folder, monkeypatch):  # noqa: F811
+    """``fw_jax.pipeline.evaluate_models``, the Python face of ``fw-jax eval``: its perplexity
+    and accuracies are those of the functions it combines, and it refuses lm-eval tasks
+    without lm-eval (before any model runs) with lm-eval's install line."""
+    from fw_jax.pipeline import evaluate_models, evaluate_perplexity, load_documents
+    from fw_jax.pipeline.harness import HarnessError
+    from fw_jax.pipeline.tasks import evaluate_tasks
+
+    calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
+    task = Task("mc", tuple(ITEMS[:2]))
+    result = evaluate_models({"tiny": tiny_folder}, data=calib, seqlen=16, max_windows=2, tasks=[task], progress=False)
+    ppl = evaluate_perplexity({"tiny": tiny_folder}, load_documents(calib, split="evaluation"), seqlen=16,
+                              max_windows=2, progress=False)["tiny"]
+    acc = evaluate_tasks({"tiny": tiny_folder}, [task], progress=False)["tiny"]["mc"]
+    assert result.table["tiny"][f"{calib} ppl"] == pytest.approx(ppl, rel=1e-6)
+    assert result.table["tiny"]["mc acc"] == f"{100 * acc.acc:.1f} ± {100 * acc.acc_stderr:.1f}"
+    assert result.record["written_by"] == "fw_jax" and result.record["tasks"]["tiny"]["mc"]["items"] == 2
+    assert result.record["perplexity"]["results"]["tiny"] == pytest.approx(ppl, rel=1e-6)
+    assert any(note.startswith("perplexity: the first 2 windows") for note in result.notes)
+    import fw_jax.pipeline.harness as harness
+
+    monkeypatch.setattr(harness, "lm_eval_available", lambda: False)  # as where the extra is not installed
+    with pytest.raises(HarnessError, match="pip install"):
+        evaluate_models({"tiny": "no/such/model"}, lm_eval_tasks=["boolq"], progress=False)
+
+
 @pytest.mark.slow
 def test_smollm2_loglikelihoods_equal_a_pytorch_computation(smollm2, smollm2_torch):
     loaded, reference = smollm2, smollm2_torch  # the GGUF model in fw_jax and in transformers

@@ -4,7 +4,7 @@
   * ``prune.py``     ``prune_model``: sequential block-by-block pruning, resumable
   * ``run.py``       ``prune_to_folder``: model in, pruned checkpoint + report + plots out
   * ``output.py``    which folders a run may write, replace or delete (fw_jax's marker), atomically
-  * ``evaluate.py``  perplexity of one or several models, as a table
+  * ``evaluate.py``  perplexity of one or several models, and everything ``fw-jax eval`` measures, as a table
   * ``plots.py``     per-layer error reduction, per-block summary and convergence plots
 
 Progress (bars on a terminal, lines in a log) is chosen with ``progress=Progress(VERBOSE)``,
@@ -19,7 +19,7 @@ from fw_jax.pipeline.data import (
     load_documents,
     needs_bos_per_window,
 )
-from fw_jax.pipeline.evaluate import evaluate_perplexity, format_table
+from fw_jax.pipeline.evaluate import Evaluation, evaluate_models, evaluate_perplexity, format_table
 from fw_jax.pipeline.output import OutputError
 from fw_jax.pipeline.prune import (
     METHODS, PruneInterrupted, PruneReport, PruneSettings, ResumeMismatch, atomic_write, check_model, prune_layer,
@@ -51,6 +51,8 @@ __all__ = [
     "finetune",
     "atomic_write",
     "calibration_tokens",
+    "Evaluation",
+    "evaluate_models",
     "evaluate_perplexity",
     "evaluation_tokens",
     "format_table",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -72,6 +73,100 @@ def evaluate_perplexity(
         raise ValueError(f"max_windows must be positive or None, got {max_windows}")
     with _progress.use(progress):
         return _evaluate(models, documents, seqlen, max_windows, bos_per_window, tokenizer, batch_size)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What :func:`evaluate_models` measured.
+
+    Attributes:
+      table: ``{model: {column: value}}``, for :func:`format_table`: perplexities as floats,
+        accuracies as ``"61.5 ± 3.4"`` strings (percent ± standard error).
+      record: the same results in full (JSON-ready, ``"written_by": "fw_jax"``): the
+        perplexity protocol, each task's :class:`~fw_jax.pipeline.tasks.TaskResult` as a dict,
+        lm-eval's own numbers.
+      notes: one line per kind of column, saying how it was measured.
+    """
+
+    table: dict
+    record: dict
+    notes: list
+
+
+def evaluate_models(
+    models: Mapping[str, ModelOrPath],
+    *,
+    data: str | None = None,
+    seqlen: int = DEFAULT_SEQLEN,
+    max_windows: int | None = None,
+    tasks: Sequence = (),
+    task_size: int = 200,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_limit: int | None = None,
+    progress: bool | _progress.Progress = True,
+) -> Evaluation:
+    """Everything ``fw-jax eval`` measures, for each of ``models``: perplexity on ``data``
+    (:func:`evaluate_perplexity`, ``split="evaluation"``), zero-shot accuracy on ``tasks``
+    (specs or loaded :class:`~fw_jax.pipeline.tasks.Task` s, :func:`~fw_jax.pipeline.tasks.evaluate_tasks`)
+    and lm-evaluation-harness's tasks (:func:`~fw_jax.pipeline.harness.run_lm_eval`, on the
+    saved folders). Task files are read, and lm-eval's presence checked, before any model runs.
+
+    Raises:
+      HarnessError: ``lm_eval_tasks`` without lm-eval installed, or lm-eval failing.
+      ValueError: bad data, task files or settings, as the functions above say.
+    """
+    from . import harness
+    from .data import load_documents
+    from .tasks import evaluate_tasks, load_task
+
+    if lm_eval_tasks and not harness.lm_eval_available():
+        raise harness.HarnessError("--lm-eval needs lm-evaluation-harness, which is not installed: "
+                                   "pip install 'fw-jax[lm-eval]'")
+    loaded_tasks = [t if hasattr(t, "items") else load_task(t, size=task_size) for t in tasks]
+    table: dict[str, dict] = {name: {} for name in models}
+    record: dict = {"written_by": "fw_jax", "models": {name: str(m) for name, m in models.items()}}
+    notes = []
+    with _progress.use(progress) as report_to:
+        if data is not None:
+            documents = load_documents(data, split="evaluation")
+            perplexities = evaluate_perplexity(models, documents, seqlen=seqlen, max_windows=max_windows,
+                                               progress=report_to)
+            for name, value in perplexities.items():
+                table[name][f"{data} ppl"] = value
+            record["perplexity"] = {"data": data, "seqlen": seqlen, "max_windows": max_windows,
+                                    "results": perplexities}
+            windows = f"the first {max_windows} windows" if max_windows else "all windows"
+            notes.append(f"perplexity: {windows} of {seqlen} tokens of {data} (non-overlapping; --seqlen, --max-windows)")
+        if loaded_tasks:
+            accuracies = evaluate_tasks(models, loaded_tasks, progress=report_to)
+            for name, by_task in accuracies.items():
+                for task, result in by_task.items():
+                    table[name][f"{task} acc"] = _percent(result.acc, result.acc_stderr)
+                    if result.acc_norm is not None:
+                        table[name][f"{task} acc_norm"] = _percent(result.acc_norm, result.acc_norm_stderr)
+            record["tasks"] = {name: {t: r.to_json() for t, r in by_task.items()} for name, by_task in accuracies.items()}
+            notes.append("accuracy: % ± standard error, zero-shot, each choice scored by its summed log-probability "
+                         "as lm-eval does (acc_norm: per byte; cloze: greedy match); " + ", ".join(
+                             f"{t.name} {len(t.items)} items" for t in loaded_tasks))
+        if lm_eval_tasks:
+            report_to.say(f"lm-eval: {', '.join(lm_eval_tasks)} on {len(models)} model(s) (its hf backend, PyTorch)")
+            harnessed = harness.run_lm_eval({n: str(m) for n, m in models.items()}, lm_eval_tasks,
+                                            limit=lm_eval_limit)
+            for name, by_task in harnessed.items():
+                for task, r in by_task.items():
+                    label = os.path.basename(task) if task.endswith(".jsonl") else task
+                    for metric in ("acc", "acc_norm"):
+                        if metric in r:
+                            table[name][f"lm-eval {label} {metric}"] = _percent(r[metric], r.get(f"{metric}_stderr"))
+            record["lm_eval"] = {"tasks": list(lm_eval_tasks), "limit": lm_eval_limit, "results": harnessed}
+            notes.append("lm-eval: lm-evaluation-harness's own zero-shot acc / acc_norm (per character), "
+                         "% ± standard error" + (f", at most {lm_eval_limit} items per task" if lm_eval_limit else ""))
+    return Evaluation(table, record, notes)
+
+
+def _percent(value: float, stderr: float | None) -> str:
+    """``"61.5 ± 3.4"`` from a fraction and its standard error (the value alone without one)."""
+    return f"{100 * value:.1f} ± {100 * stderr:.1f}" if stderr is not None and stderr == stderr else f"{100 * value:.1f}"
 
 
 def _evaluate(models, documents, seqlen, max_windows, bos_per_window, tokenizer, batch_size) -> dict[str, float]:
