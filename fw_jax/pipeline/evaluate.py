@@ -117,12 +117,12 @@ def evaluate_models(
     """
     from . import harness
     from .data import load_documents
-    from .tasks import evaluate_tasks, load_task
+    from .tasks import Task, evaluate_tasks, load_task
 
     if lm_eval_tasks and not harness.lm_eval_available():
         raise harness.HarnessError("--lm-eval needs lm-evaluation-harness, which is not installed: "
                                    "pip install 'fw-jax[lm-eval]'")
-    loaded_tasks = [t if hasattr(t, "items") else load_task(t, size=task_size) for t in tasks]
+    loaded_tasks = [t if isinstance(t, Task) else load_task(t, size=task_size) for t in tasks]
     table: dict[str, dict] = {name: {} for name in models}
     record: dict = {"written_by": "fw_jax", "models": {name: str(m) for name, m in models.items()}}
     notes = []
