@@ -176,7 +176,7 @@ def _token_losses(model, teacher, hidden, teacher_hidden, targets, tau: float, c
         return jnp.moveaxis(x.reshape(batch, pieces, chunk, *x.shape[2:]), 1, 0)
 
     valid = split(jnp.ones(targets.shape, jnp.float32))
-    ht = split(hidden if teacher_hidden is None else teacher_hidden)  # a stand-in without a teacher
+    ht = None if teacher_hidden is None else split(teacher_hidden)  # None: an empty pytree, no scan input
 
     @jax.checkpoint
     def body(total, xs):
