@@ -25,11 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CORPORA = ROOT.parent / "shared" / "corpora"
 
 from fw_jax import models  # noqa: E402
 from fw_jax.pipeline import atomic_write, format_table, load_documents  # noqa: E402
 from fw_jax.pipeline.data import calibration_tokens  # noqa: E402
+from real_layers import calibration_books  # noqa: E402
+
+
+def _share(part, whole) -> float:
+    """``part / whole``, 0 where there is no error at all (the dense model against itself)."""
+    return float(part / whole) if whole > 0 else 0.0
 
 
 def profile(dense_model, pruned_model, tokens) -> list[dict]:
@@ -45,18 +50,14 @@ def profile(dense_model, pruned_model, tokens) -> list[dict]:
         target = np.asarray(hd, np.float64) ** 2
         by_channel_t, by_channel_e = target.sum((0, 1)), error.sum((0, 1))
         top = np.argsort(by_channel_t)[::-1][:3]
-
-        def share(part, whole):  # 0 where there is no error at all (the dense model against itself)
-            return float(part / whole) if whole > 0 else 0.0
-
         rows.append({
             "block": b,
             "relative error": float(error.sum() / target.sum()),
             "first position's share of target": target[:, 0].sum() / target.sum(),
-            "first position's share of error": share(error[:, 0].sum(), error.sum()),
+            "first position's share of error": _share(error[:, 0].sum(), error.sum()),
             "relative error without first position": error[:, 1:].sum() / target[:, 1:].sum(),
             "top-3 channels' share of target": by_channel_t[top].sum() / by_channel_t.sum(),
-            "top-3 channels' share of error": share(by_channel_e[top].sum(), by_channel_e.sum()),
+            "top-3 channels' share of error": _share(by_channel_e[top].sum(), by_channel_e.sum()),
             "top-3 channels": " ".join(str(int(c)) for c in top),
         })
     return rows
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command = "python benchmarks/block_error_profile.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
-    calib = args.calib or [str(p) for p in sorted(CORPORA.glob("austen_*.txt")) if p.name != "austen_persuasion.txt"]
+    calib = args.calib or calibration_books()
     dense = models.load_model(args.dense, dtype="float32")
     pruned = models.load_model(args.pruned, dtype="float32", tokenizer=False)
     tokens = calibration_tokens(dense.tokenizer, load_documents(calib), args.nsamples, args.seqlen, args.seed)

@@ -32,6 +32,7 @@ from fw_jax.pipeline import (  # noqa: E402
     Allocation, PruneSettings, RecoverSettings, atomic_write, evaluate_perplexity, format_table, load_documents, prune_to_folder,
 )
 from fw_jax.pipeline.tasks import evaluate_tasks, load_task  # noqa: E402
+from real_layers import calibration_books  # noqa: E402
 
 METHODS = {
     "magnitude": dict(method="magnitude"),
@@ -93,7 +94,7 @@ def main() -> None:
         return
     command = "python benchmarks/quality_table.py " + shlex.join(sys.argv[1:])  # quoted: it can be pasted as is
     started = time.perf_counter()
-    calib = [str(p) for p in sorted(CORPORA.glob("austen_*.txt")) if p.name != "austen_persuasion.txt"]
+    calib = calibration_books()
     datasets = {
         "Persuasion": load_documents(str(CORPORA / "austen_persuasion.txt")),
         "pydoc-eval": load_documents("pydoc-eval"),

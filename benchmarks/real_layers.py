@@ -23,10 +23,15 @@ CACHE = ROOT / "runs" / "cache"
 HELD_OUT = "austen_persuasion.txt"
 
 
+def calibration_books() -> list[str]:
+    """The calibration text of every benchmark here: the Austen novels, Persuasion held out."""
+    return [str(p) for p in sorted(CORPORA.glob("austen_*.txt")) if p.name != HELD_OUT]
+
+
 def calibration_tokens(tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> np.ndarray:
     """SparseGPT/Wanda-style sampling: a random novel, a random window of ``seqlen`` tokens."""
     rng = np.random.default_rng(seed)
-    books = sorted(p for p in CORPORA.glob("austen_*.txt") if p.name != HELD_OUT)
+    books = [pathlib.Path(p) for p in calibration_books()]
     if not books:
         sys.exit(f"no Austen texts found in {CORPORA}")
     token_books = [np.asarray(tokenizer(p.read_text())["input_ids"]) for p in books]

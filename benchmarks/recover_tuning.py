@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CORPORA = ROOT.parent / "shared" / "corpora"
 
 from fw_jax import models  # noqa: E402
 from fw_jax.pipeline import PruneSettings, RecoverSettings, atomic_write, format_table, load_documents  # noqa: E402
@@ -31,6 +30,7 @@ from fw_jax.pipeline.data import calibration_tokens  # noqa: E402
 from fw_jax.pipeline.prune import _prune_block  # noqa: E402
 from fw_jax.pipeline.recover import recover_block  # noqa: E402
 from fw_jax import _progress  # noqa: E402
+from real_layers import calibration_books  # noqa: E402
 
 
 def main() -> None:
@@ -49,8 +49,7 @@ def main() -> None:
     started = time.perf_counter()
 
     loaded = models.load_model("smollm2-135m", dtype="float32")
-    calib = [p for p in sorted(CORPORA.glob("austen_*.txt")) if p.name != "austen_persuasion.txt"]
-    documents = load_documents([str(p) for p in calib])
+    documents = load_documents(calibration_books())
     tokens = calibration_tokens(loaded.tokenizer, documents, args.nsamples, args.seqlen, 0)
     settings = PruneSettings(method=args.method, sparsity=args.sparsity, reconstruct=args.reconstruct)
     model = loaded.model
