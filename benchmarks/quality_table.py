@@ -55,6 +55,8 @@ METHODS = {
     # issue 20: block-wise recovery (RecoverSettings' defaults) and OWL's allocation
     "sparsefw α=0.9 ρ=0.5 + reconstruct + recover": dict(method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True,
                                                          recover=RecoverSettings()),
+    "sparsefw α=0.9 ρ=0.5 + reconstruct + recover (token loss)": dict(
+        method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True, recover=RecoverSettings(loss="token")),
     "sparsegpt + recover": dict(method="sparsegpt", recover=RecoverSettings()),
     "wanda + owl": dict(method="wanda", allocation=Allocation("owl")),
     "sparsegpt + owl": dict(method="sparsegpt", allocation=Allocation("owl")),

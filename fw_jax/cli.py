@@ -85,7 +85,8 @@ def _settings(args: argparse.Namespace, method: str | None = None):
             solver = {k: v for k, v in solver.items() if k in METHODS[method].uses}
         recover = None
         if getattr(args, "recover", False):
-            recover = RecoverSettings(steps=args.recover_steps, learning_rate=args.recover_lr, seed=args.seed)
+            recover = RecoverSettings(steps=args.recover_steps, learning_rate=args.recover_lr, seed=args.seed,
+                                      loss=args.recover_loss)
         allocation = None
         if getattr(args, "allocation", "uniform") != "uniform":
             allocation = Allocation(args.allocation, lam=args.allocation_lambda, outlier=args.owl_m)
@@ -285,6 +286,7 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     """The pruning options, their defaults taken from ``PruneSettings`` and ``SolverOptions``."""
     from fw_jax import SolverOptions
     from fw_jax.pipeline import METHODS, Allocation, PruneSettings, RecoverSettings
+    from fw_jax.pipeline.recover import LOSSES as RECOVER_LOSSES
     from fw_jax.pipeline.allocation import ALLOCATIONS
     from fw_jax.pipeline.prune import WARM_STARTS
     from fw_jax.solver import STEP_RULES
@@ -321,6 +323,10 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
                    help="--recover: optimizer steps per block at most")
     p.add_argument("--recover-lr", type=float, default=recover.learning_rate, metavar="LR",
                    help="--recover: peak learning rate (cosine schedule)")
+    p.add_argument("--recover-loss", choices=RECOVER_LOSSES, default=recover.loss,
+                   help="--recover: block (squared error relative to the dense output's energy, over all "
+                        "positions) or token (each position's relative error, averaged: every position weighs "
+                        "alike, not mostly the first one)")
     allocation = Allocation()
     p.add_argument("--allocation", choices=("uniform",) + ALLOCATIONS, default="uniform",
                    help="sparsity per block, the same weights kept in all: uniform (--sparsity everywhere); owl "

@@ -66,6 +66,37 @@ def test_recover_block_never_brings_back_a_pruned_weight(tiny_folder):  # noqa: 
         assert not np.array_equal(after, pruned[layer.name])
 
 
+@pytest.mark.parametrize("loss", ["block", "token"])
+def test_the_recovery_loss_is_the_documented_one(tiny_folder, loss):  # noqa: F811
+    """loss_before of a record is, on the untouched pruned block, the documented relative error,
+    computed here in float64 numpy from the block's outputs (the first position's target scaled a
+    hundredfold, so that it holds most of the energy, as an attention sink does); recovery under
+    either loss keeps the zeros."""
+    import jax.numpy as jnp
+
+    from fw_jax.pipeline.recover import recover_block
+
+    loaded = models.load_model(tiny_folder)
+    hidden = models.embed(loaded.model, jnp.asarray(calib_tokens(n=6)))
+    target = np.asarray(models.run_block(loaded.model, 0, hidden), np.float64)
+    target[:, 0] *= 100.0  # an "attention sink": the first position dominates the energy
+    rng = np.random.default_rng(1)
+    pruned = {layer.name: np.asarray(layer.weight) * (rng.random(layer.weight.shape) < 0.9)
+              for layer in models.block_linears(loaded.model, 0)}
+    models.set_linear_weights(loaded.model, pruned)
+    out = np.asarray(models.run_block(loaded.model, 0, hidden), np.float64)
+    err, energy = ((out - target) ** 2).sum(-1), (target**2).sum(-1)
+    block, token = err.sum() / energy.sum(), np.mean(err / energy)
+    assert abs(block - token) > 0.1 * token  # the two losses differ here, so the check below tells them apart
+    expected = block if loss == "block" else token
+    record = recover_block(loaded.model, 0, hidden, jnp.asarray(target, jnp.float32),
+                           RecoverSettings(steps=10, learning_rate=3e-3, batch_size=2, eval_every=5, loss=loss))
+    np.testing.assert_allclose(record["loss_before"], expected, rtol=1e-4)
+    assert record["loss_after"] <= record["loss_before"]
+    for layer in models.block_linears(loaded.model, 0):
+        np.testing.assert_array_equal(np.asarray(layer.weight)[pruned[layer.name] == 0], 0.0)
+
+
 def test_a_nonfinite_loss_keeps_the_pruned_weights(tiny_folder):  # noqa: F811
     plain, _ = _prune(tiny_folder, None)
     blown, report = _prune(tiny_folder, RecoverSettings(steps=5, learning_rate=1e30, batch_size=2, eval_every=1))
@@ -91,7 +122,8 @@ def test_recovery_resumes_bit_for_bit(tiny_folder, tmp_path):  # noqa: F811
 
 
 def test_bad_recover_settings_are_refused():
-    for bad in (dict(steps=-1), dict(learning_rate=float("nan")), dict(holdout=1.0), dict(batch_size=0)):
+    for bad in (dict(steps=-1), dict(learning_rate=float("nan")), dict(holdout=1.0), dict(batch_size=0),
+                dict(loss="mse")):
         with pytest.raises(ValueError, match="recover"):
             RecoverSettings(**bad)
     with pytest.raises(ValueError, match="recover must be"):
@@ -109,7 +141,11 @@ def test_cli_recover(tiny_folder, tmp_path):  # noqa: F811
     assert cli.main(["prune", tiny_folder, "--out", str(out), "--method", "wanda", "--recover", "--recover-steps", "6",
                      "--calib", str(calib), "--nsamples", "4", "--seqlen", "24", "-q"]) == 0
     report = json.loads((out / "prune_report.json").read_text())
-    assert report["settings"]["recover"]["steps"] == 6
+    assert report["settings"]["recover"]["steps"] == 6 and report["settings"]["recover"]["loss"] == "block"
+    assert cli.main(["prune", tiny_folder, "--out", str(tmp_path / "tok"), "--method", "wanda", "--recover",
+                     "--recover-steps", "4", "--recover-loss", "token", "--calib", str(calib), "--nsamples", "4",
+                     "--seqlen", "24", "-q"]) == 0
+    assert json.loads((tmp_path / "tok" / "prune_report.json").read_text())["settings"]["recover"]["loss"] == "token"
     assert all("block_recovery" in r for r in report["layers"])
     assert cli.main(["prune", tiny_folder, "--out", str(tmp_path / "o2"), "--recover", "--recover-lr", "nan",
                      "--calib", str(calib), "--nsamples", "4", "--seqlen", "24", "-q"]) == 2

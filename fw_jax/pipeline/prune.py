@@ -173,7 +173,8 @@ class PruneSettings:
         if self.allocation is not None:
             target += f" on average ({self.allocation.method} allocation, ±{self.allocation.lam:g})"
         return (f"{self.method}, {target}" + (" + reconstruction" if self.reconstruct else "")
-                + (" + recovery" if self.recover else ""))
+                + ((" + recovery" + (f" ({self.recover.loss} loss)" if self.recover.loss != "block" else ""))
+                   if self.recover else ""))
 
 
 _SOLVER_FIELDS = ("warm_start", "alpha", "tol", "options", "certify_iter")
