@@ -45,7 +45,7 @@ class RecoverSettings:
       steps: optimizer steps per block (at most; early stopping may end sooner).
       learning_rate: AdamW's peak learning rate (cosine-decayed to 0 over ``steps``). The
         defaults were chosen on the first blocks of SmolLM2-135M pruned by Wanda to 50%
-        (``benchmarks/recover_tuning.py``): of 3e-5 … 3e-3, 3e-3 lowered the held-out loss most.
+        (``benchmarks/recover_tuning.py``): of 3e-5 … 3e-2, 3e-3 lowered the held-out loss most.
       weight_decay: AdamW's decoupled weight decay on the kept weights.
       batch_size: calibration windows per step.
       holdout: fraction of the calibration windows held out for early stopping (at least one).
