@@ -57,6 +57,8 @@ METHODS = {
                                                          recover=RecoverSettings()),
     "sparsefw α=0.9 ρ=0.5 + reconstruct + recover (token loss)": dict(
         method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True, recover=RecoverSettings(loss="token")),
+    "sparsefw α=0.9 ρ=0.5 + reconstruct + recover (100 steps)": dict(
+        method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True, recover=RecoverSettings(steps=100)),
     "sparsegpt + recover": dict(method="sparsegpt", recover=RecoverSettings()),
     "wanda + owl": dict(method="wanda", allocation=Allocation("owl")),
     "sparsegpt + owl": dict(method="sparsegpt", allocation=Allocation("owl")),

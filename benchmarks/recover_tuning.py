@@ -5,13 +5,19 @@ and after, and seconds, for several learning rates and step counts (issue 20: se
 Every candidate tunes the same pruned block from the same inputs (the pruned model's inputs,
 the blocks before pruned but *not* recovered), so the rows of one block compare like with like.
 Calibration as in the quality table: random windows of five Austen novels (Persuasion held out).
+Each row also reports the block's loss on windows of another domain (``--probe``, by default
+``pydoc-calib``: Python's documentation, disjoint from the ``pydoc-eval`` text the quality table
+scores), fed through the same pruned blocks and never trained on: recovery fits one domain, and
+this column shows what it does to another.
 
     python benchmarks/recover_tuning.py --blocks 3 --method wanda
+    python benchmarks/recover_tuning.py --blocks 2 --lrs 3e-3 --steps 50 --proximals 0 1 10
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import platform
@@ -21,6 +27,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,6 +48,9 @@ def main() -> None:
     parser.add_argument("--reconstruct", action="store_true")
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4, 1e-3])
     parser.add_argument("--steps", type=int, nargs="+", default=[100])
+    parser.add_argument("--proximals", type=float, nargs="+", default=[0.0], help="RecoverSettings.proximal values")
+    parser.add_argument("--probe", default="pydoc-calib", help="out-of-domain text whose block loss is reported")
+    parser.add_argument("--probe-samples", type=int, default=8)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--out", default=str(ROOT / "results" / "recover_tuning"))
@@ -55,6 +65,8 @@ def main() -> None:
     model = loaded.model
     hidden = models.embed(model, jnp.asarray(tokens))
     dense = hidden
+    probe_tokens = calibration_tokens(loaded.tokenizer, load_documents(args.probe), args.probe_samples, args.seqlen, 0)
+    probe_hidden = probe_dense = models.embed(model, jnp.asarray(probe_tokens))
     out = pathlib.Path(args.out)
     # rows of earlier runs (other learning rates or step counts) are kept; a row run again is replaced
     earlier = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
@@ -64,31 +76,48 @@ def main() -> None:
     commands.append(this_run)
     for b in range(args.blocks):
         target = models.run_block(model, b, dense)
+        probe_target = models.run_block(model, b, probe_dense)
         _prune_block(loaded, b, hidden, settings, None, None, _progress.Progress(_progress.QUIET), False)
         pruned = {layer.name: layer.weight for layer in models.block_linears(model, b)}
-        for steps in args.steps:
-            for lr in args.lrs:
-                models.set_linear_weights(model, pruned)
-                candidate = RecoverSettings(steps=steps, learning_rate=lr)
-                record = recover_block(model, b, hidden, target, candidate)
-                row = {"block": b, "max_steps": steps, "lr": lr, "method": settings.describe(), **record}
-                rows = [r for r in rows if (r["block"], r["max_steps"], r["lr"], r.get("method")) !=
-                        (b, steps, lr, row["method"])] + [row]
-                print(json.dumps(row), flush=True)
-                this_run["seconds"] = time.perf_counter() - started
-                write(out, rows, commands, args, settings)
+        probe_before = relative_error(models.run_block(model, b, probe_hidden), probe_target)
+        for steps, lr, proximal in itertools.product(args.steps, args.lrs, args.proximals):
+            models.set_linear_weights(model, pruned)
+            candidate = RecoverSettings(steps=steps, learning_rate=lr, proximal=proximal)
+            record = recover_block(model, b, hidden, target, candidate)
+            row = {"block": b, "max_steps": steps, "lr": lr, "proximal": proximal, "method": settings.describe(),
+                   **record, "probe": args.probe, "probe_before": probe_before,
+                   "probe_after": relative_error(models.run_block(model, b, probe_hidden), probe_target)}
+            rows = [r for r in rows if key(r) != key(row)] + [row]
+            print(json.dumps(row), flush=True)
+            this_run["seconds"] = time.perf_counter() - started
+            write(out, rows, commands, args, settings)
         models.set_linear_weights(model, pruned)  # the next block sees the un-recovered pruned model
         hidden = models.run_block(model, b, hidden)
-        dense = target
+        probe_hidden = models.run_block(model, b, probe_hidden)
+        dense, probe_dense = target, probe_target
+
+
+def key(row: dict) -> tuple:
+    """What identifies a row (rows of earlier runs lack the later fields: their defaults)."""
+    return row.get("method", ""), row["block"], row["max_steps"], row["lr"], row.get("proximal", 0.0)
+
+
+def relative_error(out, target) -> float:
+    """‖out − target‖² / ‖target‖², in float64."""
+    out, target = np.asarray(out, np.float64), np.asarray(target, np.float64)
+    return float(np.sum((out - target) ** 2) / np.sum(target**2))
 
 
 
 def write(out, rows, commands, args, settings):
-    rows = sorted(rows, key=lambda r: (r.get("method", ""), r["block"], r["max_steps"], r["lr"]))
+    rows = sorted(rows, key=key)
     methods = sorted({r.get("method", settings.describe()) for r in rows})
-    table = {(f"{r['method']}: " if len(methods) > 1 else "") + f"block {r['block']}, lr {r['lr']:g}, ≤{r['max_steps']} steps": {
+    table = {(f"{r['method']}: " if len(methods) > 1 else "") + f"block {r['block']}, lr {r['lr']:g}, ≤{r['max_steps']} steps"
+             + (f", proximal {r['proximal']:g}" if r.get("proximal") else ""): {
         "loss before": f"{r['loss_before']:.4f}", "loss after": f"{r['loss_after']:.4f}",
         "held-out before": f"{r['heldout_before']:.4f}", "held-out after": f"{r['heldout_after']:.4f}",
+        "probe before": f"{r['probe_before']:.4f}" if "probe_before" in r else "-",
+        "probe after": f"{r['probe_after']:.4f}" if "probe_after" in r else "-",
         "steps": str(r["steps"]), "stopped": r["stopped"], "s": f"{r['seconds']:.1f}"} for r in rows}
     text = "\n".join([
         f"# Block-wise recovery on the first blocks of SmolLM2-135M ({'; '.join(methods)})",
@@ -100,7 +129,10 @@ def write(out, rows, commands, args, settings):
         "",
         f"Calibration: {args.nsamples} windows × {args.seqlen} tokens of five Austen novels (Persuasion held out), "
         "seed 0. Loss: ‖dense block(dense inputs) − pruned block(pruned inputs)‖² / ‖dense block(dense inputs)‖² on "
-        "all calibration windows; held-out: on the last 1/8 of them, which recovery does not train on. "
+        "all calibration windows; held-out: on the last 1/8 of them, which recovery does not train on; probe: "
+        f"the same loss on {args.probe_samples} windows of `{args.probe}` (another domain, never trained on) fed "
+        "through the same pruned blocks (`-` for rows measured before the probe existed). proximal: "
+        "RecoverSettings.proximal, the pull toward the pre-recovery weights. "
         "Every row of a block starts from the same pruned weights and inputs. Seconds include compiling the step "
         "(once per learning rate) and were measured on a shared 2-core machine.",
         "",

@@ -116,8 +116,11 @@ class PruneSettings:
 
     def record(self) -> dict:
         """The settings as JSON-ready fields, ``shrinkage`` resolved (reports, fingerprints)."""
-        return {**dataclasses.asdict(self), "shrinkage": self.effective_shrinkage,
-                "options": dataclasses.asdict(self.options)}
+        record = {**dataclasses.asdict(self), "shrinkage": self.effective_shrinkage,
+                  "options": dataclasses.asdict(self.options)}
+        if self.recover is not None:
+            record["recover"] = self.recover.record()
+        return record
 
     def fitted_gram(self, gram):
         """The Gram matrix every fitting step uses: ``(1 − ρ) G + ρ diag(G)`` (``G`` when ρ = 0)."""
@@ -173,8 +176,7 @@ class PruneSettings:
         if self.allocation is not None:
             target += f" on average ({self.allocation.method} allocation, ±{self.allocation.lam:g})"
         return (f"{self.method}, {target}" + (" + reconstruction" if self.reconstruct else "")
-                + ((" + recovery" + (f" ({self.recover.loss} loss)" if self.recover.loss != "block" else ""))
-                   if self.recover else ""))
+                + (" + recovery" + self.recover.describe() if self.recover else ""))
 
 
 _SOLVER_FIELDS = ("warm_start", "alpha", "tol", "options", "certify_iter")

@@ -7,7 +7,8 @@ minimises, over the kept weights ``Ŵ`` of block ``b``,
     ‖ dense_block_b(x_dense) − pruned_block_b(x_pruned; Ŵ) ‖² / ‖ dense_block_b(x_dense) ‖²
 
 on the calibration windows (or, with ``loss="token"``, the mean over positions of each position's
-relative error), where ``x_dense`` are the dense model's inputs to the block and
+relative error; with ``proximal=λ > 0``, plus ``λ ‖Ŵ − W₀‖² / ‖W₀‖²``, a pull toward the
+block's pre-recovery weights ``W₀``), where ``x_dense`` are the dense model's inputs to the block and
 ``x_pruned`` the pruned model's (so a block learns to undo the errors of the blocks before it).
 It runs optax's AdamW with a cosine schedule on mini-batches of windows, with the gradients and
 updates masked (pruned entries stay exactly 0), and stops early when the loss on held-out windows
@@ -59,6 +60,11 @@ class RecoverSettings:
         (``results/block_error_profile.md``), so ``"block"`` reads small there while the other
         positions' errors are a larger share of theirs. Measured at 50% on SmolLM2, ``"token"``
         gave the same perplexity (``results/quality.md``). Early stopping and the never-worse check use the same loss.
+      proximal: ``λ ≥ 0``, the weight of a trust region in the training loss: ``λ ‖Ŵ − W₀‖² / ‖W₀‖²`` over
+        the block's linear weights, ``W₀`` those before recovery, so that the kept weights stay near
+        what the layer-wise solve chose (the calibration text is one domain; the model is used on
+        others). 0 (the default) trains on the block loss alone. Early stopping and the never-worse
+        check measure the block loss without it.
     """
 
     steps: int = 50  # chosen on SmolLM2's first blocks (results/recover_tuning.md): 100 steps
@@ -70,14 +76,42 @@ class RecoverSettings:
     patience: int = 3
     seed: int = 0
     loss: str = "block"
+    proximal: float = 0.0
 
     def __post_init__(self):
         check_fields("recover", self, {"steps": 0, "batch_size": 1, "eval_every": 1, "patience": 1, "seed": 0},
-                     ("learning_rate", "weight_decay"))
+                     ("learning_rate", "weight_decay", "proximal"))
         if not 0 < self.holdout < 1:
             raise ValueError(f"recover holdout must be a fraction in (0, 1), got {self.holdout!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"recover loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+
+    def describe(self) -> str:
+        """What differs from the defaults, for a run's one-line description: ``""`` or e.g.
+        ``" (100 steps, token loss)"``.
+
+        Example:
+          >>> RecoverSettings(steps=100, proximal=1.0).describe()
+          ' (100 steps, proximal 1)'
+        """
+        default = RecoverSettings()
+        parts = [f"{self.steps} steps" if self.steps != default.steps else "",
+                 f"lr {self.learning_rate:g}" if self.learning_rate != default.learning_rate else "",
+                 f"{self.loss} loss" if self.loss != default.loss else "",
+                 f"proximal {self.proximal:g}" if self.proximal != default.proximal else ""]
+        parts = [p for p in parts if p]
+        return f" ({', '.join(parts)})" if parts else ""
+
+    def record(self) -> dict:
+        """The fields as JSON-ready values (reports, resume fingerprints). Fields added after runs
+        were already checkpointed (``_ADDED_LATER``) are left out while at their defaults, so those
+        runs still resume."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if _ADDED_LATER.get(k, _ABSENT) != v}
+
+
+_ABSENT = object()
+#: Fields added to RecoverSettings after runs had been checkpointed, with their defaults.
+_ADDED_LATER = {"proximal": 0.0}
 
 
 def _linear_weights(members: tuple):
@@ -108,9 +142,17 @@ def _compiled(graphdef, settings: RecoverSettings):
         num, den = parts(_forward(graphdef, weights, rest, h, context), target)
         return jnp.sum(num) / jnp.maximum(jnp.sum(den), tiny)
 
+    def training_loss(weights, anchor, rest, h, target, context):
+        loss = relative_loss(weights, rest, h, target, context)
+        if not settings.proximal:  # resolved at trace time: no trust region, no extra work
+            return loss, loss
+        moved = sum(jnp.sum((w - w0) ** 2) for w, w0 in zip(jax.tree.leaves(weights), jax.tree.leaves(anchor)))
+        size = sum(jnp.sum(w0**2) for w0 in jax.tree.leaves(anchor))
+        return loss + settings.proximal * moved / jnp.maximum(size, tiny), loss
+
     @jax.jit
-    def step(weights, opt_state, masks, rest, h, target, context):
-        loss, grads = jax.value_and_grad(relative_loss)(weights, rest, h, target, context)
+    def step(weights, opt_state, masks, anchor, rest, h, target, context):
+        (_, loss), grads = jax.value_and_grad(training_loss, has_aux=True)(weights, anchor, rest, h, target, context)
         weights, opt_state = masked_update(optimizer, weights, opt_state, grads, masks)
         return weights, opt_state, loss
 
@@ -165,7 +207,7 @@ def recover_block(model, b: int, inputs: jax.Array, targets: jax.Array, settings
         if len(order) < settings.batch_size:
             order = np.concatenate([order, rng.permutation(train)])
         rows, order = order[:settings.batch_size], order[settings.batch_size:]
-        weights, opt_state, loss = step(weights, opt_state, masks, rest, inputs[rows], targets[rows], context)
+        weights, opt_state, loss = step(weights, opt_state, masks, before, rest, inputs[rows], targets[rows], context)
         taken = t + 1
         if not math.isfinite(float(loss)):
             stopped = "nonfinite"
