@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out.with_suffix(".json"), json.dumps({"command": command, "seconds": seconds, "rows": rows}, indent=1))
-    table = format_table({f"block {r['block']}": {k: v for k, v in r.items() if k != "block"} for r in rows},
-                         digits=4)
+    table = format_table({f"{r['block'] + 1}/{len(rows)} (model.layers.{r['block']})": {k: v for k, v in r.items() if k != "block"}
+                          for r in rows}, digits=4, first="block")
     text = "\n".join([
         f"# Block-output error of `{pathlib.Path(args.pruned).name}` against `{args.dense}`", "",
         f"Produced on {platform.machine()} ({jax.default_backend()}), jax {jax.__version__}, in {seconds:.0f} s by:", "",

@@ -136,7 +136,7 @@ def write(out, rows, commands, args, settings):
         "Every row of a block starts from the same pruned weights and inputs. Seconds include compiling the step "
         "(once per learning rate) and were measured on a shared 2-core machine.",
         "",
-        format_table(table),
+        format_table(table, first="run"),
         "",
     ])
     atomic_write(str(out) + ".md", text)

@@ -216,7 +216,7 @@ def _bos_id(tokenizer: Any, config: Any) -> int | None:
     return None
 
 
-def format_table(results: Mapping[str, Mapping[str, float]], *, digits: int = 2) -> str:
+def format_table(results: Mapping[str, Mapping[str, float]], *, digits: int = 2, first: str = "model") -> str:
     """A markdown table of perplexities: one row per model, one column per dataset.
 
     Columns are the datasets in order of first appearance; a model without a value for a dataset
@@ -225,6 +225,7 @@ def format_table(results: Mapping[str, Mapping[str, float]], *, digits: int = 2)
     Args:
       results: ``{model: {column: value}}``; a value is a number or an already formatted string.
       digits: decimals shown.
+      first: the heading of the first column (what the rows are).
 
     Returns:
       The table as aligned markdown text (no trailing newline).
@@ -239,7 +240,7 @@ def format_table(results: Mapping[str, Mapping[str, float]], *, digits: int = 2)
     datasets: list[str] = []
     for row in results.values():
         datasets += [d for d in row if d not in datasets]
-    header = ["model", *datasets]
+    header = [first, *datasets]
     rows = [
         [str(model), *(_format_value(row.get(d), digits) for d in datasets)] for model, row in results.items()
     ]

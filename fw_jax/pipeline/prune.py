@@ -350,7 +350,7 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
     else:
         results = (solve(i) for i in range(len(linears)))  # lazily: the progress bar follows the layers
     new_weights, records, history = {}, [], None
-    with progress.steps(len(linears), f"block {b}", unit="layer", leave=False) as steps:
+    with progress.steps(len(linears), f"block {b + 1}", unit="layer", leave=False) as steps:
         for layer, want_history, budget, (new_weight, record) in zip(linears, wants, layer_budgets, results):
             if want_history:
                 history = dict(record.pop("_history"), layer=layer.name)
