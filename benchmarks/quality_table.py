@@ -16,6 +16,7 @@ the perplexity rows were written), its perplexity kept.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import platform
@@ -331,11 +332,13 @@ def bars(table):
 
 def recovery_bars(table):
     """Issue 20's bar: with reconstruction and recovery, perplexity at 60% and 70% at least 20%
-    below SparseGPT's, and at 50% at least half of SparseGPT's gap to dense closed, per text."""
+    below SparseGPT's, and at 50% at least half of SparseGPT's gap to dense closed, per text; a
+    line for the default recovery row and one for each of its variants (``RECOVERED (…)``)."""
     lines = []
     dense = table.get("dense", {})
-    for setting in ("50%", "60%", "70%"):
-        ours, sgpt = table.get(f"{RECOVERED} @ {setting}"), table.get(f"sparsegpt @ {setting}")
+    variants = [RECOVERED] + [m for m in METHODS if m.startswith(f"{RECOVERED} (")]
+    for setting, name in itertools.product(("50%", "60%", "70%"), variants):
+        ours, sgpt = table.get(f"{name} @ {setting}"), table.get(f"sparsegpt @ {setting}")
         if not (ours and sgpt):
             continue
         parts = []
@@ -349,7 +352,7 @@ def recovery_bars(table):
             verdict = "**meets**" if ours[key] <= target else "**misses**"
             extra = ours.get("prune s", 0) - sgpt.get("prune s", 0)
             parts.append(f"{key.split()[0]} {ours[key]:.2f} ({rule}) {verdict}")
-        lines.append(f"- {setting}, {RECOVERED} vs sparsegpt: " + "; ".join(parts)
+        lines.append(f"- {setting}, {name} vs sparsegpt: " + "; ".join(parts)
                      + f"; pruning time {ours.get('prune s', 0) / 60:.0f} min vs SparseGPT's "
                        f"{sgpt.get('prune s', 0) / 60:.0f} min (+{extra / 60:.0f} min)")
     return (["## Issue 20's bar (recovery)", "", *lines, ""]) if lines else []

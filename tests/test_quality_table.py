@@ -29,6 +29,26 @@ def test_bars_compare_each_seed_and_say_beats_or_misses():
     assert not any("ria" in line for line in lines)  # no row, no verdict
 
 
+def test_recovery_bars_judge_the_default_row_and_each_variant():
+    import quality_table as q
+
+    variant = f"{q.RECOVERED} (100 steps)"
+    assert variant in q.METHODS
+    table = {"dense": _row(40.0, 20.0), "sparsegpt @ 50%": _row(60.0, 40.0), f"{q.RECOVERED} @ 50%": _row(49.0, 31.0),
+             f"{variant} @ 50%": _row(48.0, 29.5), "sparsegpt @ 60%": _row(100.0, 100.0),
+             f"{q.RECOVERED} @ 60%": _row(80.0, 81.0)}
+    lines = q.recovery_bars(table)
+    assert lines[0] == "## Issue 20's bar (recovery)"
+    ours = next(line for line in lines if line.startswith(f"- 50%, {q.RECOVERED} vs"))
+    assert "Persuasion 49.00 (half of SparseGPT's gap to dense closed: ≤ 50.00) **meets**" in ours
+    assert "pydoc-eval 31.00 (half of SparseGPT's gap to dense closed: ≤ 30.00) **misses**" in ours
+    assert "pydoc-eval 29.50 (half of SparseGPT's gap to dense closed: ≤ 30.00) **meets**" in next(
+        line for line in lines if line.startswith(f"- 50%, {variant} vs"))
+    sixty = next(line for line in lines if line.startswith(f"- 60%, {q.RECOVERED} vs"))
+    assert "Persuasion 80.00 (20% below SparseGPT's 100.00: ≤ 80.00) **meets**" in sixty and "**misses**" in sixty
+    assert not any(line.startswith(f"- 60%, {variant}") for line in lines)  # no row, no verdict
+
+
 def test_missing_rows_are_listed_with_the_reason_where_known():
     import quality_table as q
 
