@@ -148,12 +148,32 @@ def main() -> None:
             rerun = label in table  # pruned again for its accuracy: its perplexity row stands
             evaluate(label, str(folder))
             report = json.loads(report_path.read_text())
-            if not rerun:
+            if rerun:  # is it the row's model? Say so in the results, where the accuracy is read
+                note = reproduction_note(label, table[label], report)
+                print(note, flush=True)
+                this_run.setdefault("re-pruned", []).append(note)
+            else:
                 table[label]["mean layer error vs Wanda"] = report["summary"]["mean_error_vs_wanda"]
                 table[label]["prune s"] = report["seconds"]
             produced[label] = table[label]
             this_run["seconds"] = time.perf_counter() - started
             write(out, *merge_rows(out, produced, this_run), args)
+
+
+def reproduction_note(label: str, row: dict, report: dict) -> str:
+    """Whether the model pruned again for ``label``'s accuracy is the row's, by its mean layer error.
+
+    The pruning is deterministic, so the same code gives the same mean layer error to the last
+    digit; a different one means the accuracy columns describe another model than the perplexity.
+    """
+    now = report["summary"]["mean_error_vs_wanda"]
+    before = row.get("mean layer error vs Wanda")
+    if before is None:
+        return f"{label} re-pruned: mean layer error {now:.7f} (the row has none to compare)"
+    if abs(now - before) <= 1e-6 * abs(before):
+        return f"{label} re-pruned: mean layer error {now:.7f}, as in the row"
+    return (f"{label} re-pruned: mean layer error {now:.7f}, not the row's {before:.7f}: its accuracy "
+            "comes from a different model than its perplexity")
 
 
 def _has_accuracy(row: dict, task) -> bool:
@@ -183,7 +203,8 @@ def merge_rows(out: pathlib.Path, rows: dict, this_run: dict) -> tuple[dict, lis
 
 def write(out, table, commands, args):
     atomic_write(out.with_suffix(".json"), json.dumps({"commands": commands, "table": table}, indent=1))
-    runs = [f"- `{c['command']}` — {c['seconds'] / 60:.0f} min" for c in commands if c["seconds"] > 0]
+    runs = [f"- `{c['command']}` — {c['seconds'] / 60:.0f} min" + "".join(f"; {n}" for n in c.get("re-pruned", ()))
+            for c in commands if c["seconds"] > 0]
     text = "\n".join([
         "# Perplexity of pruned SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
         "",

@@ -125,3 +125,14 @@ def test_accuracy_pivot_shows_acc_and_stderr_per_setting():
     norm = quality_table.accuracy_pivot({"dense": {"x acc %": 30.0, "x ±": 3.0, "x acc_norm %": 40.0, "x acc_norm ±": 3.4}})
     assert "### x acc_norm" in norm and "| dense | 40.0 ± 3.4 | 40.0 ± 3.4 | 40.0 ± 3.4 | 40.0 ± 3.4 |" in norm
     assert "| dense | 30.0 ± 3.0 | 30.0 ± 3.0 | 30.0 ± 3.0 | 30.0 ± 3.0 |" in norm
+
+
+def test_a_row_pruned_again_for_its_accuracy_says_whether_it_is_the_same_model():
+    import quality_table as q
+
+    row = {"mean layer error vs Wanda": 0.5852647}
+    same = q.reproduction_note("x @ 50%", row, {"summary": {"mean_error_vs_wanda": 0.5852647000001}})
+    assert same == "x @ 50% re-pruned: mean layer error 0.5852647, as in the row"
+    other = q.reproduction_note("x @ 50%", row, {"summary": {"mean_error_vs_wanda": 0.5861}})
+    assert "not the row's 0.5852647" in other and "different model" in other
+    assert "none to compare" in q.reproduction_note("x @ 50%", {}, {"summary": {"mean_error_vs_wanda": 0.5}})
