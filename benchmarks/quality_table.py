@@ -149,7 +149,11 @@ def main() -> None:
             evaluate(label, str(folder))
             report = json.loads(report_path.read_text())
             if rerun:  # is it the row's model? Say so in the results, where the accuracy is read
-                note = reproduction_note(label, table[label], report)
+                perplexity = None if reproduces(table[label], report) else {  # how far from it, then
+                    dataset: evaluate_perplexity({label: str(folder)}, documents, seqlen=args.eval_seqlen,
+                                                 max_windows=args.max_windows)[label]
+                    for dataset, documents in datasets.items()}
+                note = reproduction_note(label, table[label], report, perplexity)
                 print(note, flush=True)
                 this_run.setdefault("re-pruned", []).append(note)
             else:
@@ -160,20 +164,32 @@ def main() -> None:
             write(out, *merge_rows(out, produced, this_run), args)
 
 
-def reproduction_note(label: str, row: dict, report: dict) -> str:
-    """Whether the model pruned again for ``label``'s accuracy is the row's, by its mean layer error.
+def reproduces(row: dict, report: dict) -> bool:
+    """Whether a model pruned again has the row's mean layer error (to 1e-6 relative).
 
-    The pruning is deterministic, so the same code gives the same mean layer error to the last
-    digit; a different one means the accuracy columns describe another model than the perplexity.
+    The pruning is deterministic on one machine, so the same code gives the same error to the last
+    digits there; another machine's floating point can move it slightly (and the model with it).
     """
+    before = row.get("mean layer error vs Wanda")
+    return before is not None and abs(report["summary"]["mean_error_vs_wanda"] - before) <= 1e-6 * abs(before)
+
+
+def reproduction_note(label: str, row: dict, report: dict, perplexity: dict | None = None) -> str:
+    """What the results say of the model pruned again for ``label``'s accuracy: whether it is the
+    row's (by mean layer error) and, if not and ``perplexity`` (``{dataset: ppl}``) is given, how
+    its perplexity compares with the row's."""
     now = report["summary"]["mean_error_vs_wanda"]
     before = row.get("mean layer error vs Wanda")
     if before is None:
         return f"{label} re-pruned: mean layer error {now:.7f} (the row has none to compare)"
-    if abs(now - before) <= 1e-6 * abs(before):
+    if reproduces(row, report):
         return f"{label} re-pruned: mean layer error {now:.7f}, as in the row"
-    return (f"{label} re-pruned: mean layer error {now:.7f}, not the row's {before:.7f}: its accuracy "
+    note = (f"{label} re-pruned: mean layer error {now:.7f}, not the row's {before:.7f}: its accuracy "
             "comes from a different model than its perplexity")
+    if perplexity:
+        note += (" (this one's perplexity: " + " / ".join(f"{v:.2f}" for v in perplexity.values()) + ", the row's "
+                 + " / ".join(f"{row[f'{d} ppl']:.2f}" for d in perplexity) + f", {' / '.join(perplexity)})")
+    return note
 
 
 def _has_accuracy(row: dict, task) -> bool:

@@ -136,3 +136,9 @@ def test_a_row_pruned_again_for_its_accuracy_says_whether_it_is_the_same_model()
     other = q.reproduction_note("x @ 50%", row, {"summary": {"mean_error_vs_wanda": 0.5861}})
     assert "not the row's 0.5852647" in other and "different model" in other
     assert "none to compare" in q.reproduction_note("x @ 50%", {}, {"summary": {"mean_error_vs_wanda": 0.5}})
+    row.update({"Persuasion ppl": 57.796, "pydoc-eval ppl": 35.333})
+    measured = q.reproduction_note("x @ 50%", row, {"summary": {"mean_error_vs_wanda": 0.6410773}},
+                                   {"Persuasion": 57.890, "pydoc-eval": 35.654})
+    assert measured.endswith("(this one's perplexity: 57.89 / 35.65, the row's 57.80 / 35.33, Persuasion / pydoc-eval)")
+    assert q.reproduces(row, {"summary": {"mean_error_vs_wanda": 0.5852647}})
+    assert not q.reproduces(row, {"summary": {"mean_error_vs_wanda": 0.6410773}}) and not q.reproduces({}, {"summary": {"mean_error_vs_wanda": 1.0}})
