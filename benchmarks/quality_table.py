@@ -112,12 +112,14 @@ def main() -> None:
 
     tasks = [load_task(spec, size=args.task_size) for spec in args.tasks]
 
+    def perplexity(label, folder) -> dict:  # {dataset: ppl}
+        return {dataset: evaluate_perplexity({label: folder}, documents, seqlen=args.eval_seqlen,
+                                             max_windows=args.max_windows)[label]
+                for dataset, documents in datasets.items()}
+
     def evaluate(label, folder):
         if label not in table:
-            for dataset, documents in datasets.items():
-                value = evaluate_perplexity({label: folder}, documents, seqlen=args.eval_seqlen,
-                                            max_windows=args.max_windows)[label]
-                table.setdefault(label, {})[f"{dataset} ppl"] = value
+            table[label] = {f"{dataset} ppl": value for dataset, value in perplexity(label, folder).items()}
         todo = [t for t in tasks if not _has_accuracy(table[label], t)]
         for task, result in (evaluate_tasks({label: folder}, todo)[label].items() if todo else ()):
             table[label][f"{task} acc %"] = 100 * result.acc
@@ -149,11 +151,8 @@ def main() -> None:
             evaluate(label, str(folder))
             report = json.loads(report_path.read_text())
             if rerun:  # is it the row's model? Say so in the results, where the accuracy is read
-                perplexity = None if reproduces(table[label], report) else {  # how far from it, then
-                    dataset: evaluate_perplexity({label: str(folder)}, documents, seqlen=args.eval_seqlen,
-                                                 max_windows=args.max_windows)[label]
-                    for dataset, documents in datasets.items()}
-                note = reproduction_note(label, table[label], report, perplexity)
+                measured = None if reproduces(table[label], report) else perplexity(label, str(folder))  # how far off
+                note = reproduction_note(label, table[label], report, measured)
                 print(note, flush=True)
                 this_run.setdefault("re-pruned", []).append(note)
             else:
