@@ -12,6 +12,7 @@ this column shows what it does to another.
 
     python benchmarks/recover_tuning.py --blocks 3 --method wanda
     python benchmarks/recover_tuning.py --blocks 2 --lrs 3e-3 --steps 50 --proximals 0 1 10
+    python benchmarks/recover_tuning.py --blocks 2 --lrs 3e-3 --steps 50 --dense-pulls 0.1 1 10
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4, 1e-3])
     parser.add_argument("--steps", type=int, nargs="+", default=[100])
     parser.add_argument("--proximals", type=float, nargs="+", default=[0.0], help="RecoverSettings.proximal values")
+    parser.add_argument("--dense-pulls", type=float, nargs="+", default=[0.0],
+                        help="RecoverSettings.dense_pull values")
     parser.add_argument("--probe", default="pydoc-calib", help="out-of-domain text whose block loss is reported")
     parser.add_argument("--probe-samples", type=int, default=8)
     parser.add_argument("--nsamples", type=int, default=32)
@@ -77,14 +80,17 @@ def main() -> None:
     for b in range(args.blocks):
         target = models.run_block(model, b, dense)
         probe_target = models.run_block(model, b, probe_dense)
-        _prune_block(loaded, b, hidden, settings, None, None, _progress.Progress(_progress.QUIET), False)
+        dense_weights = {layer.name: layer.weight for layer in models.block_linears(model, b)}
+        energies = _prune_block(loaded, b, hidden, settings, None, None, _progress.Progress(_progress.QUIET), False)[-1]
         pruned = {layer.name: layer.weight for layer in models.block_linears(model, b)}
         probe_before = relative_error(models.run_block(model, b, probe_hidden), probe_target)
-        for steps, lr, proximal in itertools.product(args.steps, args.lrs, args.proximals):
+        for steps, lr, proximal, pull in itertools.product(args.steps, args.lrs, args.proximals, args.dense_pulls):
             models.set_linear_weights(model, pruned)
-            candidate = RecoverSettings(steps=steps, learning_rate=lr, proximal=proximal)
-            record = recover_block(model, b, hidden, target, candidate)
-            row = {"block": b, "max_steps": steps, "lr": lr, "proximal": proximal, "method": settings.describe(),
+            candidate = RecoverSettings(steps=steps, learning_rate=lr, proximal=proximal, dense_pull=pull)
+            record = recover_block(model, b, hidden, target, candidate,
+                                   {name: (w, energies[name]) for name, w in dense_weights.items()})
+            row = {"block": b, "max_steps": steps, "lr": lr, "proximal": proximal, "dense_pull": pull,
+                   "method": settings.describe(),
                    **record, "probe": args.probe, "probe_before": probe_before,
                    "probe_after": relative_error(models.run_block(model, b, probe_hidden), probe_target)}
             rows = [r for r in rows if key(r) != key(row)] + [row]
@@ -99,7 +105,8 @@ def main() -> None:
 
 def key(row: dict) -> tuple:
     """What identifies a row (rows of earlier runs lack the later fields: their defaults)."""
-    return row.get("method", ""), row["block"], row["max_steps"], row["lr"], row.get("proximal", 0.0)
+    return (row.get("method", ""), row["block"], row["max_steps"], row["lr"], row.get("proximal", 0.0),
+            row.get("dense_pull", 0.0))
 
 
 def relative_error(out, target) -> float:
@@ -113,7 +120,8 @@ def write(out, rows, commands, args, settings):
     rows = sorted(rows, key=key)
     methods = sorted({r.get("method", settings.describe()) for r in rows})
     table = {(f"{r['method']}: " if len(methods) > 1 else "") + f"block {r['block']}, lr {r['lr']:g}, ≤{r['max_steps']} steps"
-             + (f", proximal {r['proximal']:g}" if r.get("proximal") else ""): {
+             + (f", proximal {r['proximal']:g}" if r.get("proximal") else "")
+             + (f", dense pull {r['dense_pull']:g}" if r.get("dense_pull") else ""): {
         "loss before": f"{r['loss_before']:.4f}", "loss after": f"{r['loss_after']:.4f}",
         "held-out before": f"{r['heldout_before']:.4f}", "held-out after": f"{r['heldout_after']:.4f}",
         "probe before": f"{r['probe_before']:.4f}" if "probe_before" in r else "-",
@@ -132,7 +140,8 @@ def write(out, rows, commands, args, settings):
         "all calibration windows; held-out: on the last 1/8 of them, which recovery does not train on; probe: "
         f"the same loss on {args.probe_samples} windows of `{args.probe}` (another domain, never trained on) fed "
         "through the same pruned blocks (`-` for rows measured before the probe existed). proximal: "
-        "RecoverSettings.proximal, the pull toward the pre-recovery weights. "
+        "RecoverSettings.proximal, the pull toward the pre-recovery weights; dense pull: "
+        "RecoverSettings.dense_pull, the pull toward the dense weights weighted by each input channel's energy. "
         "Every row of a block starts from the same pruned weights and inputs. Seconds include compiling the step "
         "(once per learning rate) and were measured on a shared 2-core machine.",
         "",

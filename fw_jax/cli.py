@@ -86,7 +86,8 @@ def _settings(args: argparse.Namespace, method: str | None = None):
         recover = None
         if getattr(args, "recover", False):
             recover = RecoverSettings(steps=args.recover_steps, learning_rate=args.recover_lr, seed=args.seed,
-                                      loss=args.recover_loss, proximal=args.recover_proximal)
+                                      loss=args.recover_loss, proximal=args.recover_proximal,
+                                      dense_pull=args.recover_dense_pull)
         allocation = None
         if getattr(args, "allocation", "uniform") != "uniform":
             allocation = Allocation(args.allocation, lam=args.allocation_lambda, outlier=args.owl_m)
@@ -330,6 +331,9 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--recover-proximal", type=float, default=recover.proximal, metavar="λ",
                    help="--recover: weight of a pull toward the block's pre-recovery weights in the training loss, "
                         "λ‖W − W₀‖²/‖W₀‖² (0: none)")
+    p.add_argument("--recover-dense-pull", type=float, default=recover.dense_pull, metavar="μ",
+                   help="--recover: weight of a pull toward the block's dense weights, each input channel weighted by "
+                        "its calibration energy diag(G) (recovery's analog of --shrinkage; 0: none)")
     allocation = Allocation()
     p.add_argument("--allocation", choices=("uniform",) + ALLOCATIONS, default="uniform",
                    help="sparsity per block, the same weights kept in all: uniform (--sparsity everywhere); owl "

@@ -127,14 +127,16 @@ def test_the_proximal_term_holds_the_weights_near_their_start(tiny_folder):  # n
 
 
 def test_recover_settings_added_later_keep_old_fingerprints():
-    """A field added to RecoverSettings after runs were checkpointed (proximal) is left out of the
-    record while at its default, so the resume fingerprint of such runs is unchanged; set, it is
-    recorded and named in the description."""
+    """A field added to RecoverSettings after runs were checkpointed (proximal, dense_pull) is left
+    out of the record while at its default, so the resume fingerprint of such runs is unchanged;
+    set, it is recorded and named in the description."""
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(RecoverSettings)}
-    assert set(PruneSettings(recover=RecoverSettings()).record()["recover"]) == fields - {"proximal"}
+    assert set(PruneSettings(recover=RecoverSettings()).record()["recover"]) == fields - {"proximal", "dense_pull"}
     assert PruneSettings(recover=RecoverSettings(proximal=0.5)).record()["recover"]["proximal"] == 0.5
+    assert PruneSettings(recover=RecoverSettings(dense_pull=2.0)).record()["recover"]["dense_pull"] == 2.0
+    assert RecoverSettings(dense_pull=0.3).describe() == " (dense pull 0.3)"
     assert PruneSettings(recover=RecoverSettings()).describe().endswith("+ recovery")
     assert PruneSettings(recover=RecoverSettings(steps=100, loss="token", proximal=2.0)).describe().endswith(
         "+ recovery (100 steps, token loss, proximal 2)")
@@ -192,7 +194,64 @@ def test_cli_recover(tiny_folder, tmp_path):  # noqa: F811
                      "--recover-steps", "4", "--recover-proximal", "3", "--calib", str(calib), "--nsamples", "4",
                      "--seqlen", "24", "-q"]) == 0
     assert json.loads((tmp_path / "prox" / "prune_report.json").read_text())["settings"]["recover"]["proximal"] == 3.0
+    assert cli.main(["prune", tiny_folder, "--out", str(tmp_path / "pull"), "--method", "wanda", "--recover",
+                     "--recover-steps", "4", "--recover-dense-pull", "2", "--calib", str(calib), "--nsamples", "4",
+                     "--seqlen", "24", "-q"]) == 0
+    pulled = json.loads((tmp_path / "pull" / "prune_report.json").read_text())
+    assert pulled["settings"]["recover"]["dense_pull"] == 2.0 and all("block_recovery" in r for r in pulled["layers"])
     assert json.loads((tmp_path / "tok" / "prune_report.json").read_text())["settings"]["recover"]["loss"] == "token"
     assert all("block_recovery" in r for r in report["layers"])
     assert cli.main(["prune", tiny_folder, "--out", str(tmp_path / "o2"), "--recover", "--recover-lr", "nan",
                      "--calib", str(calib), "--nsamples", "4", "--seqlen", "24", "-q"]) == 2
+
+
+def test_the_dense_pull_is_the_documented_penalty_and_holds_the_weights_near_dense(tiny_folder):  # noqa: F811
+    """dense_pull=μ adds μ × the mean over the block's linear layers of
+    Σ_ij e_j (Ŵ_ij − W_ij)² / Σ_ij e_j W_ij² (e = diag(G), W the dense weights) to recovery's
+    training loss: the penalty is checked against float64 numpy on the block's own energies (a
+    wrong weighting, an unweighted pull or one toward other weights gives another number), and a
+    larger μ ends nearer the dense weights in that measure, the zeros staying zeros; without every
+    layer's dense weights, a clear error names what is missing."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fw_jax.pipeline import recover as recover_module
+
+    loaded = models.load_model(tiny_folder)
+    hidden = models.embed(loaded.model, jnp.asarray(calib_tokens(n=6)))
+    target = models.run_block(loaded.model, 0, hidden)
+    grams = models.block_grams(loaded.model, 0, hidden)
+    dense = {layer.name: (np.asarray(layer.weight), np.asarray(jnp.diagonal(grams[layer.input_key])))
+             for layer in models.block_linears(loaded.model, 0)}
+    rng = np.random.default_rng(0)
+    pruned = {n: ((w + 0.05 * rng.standard_normal(w.shape)) * (rng.random(w.shape) < 0.5)).astype(np.float32)
+              for n, (w, _) in dense.items()}
+
+    def penalty(weights):  # the documented pull, in float64
+        return float(np.mean([np.sum(e * (weights[n].astype(np.float64) - w) ** 2) / np.sum(e * w.astype(np.float64) ** 2)
+                              for n, (w, e) in dense.items()]))
+
+    def current():
+        return {layer.name: np.asarray(layer.weight) for layer in models.block_linears(loaded.model, 0)}
+
+    models.set_linear_weights(loaded.model, pruned)
+    block = loaded.model.blocks[0]
+    members = tuple(m for _, group in block.LINEAR_GROUPS for m in group)
+    _, weights, _ = nnx.split(block, recover_module._linear_weights(members), ...)
+    trees = recover_module._dense_trees(weights, f"{loaded.model.block_path}.0", dense)
+    np.testing.assert_allclose(float(recover_module.distance_to_dense(weights, trees)), penalty(pruned), rtol=1e-5)
+
+    distances = []
+    for mu in (0.0, 1.0, 100.0):
+        models.set_linear_weights(loaded.model, pruned)
+        record = recover_module.recover_block(loaded.model, 0, hidden, target, RecoverSettings(
+            steps=20, learning_rate=3e-3, batch_size=2, eval_every=20, patience=1, dense_pull=mu), dense)
+        assert record["stopped"] == "steps" and record["loss_after"] < record["loss_before"]
+        after = current()
+        for name, w in after.items():
+            np.testing.assert_array_equal(w[pruned[name] == 0], 0.0)
+        distances.append(penalty(after))
+    assert distances[0] > distances[1] > distances[2], distances
+    with pytest.raises(ValueError, match="missing: .*q_proj"):
+        recover_module.recover_block(loaded.model, 0, hidden, target, RecoverSettings(steps=2, dense_pull=1.0),
+                                     {n: d for n, d in dense.items() if "q_proj" not in n})

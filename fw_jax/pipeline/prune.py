@@ -314,7 +314,8 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
     ``i`` keeping ``budgets[i]`` per row when an allocation gives them), write the
     new weights into the model (rounded to the dtype they will be saved in, when ``loaded.dtype``
     asks for one, so the next block is calibrated on the model as written); returns them, the
-    layer records, the history (or ``None``) and the seconds its Gram matrices took."""
+    layer records, the history (or ``None``), the seconds its Gram matrices took and each layer's
+    input energy ``diag(G)`` (``{name: (d_in,)}``, for recovery's dense pull)."""
     model = loaded.model
     calibration_start = time.perf_counter()
     linears = list(models.block_linears(model, b))
@@ -364,13 +365,14 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
             progress.say(_layer_line(record, compare), _progress.VERBOSE)
             steps.advance(note=layer.name.rsplit(".", 1)[-1])
     models.set_linear_weights(model, new_weights)
-    return new_weights, records, history, calibration_seconds
+    energies = {layer.name: jnp.diagonal(grams[layer.input_key]) for layer in linears}
+    return new_weights, records, history, calibration_seconds, energies
 
 
-def _recover(loaded, b: int, hidden, target, settings: RecoverSettings) -> dict:
+def _recover(loaded, b: int, hidden, target, settings: RecoverSettings, dense: Optional[dict]) -> dict:
     """Recovery of block ``b`` (``recover.recover_block``), its weights then rounded to the dtype
     they are written in, as pruned ones are."""
-    record = recover_block(loaded.model, b, hidden, target, settings)
+    record = recover_block(loaded.model, b, hidden, target, settings, dense)
     if loaded.dtype is not None and record["stopped"] not in ("worse", "nonfinite"):
         for layer in models.block_linears(loaded.model, b):
             models.set_linear_weight(loaded.model, layer.name,
@@ -534,12 +536,15 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                 block_start = time.perf_counter()
                 models.load_block(loaded, b)
                 target = None if dense is None else models.run_block(model, b, dense).astype(keep)
-                new_weights, block_records, block_history, calibration_seconds = _prune_block(
+                pulled = ({layer.name: layer.weight for layer in models.block_linears(model, b)}
+                          if target is not None and settings.recover.dense_pull else None)  # the dense weights
+                new_weights, block_records, block_history, calibration_seconds, energies = _prune_block(
                     loaded, b, hidden, settings, history_layer, devices, progress, compare,
                     None if allocation is None else allocation["budgets"][b])
                 history = block_history or history
                 if target is not None:
-                    recovery = _recover(loaded, b, hidden, target, settings.recover)
+                    recovery = _recover(loaded, b, hidden, target, settings.recover, None if pulled is None else {
+                        name: (weight, energies[name]) for name, weight in pulled.items()})
                     for r in block_records:
                         r["block_recovery"] = recovery
                     progress.say(_recovery_line(b, blocks, recovery))

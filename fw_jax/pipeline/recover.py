@@ -8,7 +8,8 @@ minimises, over the kept weights ``Ŵ`` of block ``b``,
 
 on the calibration windows (or, with ``loss="token"``, the mean over positions of each position's
 relative error; with ``proximal=λ > 0``, plus ``λ ‖Ŵ − W₀‖² / ‖W₀‖²``, a pull toward the
-block's pre-recovery weights ``W₀``), where ``x_dense`` are the dense model's inputs to the block and
+block's pre-recovery weights ``W₀``; with ``dense_pull=μ > 0``, plus a pull toward the *dense*
+weights weighted by each input channel's calibration energy, see :class:`RecoverSettings`), where ``x_dense`` are the dense model's inputs to the block and
 ``x_pruned`` the pruned model's (so a block learns to undo the errors of the blocks before it).
 It runs optax's AdamW with a cosine schedule on mini-batches of windows, with the gradients and
 updates masked (pruned entries stay exactly 0), and stops early when the loss on held-out windows
@@ -24,6 +25,8 @@ import dataclasses
 import functools
 import math
 import time
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +68,15 @@ class RecoverSettings:
         what the layer-wise solve chose (the calibration text is one domain; the model is used on
         others). 0 (the default) trains on the block loss alone. Early stopping and the never-worse
         check measure the block loss without it.
+      dense_pull: ``μ ≥ 0``, the weight of a pull toward the block's *dense* weights ``W`` in the
+        training loss, each input channel ``j`` weighted by its calibration energy
+        ``e_j = diag(G)_j = Σ_tokens x_j²`` (``G`` the layer's Gram matrix): the mean over the
+        block's linear layers of ``Σ_ij e_j (Ŵ_ij − W_ij)² / Σ_ij e_j W_ij²``. That is each layer's
+        output error if its input channels were uncorrelated; it is the recovery analog of the
+        Gram shrinkage ``ρ`` (``PruneSettings.shrinkage``), which fits ``(1 − ρ) G + ρ diag(G)`` and
+        so trades the calibration text's correlations for the same pull. Needs the dense weights
+        and energies (``recover_block``'s ``dense``; the pipeline passes them). 0 (the default):
+        off. Early stopping and the never-worse check measure the block loss without it.
     """
 
     steps: int = 50  # chosen on SmolLM2's first blocks (results/recover_tuning.md): 100 steps reduce
@@ -77,10 +89,11 @@ class RecoverSettings:
     seed: int = 0
     loss: str = "block"
     proximal: float = 0.0
+    dense_pull: float = 0.0
 
     def __post_init__(self):
         check_fields("recover", self, {"steps": 0, "batch_size": 1, "eval_every": 1, "patience": 1, "seed": 0},
-                     ("learning_rate", "weight_decay", "proximal"))
+                     ("learning_rate", "weight_decay", "proximal", "dense_pull"))
         if not 0 < self.holdout < 1:
             raise ValueError(f"recover holdout must be a fraction in (0, 1), got {self.holdout!r}")
         if self.loss not in LOSSES:
@@ -98,7 +111,8 @@ class RecoverSettings:
         parts = [f"{self.steps} steps" if self.steps != default.steps else "",
                  f"lr {self.learning_rate:g}" if self.learning_rate != default.learning_rate else "",
                  f"{self.loss} loss" if self.loss != default.loss else "",
-                 f"proximal {self.proximal:g}" if self.proximal != default.proximal else ""]
+                 f"proximal {self.proximal:g}" if self.proximal != default.proximal else "",
+                 f"dense pull {self.dense_pull:g}" if self.dense_pull != default.dense_pull else ""]
         parts = [p for p in parts if p]
         return f" ({', '.join(parts)})" if parts else ""
 
@@ -111,13 +125,40 @@ class RecoverSettings:
 
 _ABSENT = object()
 #: Fields added to RecoverSettings after runs had been checkpointed, with their defaults.
-_ADDED_LATER = {"proximal": 0.0}
+_ADDED_LATER = {"proximal": 0.0, "dense_pull": 0.0}
 
 
 def _linear_weights(members: tuple):
     """An nnx filter: the ``weight`` of every linear layer named in ``members``."""
     wanted = {f"{m}.weight" for m in members}
     return lambda path, _: ".".join(str(p) for p in path) in wanted
+
+
+def _dense_trees(like, prefix: str, dense: Optional[dict]):
+    """``dense`` (``{layer name: (weight, energy)}``) as two trees shaped like ``like`` (the block's
+    linear weights): the dense weights, and each layer's energies as a ``(1, d_in)`` row."""
+    def name(path):  # the layer's name: the state's keys, less the last ("weight")
+        keys = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
+        return ".".join([prefix, *keys[:-1]])
+
+    missing = sorted({name(path) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]} - set(dense or ()))
+    if missing:
+        raise ValueError(f"recover dense_pull needs the dense weight and input energy of every linear layer; "
+                         f"missing: {', '.join(missing)}")
+    weights = jax.tree_util.tree_map_with_path(lambda p, w: jnp.asarray(dense[name(p)][0], jnp.float32), like)
+    energies = jax.tree_util.tree_map_with_path(
+        lambda p, w: jnp.asarray(dense[name(p)][1], jnp.float32).reshape(1, -1), like)
+    return weights, energies
+
+
+def distance_to_dense(weights, dense) -> jax.Array:
+    """The dense pull's penalty: the mean over layers of ``Σ_ij e_j (Ŵ_ij − W_ij)² / Σ_ij e_j W_ij²``,
+    ``weights`` the block's linear weights ``Ŵ`` and ``dense`` the ``(W, e)`` trees of :func:`_dense_trees`."""
+    dense_weights, energies = dense
+    tiny = jnp.finfo(jnp.float32).tiny
+    parts = [jnp.sum(e * (w - wd) ** 2) / jnp.maximum(jnp.sum(e * wd**2), tiny) for w, wd, e in
+             zip(jax.tree.leaves(weights), jax.tree.leaves(dense_weights), jax.tree.leaves(energies))]
+    return sum(parts) / len(parts)
 
 
 def _forward(graphdef, weights, rest, h, context):
@@ -142,17 +183,21 @@ def _compiled(graphdef, settings: RecoverSettings):
         num, den = parts(_forward(graphdef, weights, rest, h, context), target)
         return jnp.sum(num) / jnp.maximum(jnp.sum(den), tiny)
 
-    def training_loss(weights, anchor, rest, h, target, context):
+    def training_loss(weights, anchor, dense, rest, h, target, context):
         loss = relative_loss(weights, rest, h, target, context)
-        if not settings.proximal:  # resolved at trace time: no trust region, no extra work
-            return loss, loss
-        moved = sum(jnp.sum((w - w0) ** 2) for w, w0 in zip(jax.tree.leaves(weights), jax.tree.leaves(anchor)))
-        size = sum(jnp.sum(w0**2) for w0 in jax.tree.leaves(anchor))
-        return loss + settings.proximal * moved / jnp.maximum(size, tiny), loss
+        total = loss
+        if settings.proximal:  # resolved at trace time: off costs nothing
+            moved = sum(jnp.sum((w - w0) ** 2) for w, w0 in zip(jax.tree.leaves(weights), jax.tree.leaves(anchor)))
+            size = sum(jnp.sum(w0**2) for w0 in jax.tree.leaves(anchor))
+            total = total + settings.proximal * moved / jnp.maximum(size, tiny)
+        if settings.dense_pull:
+            total = total + settings.dense_pull * distance_to_dense(weights, dense)
+        return total, loss
 
     @jax.jit
-    def step(weights, opt_state, masks, anchor, rest, h, target, context):
-        (_, loss), grads = jax.value_and_grad(training_loss, has_aux=True)(weights, anchor, rest, h, target, context)
+    def step(weights, opt_state, masks, anchor, dense, rest, h, target, context):
+        (_, loss), grads = jax.value_and_grad(training_loss, has_aux=True)(weights, anchor, dense, rest, h, target,
+                                                                           context)
         weights, opt_state = masked_update(optimizer, weights, opt_state, grads, masks)
         return weights, opt_state, loss
 
@@ -163,9 +208,14 @@ def _compiled(graphdef, settings: RecoverSettings):
     return optimizer, step, sums
 
 
-def recover_block(model, b: int, inputs: jax.Array, targets: jax.Array, settings: RecoverSettings) -> dict:
+def recover_block(model, b: int, inputs: jax.Array, targets: jax.Array, settings: RecoverSettings,
+                  dense: Optional[dict] = None) -> dict:
     """Tune the kept weights of block ``b`` (in place) so that it maps ``inputs`` (the pruned
     model's, ``(N, T, d)``) to ``targets`` (the dense block's outputs on the dense inputs).
+
+    ``dense`` (needed when ``settings.dense_pull > 0``): ``{name: (dense weight (d_out, d_in),
+    input energy (d_in,))}`` for every linear layer of the block, named as
+    :func:`fw_jax.models.block_linears` names them.
 
     Returns a record: ``loss_before``, ``loss_after`` (``settings.loss`` on all calibration
     windows), ``heldout_before``/``heldout_after``, ``steps`` taken, ``stopped``
@@ -178,6 +228,7 @@ def recover_block(model, b: int, inputs: jax.Array, targets: jax.Array, settings
     graphdef, before, rest = nnx.split(block, _linear_weights(members), ...)
     optimizer, step, sums = _compiled(graphdef, settings)
     masks = jax.tree.map(lambda w: w != 0, before)
+    pull = _dense_trees(before, f"{model.block_path}.{b}", dense) if settings.dense_pull else None
     inputs, targets = jnp.asarray(inputs, jnp.float32), jnp.asarray(targets, jnp.float32)
     n = inputs.shape[0]
     held = max(1, int(round(settings.holdout * n))) if n > 1 else 0
@@ -207,7 +258,7 @@ def recover_block(model, b: int, inputs: jax.Array, targets: jax.Array, settings
         if len(order) < settings.batch_size:
             order = np.concatenate([order, rng.permutation(train)])
         rows, order = order[:settings.batch_size], order[settings.batch_size:]
-        weights, opt_state, loss = step(weights, opt_state, masks, before, rest, inputs[rows], targets[rows], context)
+        weights, opt_state, loss = step(weights, opt_state, masks, before, pull, rest, inputs[rows], targets[rows], context)
         taken = t + 1
         if not math.isfinite(float(loss)):
             stopped = "nonfinite"
