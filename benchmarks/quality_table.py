@@ -350,9 +350,8 @@ def bars(table):
     """Issue 5's bars, checked on the rows present: default mask-only vs Wanda and RIA, and
     fw_jax with reconstruction vs SparseGPT, per setting and evaluation text."""
     lines = ["## Bars (computed from the rows above)", ""]
-    seeds = sorted({label.rsplit("(seed ", 1)[1].rstrip(")") for label in table if label.endswith(")")}, key=int)
     for setting in SETTINGS:
-        for tag in ["", *(f" (seed {s})" for s in seeds)]:  # one comparison per calibration seed
+        for tag in seed_tags(table):  # one comparison per calibration seed
             ours = table.get(f"{DEFAULT} @ {setting}{tag}")
             for rival in ("wanda", "ria"):
                 theirs = table.get(f"{rival} @ {setting}{tag}")
@@ -366,15 +365,23 @@ def bars(table):
     return lines + [""]
 
 
+def seed_tags(table) -> list[str]:
+    """The label suffix of each calibration seed with rows: ``""`` (seed 0) then ``" (seed N)"``."""
+    seeds = sorted({label.rsplit("(seed ", 1)[1].rstrip(")") for label in table if label.endswith(")")
+                    and "(seed " in label}, key=int)
+    return ["", *(f" (seed {s})" for s in seeds)]
+
+
 def recovery_bars(table):
     """Issue 20's bar: with reconstruction and recovery, perplexity at 60% and 70% at least 20%
     below SparseGPT's, and at 50% at least half of SparseGPT's gap to dense closed, per text; a
-    line for the default recovery row and one for each of its variants (``RECOVERED (…)``)."""
+    line for the default recovery row and one for each of its variants (``RECOVERED (…)``), per
+    calibration seed (against SparseGPT's row of the same seed)."""
     lines = []
     dense = table.get("dense", {})
     variants = [RECOVERED] + [m for m in METHODS if m.startswith(f"{RECOVERED} (")]
-    for setting, name in itertools.product(("50%", "60%", "70%"), variants):
-        ours, sgpt = table.get(f"{name} @ {setting}"), table.get(f"sparsegpt @ {setting}")
+    for setting, name, tag in itertools.product(("50%", "60%", "70%"), variants, seed_tags(table)):
+        ours, sgpt = table.get(f"{name} @ {setting}{tag}"), table.get(f"sparsegpt @ {setting}{tag}")
         if not (ours and sgpt):
             continue
         parts = []
@@ -388,7 +395,7 @@ def recovery_bars(table):
             verdict = "**meets**" if ours[key] <= target else "**misses**"
             extra = ours.get("prune s", 0) - sgpt.get("prune s", 0)
             parts.append(f"{key.split()[0]} {ours[key]:.2f} ({rule}) {verdict}")
-        lines.append(f"- {setting}, {name} vs sparsegpt: " + "; ".join(parts)
+        lines.append(f"- {setting}{tag}, {name} vs sparsegpt: " + "; ".join(parts)
                      + f"; pruning time {ours.get('prune s', 0) / 60:.0f} min vs SparseGPT's "
                        f"{sgpt.get('prune s', 0) / 60:.0f} min (+{extra / 60:.0f} min)")
     return (["## Issue 20's bar (recovery)", "", *lines, ""]) if lines else []

@@ -47,6 +47,11 @@ def test_recovery_bars_judge_the_default_row_and_each_variant():
     sixty = next(line for line in lines if line.startswith(f"- 60%, {q.RECOVERED} vs"))
     assert "Persuasion 80.00 (20% below SparseGPT's 100.00: ≤ 80.00) **meets**" in sixty and "**misses**" in sixty
     assert not any(line.startswith(f"- 60%, {variant}") for line in lines)  # no row, no verdict
+    # another calibration seed is judged against SparseGPT's row of that seed, by the same rules
+    table.update({"sparsegpt @ 50% (seed 1)": _row(50.0, 30.0), f"{q.RECOVERED} @ 50% (seed 1)": _row(46.0, 25.5)})
+    seeded = next(line for line in q.recovery_bars(table) if line.startswith(f"- 50% (seed 1), {q.RECOVERED} vs"))
+    assert ("Persuasion 46.00 (half of SparseGPT's gap to dense closed: ≤ 45.00) **misses**; "
+            "pydoc-eval 25.50 (half of SparseGPT's gap to dense closed: ≤ 25.00) **misses**") in seeded
 
 
 def test_missing_rows_are_listed_with_the_reason_where_known():
