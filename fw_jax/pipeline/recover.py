@@ -9,9 +9,9 @@ minimises, over the kept weights ``Ŵ`` of block ``b``,
 on the calibration windows (or, with ``loss="token"``, the mean over positions of each position's
 relative error; with ``proximal=λ > 0``, plus ``λ ‖Ŵ − W₀‖² / ‖W₀‖²``, a pull toward the
 block's pre-recovery weights ``W₀``; with ``dense_pull=μ > 0``, plus a pull toward the *dense*
-weights weighted by each input channel's calibration energy, see :class:`RecoverSettings`), where ``x_dense`` are the dense model's inputs to the block and
-``x_pruned`` the pruned model's (so a block learns to undo the errors of the blocks before it).
-It runs optax's AdamW with a cosine schedule on mini-batches of windows, with the gradients and
+weights weighted by each input channel's calibration energy, see :class:`RecoverSettings`),
+where ``x_dense`` are the dense model's inputs to the block and ``x_pruned`` the pruned model's
+(so a block learns to undo the errors of the blocks before it). It runs optax's AdamW with a cosine schedule on mini-batches of windows, with the gradients and
 updates masked (pruned entries stay exactly 0), and stops early when the loss on held-out windows
 has not improved for ``patience`` evaluations, keeping the best weights seen on them. It never
 makes the block worse: if the loss on all calibration windows is not lower after than before,
