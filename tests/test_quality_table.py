@@ -52,6 +52,11 @@ def test_recovery_bars_judge_the_default_row_and_each_variant():
     seeded = next(line for line in q.recovery_bars(table) if line.startswith(f"- 50% (seed 1), {q.RECOVERED} vs"))
     assert ("Persuasion 46.00 (half of SparseGPT's gap to dense closed: ≤ 45.00) **misses**; "
             "pydoc-eval 25.50 (half of SparseGPT's gap to dense closed: ≤ 25.00) **misses**") in seeded
+    # and the two seeds' mean perplexities: ours 47.5 / 28.25, SparseGPT's 55 / 35, so ≤ 47.5 / 27.5
+    mean = next(line for line in q.recovery_bars(table) if line.startswith(f"- 50%, mean of seeds 0, 1, {q.RECOVERED}"))
+    assert ("Persuasion 47.50 (half of SparseGPT's gap to dense closed: ≤ 47.50) **meets**; "
+            "pydoc-eval 28.25 (half of SparseGPT's gap to dense closed: ≤ 27.50) **misses**") in mean
+    assert not any("mean of seeds" in line and "60%" in line for line in q.recovery_bars(table))  # one seed only
 
 
 def test_missing_rows_are_listed_with_the_reason_where_known():
