@@ -255,3 +255,37 @@ def test_the_dense_pull_is_the_documented_penalty_and_holds_the_weights_near_den
     with pytest.raises(ValueError, match="missing: .*q_proj"):
         recover_module.recover_block(loaded.model, 0, hidden, target, RecoverSettings(steps=2, dense_pull=1.0),
                                      {n: d for n, d in dense.items() if "q_proj" not in n})
+
+
+def test_the_pipeline_pulls_toward_the_checkpoints_own_weights(tiny_folder, monkeypatch):  # noqa: F811
+    """prune_model with dense_pull hands recovery, for every layer, the checkpoint's dense weight
+    (not the pruned or reconstructed one) and diag(G) of the block's calibration inputs (checked
+    on block 0, whose inputs are the embeddings in any run)."""
+    import jax.numpy as jnp
+
+    from fw_jax.pipeline import prune as prune_module
+
+    original = models.load_model(tiny_folder)
+    dense_weights = {layer.name: np.asarray(layer.weight) for b in range(models.num_blocks(original.model))
+                     for layer in models.block_linears(original.model, b)}
+    tokens = calib_tokens(n=8)
+    grams = models.block_grams(original.model, 0, models.embed(original.model, jnp.asarray(tokens)))
+    energies = {layer.name: np.asarray(jnp.diagonal(grams[layer.input_key]))
+                for layer in models.block_linears(original.model, 0)}
+    seen = []
+    real = prune_module.recover_block
+
+    def spy(model, b, inputs, targets, settings, dense=None):
+        seen.append(b)
+        assert set(dense) == {layer.name for layer in models.block_linears(model, b)}
+        for name, (weight, energy) in dense.items():
+            np.testing.assert_array_equal(np.asarray(weight), dense_weights[name])
+            if b == 0:
+                np.testing.assert_allclose(np.asarray(energy), energies[name], rtol=1e-5)
+        return real(model, b, inputs, targets, settings, dense)
+
+    monkeypatch.setattr(prune_module, "recover_block", spy)
+    loaded = models.load_model(tiny_folder)
+    prune_model(loaded, tokens, PruneSettings(method="wanda", reconstruct=True, recover=RecoverSettings(
+        steps=4, batch_size=2, dense_pull=1.0)), progress=False)
+    assert seen == list(range(models.num_blocks(loaded.model)))
