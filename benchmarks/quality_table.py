@@ -69,6 +69,7 @@ METHODS = {
 }
 SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7), "2:4": dict(pattern=(2, 4))}
 RECOVERED = "sparsefw α=0.9 ρ=0.5 + reconstruct + recover"  # issue 20's bar is on this row
+PERPLEXITIES = ("Persuasion ppl", "pydoc-eval ppl")  # the columns every bar compares
 
 
 def slug(text: str) -> str:
@@ -382,30 +383,29 @@ def recovery_bars(table):
     lines = []
     dense = table.get("dense", {})
     variants = [RECOVERED] + [m for m in METHODS if m.startswith(f"{RECOVERED} (")]
-    keys = ("Persuasion ppl", "pydoc-eval ppl")
     for setting, name in itertools.product(("50%", "60%", "70%"), variants):
         pairs = {tag: (table.get(f"{name} @ {setting}{tag}"), table.get(f"sparsegpt @ {setting}{tag}"))
                  for tag in seed_tags(table)}
         pairs = {tag: pair for tag, pair in pairs.items() if all(pair)}
         for tag, (ours, sgpt) in pairs.items():
             extra = ours.get("prune s", 0) - sgpt.get("prune s", 0)
-            lines.append(f"- {setting}{tag}, {name} vs sparsegpt: " + _bar(setting, ours, sgpt, dense, keys)
+            lines.append(f"- {setting}{tag}, {name} vs sparsegpt: " + _bar(setting, ours, sgpt, dense)
                          + f"; pruning time {ours.get('prune s', 0) / 60:.0f} min vs SparseGPT's "
                            f"{sgpt.get('prune s', 0) / 60:.0f} min (+{extra / 60:.0f} min)")
         if len(pairs) > 1:
             seeds = ", ".join(tag.strip(" ()").removeprefix("seed ") or "0" for tag in pairs)
-            ours, sgpt = ({key: float(np.mean([pair[i][key] for pair in pairs.values()])) for key in keys}
+            ours, sgpt = ({key: float(np.mean([pair[i][key] for pair in pairs.values()])) for key in PERPLEXITIES}
                           for i in (0, 1))
             lines.append(f"- {setting}, mean of seeds {seeds}, {name} vs sparsegpt: "
-                         + _bar(setting, ours, sgpt, dense, keys))
+                         + _bar(setting, ours, sgpt, dense))
     return (["## Issue 20's bar (recovery)", "", *lines, ""]) if lines else []
 
 
-def _bar(setting, ours, sgpt, dense, keys) -> str:
+def _bar(setting, ours, sgpt, dense) -> str:
     """One verdict of issue 20's bar per text: at 50% half of SparseGPT's gap to dense closed,
     else 20% below SparseGPT."""
     parts = []
-    for key in keys:
+    for key in PERPLEXITIES:
         if setting == "50%":
             target = sgpt[key] - (sgpt[key] - dense[key]) / 2
             rule = f"half of SparseGPT's gap to dense closed: ≤ {target:.2f}"
@@ -418,7 +418,7 @@ def _bar(setting, ours, sgpt, dense, keys) -> str:
 
 def _compare(ours, theirs):
     parts = []
-    for key in ("Persuasion ppl", "pydoc-eval ppl"):
+    for key in PERPLEXITIES:
         if key in ours and key in theirs:
             verdict = "**beats**" if ours[key] < theirs[key] else "**misses**"
             parts.append(f"{key.split()[0]} {ours[key]:.2f} vs {theirs[key]:.2f} {verdict}")

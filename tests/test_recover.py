@@ -231,9 +231,6 @@ def test_the_dense_pull_is_the_documented_penalty_and_holds_the_weights_near_den
         return float(np.mean([np.sum(e * (weights[n].astype(np.float64) - w) ** 2) / np.sum(e * w.astype(np.float64) ** 2)
                               for n, (w, e) in dense.items()]))
 
-    def current():
-        return {layer.name: np.asarray(layer.weight) for layer in models.block_linears(loaded.model, 0)}
-
     models.set_linear_weights(loaded.model, pruned)
     block = loaded.model.blocks[0]
     members = tuple(m for _, group in block.LINEAR_GROUPS for m in group)
@@ -247,7 +244,7 @@ def test_the_dense_pull_is_the_documented_penalty_and_holds_the_weights_near_den
         record = recover_module.recover_block(loaded.model, 0, hidden, target, RecoverSettings(
             steps=20, learning_rate=3e-3, batch_size=2, eval_every=20, patience=1, dense_pull=mu), dense)
         assert record["stopped"] == "steps" and record["loss_after"] < record["loss_before"]
-        after = current()
+        after = {layer.name: np.asarray(layer.weight) for layer in models.block_linears(loaded.model, 0)}
         for name, w in after.items():
             np.testing.assert_array_equal(w[pruned[name] == 0], 0.0)
         distances.append(penalty(after))
