@@ -61,6 +61,8 @@ METHODS = {
         method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True, recover=RecoverSettings(loss="token")),
     "sparsefw α=0.9 ρ=0.5 + reconstruct + recover (100 steps)": dict(
         method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True, recover=RecoverSettings(steps=100)),
+    "sparsefw α=0.9 ρ=0.75 + reconstruct + recover": dict(method="sparsefw", alpha=0.9, shrinkage=0.75, reconstruct=True,
+                                                          recover=RecoverSettings()),
     "sparsegpt + recover": dict(method="sparsegpt", recover=RecoverSettings()),
     "wanda + owl": dict(method="wanda", allocation=Allocation("owl")),
     "sparsegpt + owl": dict(method="sparsegpt", allocation=Allocation("owl")),
@@ -377,12 +379,13 @@ def seed_tags(table) -> list[str]:
 def recovery_bars(table):
     """Issue 20's bar: with reconstruction and recovery, perplexity at 60% and 70% at least 20%
     below SparseGPT's, and at 50% at least half of SparseGPT's gap to dense closed, per text; a
-    line for the default recovery row and one for each of its variants (``RECOVERED (…)``), per
+    line for the default recovery row and one for each of fw_jax's other recovery rows, per
     calibration seed (against SparseGPT's row of the same seed), and where two or more seeds have
     both rows, one for their mean perplexities."""
     lines = []
     dense = table.get("dense", {})
-    variants = [RECOVERED] + [m for m in METHODS if m.startswith(f"{RECOVERED} (")]
+    variants = [RECOVERED] + [m for m in METHODS
+                              if m != RECOVERED and m.startswith("sparsefw") and " + reconstruct + recover" in m]
     for setting, name in itertools.product(("50%", "60%", "70%"), variants):
         pairs = {tag: (table.get(f"{name} @ {setting}{tag}"), table.get(f"sparsegpt @ {setting}{tag}"))
                  for tag in seed_tags(table)}

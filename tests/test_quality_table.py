@@ -47,6 +47,13 @@ def test_recovery_bars_judge_the_default_row_and_each_variant():
     sixty = next(line for line in lines if line.startswith(f"- 60%, {q.RECOVERED} vs"))
     assert "Persuasion 80.00 (20% below SparseGPT's 100.00: ≤ 80.00) **meets**" in sixty and "**misses**" in sixty
     assert not any(line.startswith(f"- 60%, {variant}") for line in lines)  # no row, no verdict
+    # fw_jax's other recovery rows (another shrinkage) are judged too; SparseGPT's own recovery is the rival's
+    shrunk = "sparsefw α=0.9 ρ=0.75 + reconstruct + recover"
+    table.update({f"{shrunk} @ 50%": _row(50.5, 28.0), "sparsegpt + recover @ 50%": _row(45.0, 25.0)})
+    judged = q.recovery_bars(table)
+    assert "Persuasion 50.50 (half of SparseGPT's gap to dense closed: ≤ 50.00) **misses**" in next(
+        line for line in judged if line.startswith(f"- 50%, {shrunk} vs"))
+    assert not any(line.startswith("- 50%, sparsegpt + recover") for line in judged)
     # another calibration seed is judged against SparseGPT's row of that seed, by the same rules
     table.update({"sparsegpt @ 50% (seed 1)": _row(50.0, 30.0), f"{q.RECOVERED} @ 50% (seed 1)": _row(46.0, 25.5)})
     seeded = next(line for line in q.recovery_bars(table) if line.startswith(f"- 50% (seed 1), {q.RECOVERED} vs"))
