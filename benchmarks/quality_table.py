@@ -64,6 +64,7 @@ METHODS = {
     "sparsefw α=0.9 ρ=0.75 + reconstruct + recover": dict(method="sparsefw", alpha=0.9, shrinkage=0.75, reconstruct=True,
                                                           recover=RecoverSettings()),
     "sparsegpt + recover": dict(method="sparsegpt", recover=RecoverSettings()),
+    "wanda + recover": dict(method="wanda", recover=RecoverSettings()),  # ρ = 1's limit of fw_jax's recovery row
     "wanda + owl": dict(method="wanda", allocation=Allocation("owl")),
     "sparsegpt + owl": dict(method="sparsegpt", allocation=Allocation("owl")),
     "sparsefw α=0.9 ρ=0.5 + reconstruct + owl": dict(method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True,
