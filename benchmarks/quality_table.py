@@ -385,8 +385,8 @@ def recovery_bars(table):
     both rows, one for their mean perplexities."""
     lines = []
     dense = table.get("dense", {})
-    variants = [RECOVERED] + [m for m in METHODS
-                              if m != RECOVERED and m.startswith("sparsefw") and " + reconstruct + recover" in m]
+    variants = [RECOVERED] + [m for m, spec in METHODS.items() if m != RECOVERED and spec["method"] == "sparsefw"
+                              and spec.get("reconstruct") and spec.get("recover")]
     for setting, name in itertools.product(("50%", "60%", "70%"), variants):
         pairs = {tag: (table.get(f"{name} @ {setting}{tag}"), table.get(f"sparsegpt @ {setting}{tag}"))
                  for tag in seed_tags(table)}
