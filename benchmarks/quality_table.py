@@ -20,6 +20,7 @@ import itertools
 import json
 import pathlib
 import platform
+import re
 import shlex
 import sys
 import time
@@ -73,6 +74,7 @@ METHODS = {
 SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7), "2:4": dict(pattern=(2, 4))}
 RECOVERED = "sparsefw α=0.9 ρ=0.5 + reconstruct + recover"  # issue 20's bar is on this row
 PERPLEXITIES = ("Persuasion ppl", "pydoc-eval ppl")  # the columns every bar compares
+NSAMPLES = 32  # calibration windows of an unmarked row (``fw-jax prune`` draws 128 × 2048 tokens; CPU time here)
 
 
 def slug(text: str) -> str:
@@ -83,7 +85,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--nsamples", type=int, default=NSAMPLES,
+                        help=f"calibration windows; rows with another number than {NSAMPLES} are marked with it")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=24)
@@ -142,9 +145,9 @@ def main() -> None:
     write(out, *merge_rows(out, produced, this_run), args)
     for setting in args.settings:
         for name in args.methods:
-            seed_tag = f" (seed {args.seed})" if args.seed else ""  # seed 0 rows are unmarked
-            label = f"{name} @ {setting}{seed_tag}"
-            folder = pathlib.Path(args.runs) / slug(f"{setting}-{name}{seed_tag}")
+            tag = calibration_tag(args.seed, args.nsamples)
+            label = f"{name} @ {setting}{tag}"
+            folder = pathlib.Path(args.runs) / slug(f"{setting}-{name}{tag}")
             report_path = folder / "prune_report.json"
             if label in table and has_accuracy(label):
                 continue
@@ -233,8 +236,9 @@ def write(out, table, commands, args):
         "",
         *runs,
         "",
-        f"Calibration: {args.nsamples} windows × {args.seqlen} tokens from five Austen novels (Persuasion held out), "
-        f"seed 0 unless the row says otherwise. Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "
+        f"Calibration: {NSAMPLES} windows × {args.seqlen} tokens from five Austen novels (Persuasion held out), "
+        "seed 0, unless the row says otherwise (`(seed 1)`, `(128 windows)`: a seed's first 32 windows are the same "
+        f"whatever the number drawn). Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "
         "and of the pydoc evaluation text. Mean layer error: the method's layer error ‖WX − ŴX‖² divided by "
         "Wanda's on the same inputs, averaged over the 210 pruned layers (with reconstruction: of the final weights).",
         "",
@@ -356,7 +360,7 @@ def bars(table):
     fw_jax with reconstruction vs SparseGPT, per setting and evaluation text."""
     lines = ["## Bars (computed from the rows above)", ""]
     for setting in SETTINGS:
-        for tag in seed_tags(table):  # one comparison per calibration seed
+        for tag in calibration_tags(table):  # one comparison per calibration
             ours = table.get(f"{DEFAULT} @ {setting}{tag}")
             for rival in ("wanda", "ria"):
                 theirs = table.get(f"{rival} @ {setting}{tag}")
@@ -370,11 +374,31 @@ def bars(table):
     return lines + [""]
 
 
-def seed_tags(table) -> list[str]:
-    """The label suffix of each calibration seed with rows: ``""`` (seed 0) then ``" (seed N)"``."""
-    seeds = sorted({label.rsplit("(seed ", 1)[1].rstrip(")") for label in table if label.endswith(")")
-                    and "(seed " in label}, key=int)
-    return ["", *(f" (seed {s})" for s in seeds)]
+def calibration_tag(seed: int, nsamples: int) -> str:
+    """A row's label suffix for its calibration: ``""`` for seed 0 and :data:`NSAMPLES` windows,
+    else e.g. ``" (seed 1)"``, ``" (128 windows)"`` or ``" (seed 2, 128 windows)"``."""
+    parts = ([f"seed {seed}"] if seed else []) + ([f"{nsamples} windows"] if nsamples != NSAMPLES else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+_TAG = re.compile(r" @ [^ ]+ \((?:seed (\d+))?(?:, )?(?:(\d+) windows)?\)$")
+
+
+def calibration_tags(table) -> list[str]:
+    """The label suffix of each calibration with rows, by number of windows then seed: ``""``
+    (seed 0, :data:`NSAMPLES` windows) first."""
+    found = {(NSAMPLES, 0)}
+    for label in table:
+        match = _TAG.search(label)
+        if match and any(match.groups()):
+            found.add((int(match[2] or NSAMPLES), int(match[1] or 0)))
+    return [calibration_tag(seed, nsamples) for nsamples, seed in sorted(found)]
+
+
+def windows_of(tag: str) -> int:
+    """The number of calibration windows a label suffix stands for."""
+    match = re.search(r"(\d+) windows", tag)
+    return int(match[1]) if match else NSAMPLES
 
 
 def recovery_bars(table):
@@ -389,18 +413,22 @@ def recovery_bars(table):
                               and spec.get("reconstruct") and spec.get("recover")]
     for setting, name in itertools.product(("50%", "60%", "70%"), variants):
         pairs = {tag: (table.get(f"{name} @ {setting}{tag}"), table.get(f"sparsegpt @ {setting}{tag}"))
-                 for tag in seed_tags(table)}
+                 for tag in calibration_tags(table)}
         pairs = {tag: pair for tag, pair in pairs.items() if all(pair)}
         for tag, (ours, sgpt) in pairs.items():
             extra = ours.get("prune s", 0) - sgpt.get("prune s", 0)
             lines.append(f"- {setting}{tag}, {name} vs sparsegpt: " + _bar(setting, ours, sgpt, dense)
                          + f"; pruning time {ours.get('prune s', 0) / 60:.0f} min vs SparseGPT's "
                            f"{sgpt.get('prune s', 0) / 60:.0f} min (+{extra / 60:.0f} min)")
-        if len(pairs) > 1:
-            seeds = ", ".join(tag.strip(" ()").removeprefix("seed ") or "0" for tag in pairs)
-            ours, sgpt = ({key: float(np.mean([pair[i][key] for pair in pairs.values()])) for key in PERPLEXITIES}
+        for windows, group in itertools.groupby(pairs.items(), key=lambda item: windows_of(item[0])):
+            group = dict(group)  # the seeds with both rows at this number of windows
+            if len(group) < 2:
+                continue
+            seeds = ", ".join(str(int(re.search(r"seed (\d+)", tag)[1]) if "seed" in tag else 0) for tag in group)
+            ours, sgpt = ({key: float(np.mean([pair[i][key] for pair in group.values()])) for key in PERPLEXITIES}
                           for i in (0, 1))
-            lines.append(f"- {setting}, mean of seeds {seeds}, {name} vs sparsegpt: "
+            size = "" if windows == NSAMPLES else f", {windows} windows"
+            lines.append(f"- {setting}, mean of seeds {seeds}{size}, {name} vs sparsegpt: "
                          + _bar(setting, ours, sgpt, dense))
     return (["## Issue 20's bar (recovery)", "", *lines, ""]) if lines else []
 

@@ -90,7 +90,7 @@ def main() -> None:
             record = recover_block(model, b, hidden, target, candidate,
                                    {name: (w, energies[name]) for name, w in dense_weights.items()})
             row = {"block": b, "max_steps": steps, "lr": lr, "proximal": proximal, "dense_pull": pull,
-                   "method": settings.describe(),
+                   "method": settings.describe(), "nsamples": args.nsamples,
                    **record, "probe": args.probe, "probe_before": probe_before,
                    "probe_after": relative_error(models.run_block(model, b, probe_hidden), probe_target)}
             rows = [r for r in rows if key(r) != key(row)] + [row]
@@ -106,7 +106,7 @@ def main() -> None:
 def key(row: dict) -> tuple:
     """What identifies a row (rows of earlier runs lack the later fields: their defaults)."""
     return (row.get("method", ""), row["block"], row["max_steps"], row["lr"], row.get("proximal", 0.0),
-            row.get("dense_pull", 0.0))
+            row.get("dense_pull", 0.0), row.get("nsamples", 32))
 
 
 def relative_error(out, target) -> float:
@@ -121,7 +121,8 @@ def write(out, rows, commands, args, settings):
     methods = sorted({r.get("method", settings.describe()) for r in rows})
     table = {(f"{r['method']}: " if len(methods) > 1 else "") + f"block {r['block']}, lr {r['lr']:g}, ≤{r['max_steps']} steps"
              + (f", proximal {r['proximal']:g}" if r.get("proximal") else "")
-             + (f", dense pull {r['dense_pull']:g}" if r.get("dense_pull") else ""): {
+             + (f", dense pull {r['dense_pull']:g}" if r.get("dense_pull") else "")
+             + (f", {r['nsamples']} windows" if r.get("nsamples", 32) != 32 else ""): {
         "loss before": f"{r['loss_before']:.4f}", "loss after": f"{r['loss_after']:.4f}",
         "held-out before": f"{r['heldout_before']:.4f}", "held-out after": f"{r['heldout_after']:.4f}",
         "probe before": f"{r['probe_before']:.4f}" if "probe_before" in r else "-",
@@ -135,8 +136,8 @@ def write(out, rows, commands, args, settings):
         "",
         *[f"- `{c['command']}` — {c['seconds'] / 60:.0f} min" for c in commands],
         "",
-        f"Calibration: {args.nsamples} windows × {args.seqlen} tokens of five Austen novels (Persuasion held out), "
-        "seed 0. Loss: ‖dense block(dense inputs) − pruned block(pruned inputs)‖² / ‖dense block(dense inputs)‖² on "
+        f"Calibration: 32 windows × {args.seqlen} tokens of five Austen novels (Persuasion held out), "
+        "seed 0, unless the row names another number of windows (the first 32 of those are the same 32). Loss: ‖dense block(dense inputs) − pruned block(pruned inputs)‖² / ‖dense block(dense inputs)‖² on "
         "all calibration windows; held-out: on the last 1/8 of them, which recovery does not train on; probe: "
         f"the same loss on {args.probe_samples} windows of `{args.probe}` (another domain, never trained on) fed "
         "through the same pruned blocks (`-` for rows measured before the probe existed). proximal: "

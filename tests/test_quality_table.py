@@ -64,6 +64,33 @@ def test_recovery_bars_judge_the_default_row_and_each_variant():
     assert ("Persuasion 47.50 (half of SparseGPT's gap to dense closed: ≤ 47.50) **meets**; "
             "pydoc-eval 28.25 (half of SparseGPT's gap to dense closed: ≤ 27.50) **misses**") in mean
     assert not any("mean of seeds" in line and "60%" in line for line in q.recovery_bars(table))  # one seed only
+    # rows calibrated on more windows are judged against SparseGPT's with the same windows, and
+    # averaged apart from the 32-window rows
+    table.update({"sparsegpt @ 50% (128 windows)": _row(58.0, 38.0), f"{q.RECOVERED} @ 50% (128 windows)": _row(47.0, 27.0),
+                  "sparsegpt @ 50% (seed 1, 128 windows)": _row(52.0, 30.0),
+                  f"{q.RECOVERED} @ 50% (seed 1, 128 windows)": _row(45.0, 24.0)})
+    lines = q.recovery_bars(table)
+    wide = next(line for line in lines if line.startswith(f"- 50% (128 windows), {q.RECOVERED} vs"))
+    assert "pydoc-eval 27.00 (half of SparseGPT's gap to dense closed: ≤ 29.00) **meets**" in wide
+    assert any(line.startswith(f"- 50% (seed 1, 128 windows), {q.RECOVERED} vs") for line in lines)
+    assert mean in lines  # the 32-window mean is unchanged
+    # ours 46 / 25.5, SparseGPT's 55 / 34, so ≤ 47.5 / 27
+    wide_mean = next(line for line in lines if line.startswith(f"- 50%, mean of seeds 0, 1, 128 windows, {q.RECOVERED}"))
+    assert ("Persuasion 46.00 (half of SparseGPT's gap to dense closed: ≤ 47.50) **meets**; "
+            "pydoc-eval 25.50 (half of SparseGPT's gap to dense closed: ≤ 27.00) **meets**") in wide_mean
+
+
+def test_calibration_tags_name_the_seed_and_the_number_of_windows():
+    import quality_table as q
+
+    assert q.calibration_tag(0, q.NSAMPLES) == ""
+    assert q.calibration_tag(2, q.NSAMPLES) == " (seed 2)"
+    assert q.calibration_tag(0, 128) == " (128 windows)"
+    assert q.calibration_tag(1, 128) == " (seed 1, 128 windows)"
+    table = {"dense": {}, "wanda @ 50% (seed 2)": {}, f"{q.RECOVERED} (token loss) @ 50%": {},
+             "sparsegpt @ 2:4 (seed 1, 128 windows)": {}, "sparsegpt @ 50% (128 windows)": {}}
+    assert q.calibration_tags(table) == ["", " (seed 2)", " (128 windows)", " (seed 1, 128 windows)"]
+    assert [q.windows_of(tag) for tag in q.calibration_tags(table)] == [q.NSAMPLES, q.NSAMPLES, 128, 128]
 
 
 def test_missing_rows_are_listed_with_the_reason_where_known():
