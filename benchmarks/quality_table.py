@@ -240,7 +240,9 @@ def write(out, table, commands, args):
         "seed 0, unless the row says otherwise (`(seed 1)`, `(128 windows)`: a seed's first 32 windows are the same "
         f"whatever the number drawn). Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "
         "and of the pydoc evaluation text. Mean layer error: the method's layer error ‖WX − ŴX‖² divided by "
-        "Wanda's on the same inputs, averaged over the 210 pruned layers (with reconstruction: of the final weights).",
+        "Wanda's on the same inputs, averaged over the 210 pruned layers (with reconstruction: of its weights; with "
+        "recovery: still of the weights before it, since recovery fits whole blocks to the dense model's outputs, not "
+        "each layer to its own inputs).",
         "",
         format_table(table, digits=3),
         "",

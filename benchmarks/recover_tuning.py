@@ -81,7 +81,8 @@ def main() -> None:
         target = models.run_block(model, b, dense)
         probe_target = models.run_block(model, b, probe_dense)
         dense_weights = {layer.name: layer.weight for layer in models.block_linears(model, b)}
-        energies = _prune_block(loaded, b, hidden, settings, None, None, _progress.Progress(_progress.QUIET), False)[-1]
+        energies = _prune_block(loaded, b, hidden, settings, None, None, _progress.Progress(_progress.QUIET),
+                                False).energies
         pruned = {layer.name: layer.weight for layer in models.block_linears(model, b)}
         probe_before = relative_error(models.run_block(model, b, probe_hidden), probe_target)
         for steps, lr, proximal, pull in itertools.product(args.steps, args.lrs, args.proximals, args.dense_pulls):

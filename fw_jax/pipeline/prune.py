@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -308,14 +308,22 @@ def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool
         raise ValueError(f"layer {name}: {e}") from e
 
 
+class _PrunedBlock(NamedTuple):
+    """What :func:`_prune_block` returns."""
+
+    weights: dict  # {layer name: new weight}, as written into the model
+    records: list  # one record per layer
+    history: Optional[dict]  # the Frank-Wolfe history of ``history_layer`` if it is in the block
+    calibration_seconds: float  # the time its Gram matrices took
+    energies: dict  # {layer name: diag(G), (d_in,)}: each input channel's energy, for recovery's dense pull
+
+
 def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer, devices, progress, compare: bool,
-                 budgets: Optional[Sequence[int]] = None):
+                 budgets: Optional[Sequence[int]] = None) -> _PrunedBlock:
     """Prune the linear layers of block ``b`` given its calibration inputs ``hidden`` (layer
-    ``i`` keeping ``budgets[i]`` per row when an allocation gives them), write the
+    ``i`` keeping ``budgets[i]`` per row when an allocation gives them) and write the
     new weights into the model (rounded to the dtype they will be saved in, when ``loaded.dtype``
-    asks for one, so the next block is calibrated on the model as written); returns them, the
-    layer records, the history (or ``None``), the seconds its Gram matrices took and each layer's
-    input energy ``diag(G)`` (``{name: (d_in,)}``, for recovery's dense pull)."""
+    asks for one, so the next block is calibrated on the model as written)."""
     model = loaded.model
     calibration_start = time.perf_counter()
     linears = list(models.block_linears(model, b))
@@ -366,7 +374,7 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
             steps.advance(note=layer.name.rsplit(".", 1)[-1])
     models.set_linear_weights(model, new_weights)
     energies = {layer.name: jnp.diagonal(grams[layer.input_key]) for layer in linears}
-    return new_weights, records, history, calibration_seconds, energies
+    return _PrunedBlock(new_weights, records, history, calibration_seconds, energies)
 
 
 def _recover(loaded, b: int, hidden, target, settings: RecoverSettings, dense: Optional[dict]) -> dict:
@@ -538,13 +546,13 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                 target = None if dense is None else models.run_block(model, b, dense).astype(keep)
                 pulled = ({layer.name: layer.weight for layer in models.block_linears(model, b)}
                           if target is not None and settings.recover.dense_pull else None)  # the dense weights
-                new_weights, block_records, block_history, calibration_seconds, energies = _prune_block(
-                    loaded, b, hidden, settings, history_layer, devices, progress, compare,
-                    None if allocation is None else allocation["budgets"][b])
-                history = block_history or history
+                pruned = _prune_block(loaded, b, hidden, settings, history_layer, devices, progress, compare,
+                                      None if allocation is None else allocation["budgets"][b])
+                block_records, calibration_seconds = pruned.records, pruned.calibration_seconds
+                history = pruned.history or history
                 if target is not None:
                     recovery = _recover(loaded, b, hidden, target, settings.recover, None if pulled is None else {
-                        name: (weight, energies[name]) for name, weight in pulled.items()})
+                        name: (weight, pruned.energies[name]) for name, weight in pulled.items()})
                     for r in block_records:
                         r["block_recovery"] = recovery
                     progress.say(_recovery_line(b, blocks, recovery))
