@@ -426,7 +426,7 @@ def recovery_bars(table):
             group = dict(group)  # the seeds with both rows at this number of windows
             if len(group) < 2:
                 continue
-            seeds = ", ".join(str(int(re.search(r"seed (\d+)", tag)[1]) if "seed" in tag else 0) for tag in group)
+            seeds = ", ".join(re.search(r"seed (\d+)", tag)[1] if "seed" in tag else "0" for tag in group)
             ours, sgpt = ({key: float(np.mean([pair[i][key] for pair in group.values()])) for key in PERPLEXITIES}
                           for i in (0, 1))
             size = "" if windows == NSAMPLES else f", {windows} windows"

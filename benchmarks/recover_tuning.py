@@ -138,7 +138,8 @@ def write(out, rows, commands, args, settings):
         *[f"- `{c['command']}` — {c['seconds'] / 60:.0f} min" for c in commands],
         "",
         f"Calibration: 32 windows × {args.seqlen} tokens of five Austen novels (Persuasion held out), "
-        "seed 0, unless the row names another number of windows (the first 32 of those are the same 32). Loss: ‖dense block(dense inputs) − pruned block(pruned inputs)‖² / ‖dense block(dense inputs)‖² on "
+        "seed 0, unless the row names another number of windows (the first 32 of those are the same 32). "
+        "Loss: ‖dense block(dense inputs) − pruned block(pruned inputs)‖² / ‖dense block(dense inputs)‖² on "
         "all calibration windows; held-out: on the last 1/8 of them, which recovery does not train on; probe: "
         f"the same loss on {args.probe_samples} windows of `{args.probe}` (another domain, never trained on) fed "
         "through the same pruned blocks (`-` for rows measured before the probe existed). proximal: "
