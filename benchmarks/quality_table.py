@@ -386,21 +386,19 @@ def calibration_tag(seed: int, nsamples: int) -> str:
 _TAG = re.compile(r" @ [^ ]+ \((?:seed (\d+))?(?:, )?(?:(\d+) windows)?\)$")
 
 
-def calibration_tags(table) -> list[str]:
-    """The label suffix of each calibration with rows, by number of windows then seed: ``""``
-    (seed 0, :data:`NSAMPLES` windows) first."""
+def calibrations(table) -> list[tuple[int, int]]:
+    """``(windows, seed)`` of each calibration with rows, sorted: ``(NSAMPLES, 0)`` (unmarked) first."""
     found = {(NSAMPLES, 0)}
     for label in table:
         match = _TAG.search(label)
         if match and any(match.groups()):
             found.add((int(match[2] or NSAMPLES), int(match[1] or 0)))
-    return [calibration_tag(seed, nsamples) for nsamples, seed in sorted(found)]
+    return sorted(found)
 
 
-def windows_of(tag: str) -> int:
-    """The number of calibration windows a label suffix stands for."""
-    match = re.search(r"(\d+) windows", tag)
-    return int(match[1]) if match else NSAMPLES
+def calibration_tags(table) -> list[str]:
+    """The label suffix of each calibration with rows, in :func:`calibrations`' order."""
+    return [calibration_tag(seed, windows) for windows, seed in calibrations(table)]
 
 
 def recovery_bars(table):
@@ -414,19 +412,21 @@ def recovery_bars(table):
     variants = [RECOVERED] + [m for m, spec in METHODS.items() if m != RECOVERED and spec["method"] == "sparsefw"
                               and spec.get("reconstruct") and spec.get("recover")]
     for setting, name in itertools.product(("50%", "60%", "70%"), variants):
-        pairs = {tag: (table.get(f"{name} @ {setting}{tag}"), table.get(f"sparsegpt @ {setting}{tag}"))
-                 for tag in calibration_tags(table)}
-        pairs = {tag: pair for tag, pair in pairs.items() if all(pair)}
-        for tag, (ours, sgpt) in pairs.items():
+        pairs = {(windows, seed): (table.get(f"{name} @ {setting}{calibration_tag(seed, windows)}"),
+                                   table.get(f"sparsegpt @ {setting}{calibration_tag(seed, windows)}"))
+                 for windows, seed in calibrations(table)}
+        pairs = {calibration: pair for calibration, pair in pairs.items() if all(pair)}
+        for (windows, seed), (ours, sgpt) in pairs.items():
             extra = ours.get("prune s", 0) - sgpt.get("prune s", 0)
-            lines.append(f"- {setting}{tag}, {name} vs sparsegpt: " + _bar(setting, ours, sgpt, dense)
+            lines.append(f"- {setting}{calibration_tag(seed, windows)}, {name} vs sparsegpt: "
+                         + _bar(setting, ours, sgpt, dense)
                          + f"; pruning time {ours.get('prune s', 0) / 60:.0f} min vs SparseGPT's "
                            f"{sgpt.get('prune s', 0) / 60:.0f} min (+{extra / 60:.0f} min)")
-        for windows, group in itertools.groupby(pairs.items(), key=lambda item: windows_of(item[0])):
+        for windows, group in itertools.groupby(pairs.items(), key=lambda item: item[0][0]):
             group = dict(group)  # the seeds with both rows at this number of windows
             if len(group) < 2:
                 continue
-            seeds = ", ".join(re.search(r"seed (\d+)", tag)[1] if "seed" in tag else "0" for tag in group)
+            seeds = ", ".join(str(seed) for _, seed in group)
             ours, sgpt = ({key: float(np.mean([pair[i][key] for pair in group.values()])) for key in PERPLEXITIES}
                           for i in (0, 1))
             size = "" if windows == NSAMPLES else f", {windows} windows"

@@ -90,7 +90,7 @@ def test_calibration_tags_name_the_seed_and_the_number_of_windows():
     table = {"dense": {}, "wanda @ 50% (seed 2)": {}, f"{q.RECOVERED} (token loss) @ 50%": {},
              "sparsegpt @ 2:4 (seed 1, 128 windows)": {}, "sparsegpt @ 50% (128 windows)": {}}
     assert q.calibration_tags(table) == ["", " (seed 2)", " (128 windows)", " (seed 1, 128 windows)"]
-    assert [q.windows_of(tag) for tag in q.calibration_tags(table)] == [q.NSAMPLES, q.NSAMPLES, 128, 128]
+    assert [windows for windows, _ in q.calibrations(table)] == [q.NSAMPLES, q.NSAMPLES, 128, 128]
 
 
 def test_missing_rows_are_listed_with_the_reason_where_known():

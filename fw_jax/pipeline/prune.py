@@ -309,9 +309,8 @@ def _prune_named(name: str, weight, gram, settings: PruneSettings, history: bool
 
 
 class _PrunedBlock(NamedTuple):
-    """What :func:`_prune_block` returns."""
+    """What :func:`_prune_block` returns (the new weights are in the model)."""
 
-    weights: dict  # {layer name: new weight}, as written into the model
     records: list  # one record per layer
     history: Optional[dict]  # the Frank-Wolfe history of ``history_layer`` if it is in the block
     calibration_seconds: float  # the time its Gram matrices took
@@ -374,7 +373,7 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
             steps.advance(note=layer.name.rsplit(".", 1)[-1])
     models.set_linear_weights(model, new_weights)
     energies = {layer.name: jnp.diagonal(grams[layer.input_key]) for layer in linears}
-    return _PrunedBlock(new_weights, records, history, calibration_seconds, energies)
+    return _PrunedBlock(records, history, calibration_seconds, energies)
 
 
 def _recover(loaded, b: int, hidden, target, settings: RecoverSettings, dense: Optional[dict]) -> dict:
