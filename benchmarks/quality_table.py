@@ -74,7 +74,7 @@ METHODS = {
 SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7), "2:4": dict(pattern=(2, 4))}
 RECOVERED = "sparsefw α=0.9 ρ=0.5 + reconstruct + recover"  # issue 20's bar is on this row
 PERPLEXITIES = ("Persuasion ppl", "pydoc-eval ppl")  # the columns every bar compares
-NSAMPLES = 32  # calibration windows of an unmarked row (``fw-jax prune`` draws 128 × 2048 tokens; CPU time here)
+NSAMPLES = 32  # calibration windows of an unmarked row (of 512 tokens: ``fw-jax prune``'s default)
 
 
 def slug(text: str) -> str:
@@ -96,9 +96,9 @@ def main() -> None:
     parser.add_argument("--task-size", type=int, default=200, help="items of each builtin task")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "quality"))
     parser.add_argument("--out", default=str(ROOT / "results" / "quality"))
-    parser.add_argument("--readme", default=str(ROOT / "README.md"),
-                        help="README whose quality section (between the quality:start/end markers) is rewritten "
-                             "after every row; '' for none")
+    parser.add_argument("--readme", default="",
+                        help="a Markdown file whose quality section (between the quality:start/end markers) is "
+                             "rewritten after every row; none by default (README.md holds a short table by hand)")
     parser.add_argument("--rewrite-only", action="store_true",
                         help="only rewrite --out's markdown and the README section from --out's JSON; run nothing")
     args = parser.parse_args()

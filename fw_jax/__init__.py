@@ -23,31 +23,34 @@ pruning a model, evaluation), ``fw_jax/cli.py`` (the ``fw-jax`` command); ``docs
 explains them and says where to add a budget, an oracle, a method or a model family.
 """
 
-from fw_jax.solver import (
-    NM,
-    ExactLineSearch,
-    LayerBudget,
-    LayerSolution,
-    OpenLoop,
-    PerRow,
-    ShortStep,
-    SolverOptions,
-    Status,
-    layer_error,
-    magnitude_mask,
-    magnitude_scores,
-    mask_lower_bound,
-    ria_mask,
-    reconstruct,
-    ria_scores,
-    row_errors,
-    saliency_mask,
-    solve_layer,
-    sparsefw_published,
-    sparsegpt,
-    wanda_mask,
-    wanda_scores,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and the API reference; at run time, see __getattr__ below
+    from fw_jax.solver import (
+        NM,
+        ExactLineSearch,
+        LayerBudget,
+        LayerSolution,
+        OpenLoop,
+        PerRow,
+        ShortStep,
+        SolverOptions,
+        Status,
+        layer_error,
+        magnitude_mask,
+        magnitude_scores,
+        mask_lower_bound,
+        ria_mask,
+        reconstruct,
+        ria_scores,
+        row_errors,
+        saliency_mask,
+        solve_layer,
+        sparsefw_published,
+        sparsegpt,
+        wanda_mask,
+        wanda_scores,
+    )
 
 __version__ = "0.1.0"
 
@@ -76,3 +79,25 @@ __all__ = [
     "wanda_mask",
     "wanda_scores",
 ]
+
+_SUBPACKAGES = ("models", "pipeline", "solver")
+
+
+def __getattr__(name: str):
+    """The public names are imported on first use (``fw_jax.solve_layer`` imports
+    ``fw_jax.solver``, and JAX with it), so that ``import fw_jax.cli`` and ``fw-jax --help``
+    do not wait for JAX."""
+    import importlib
+
+    if name in __all__:
+        value = getattr(importlib.import_module("fw_jax.solver"), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later uses do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

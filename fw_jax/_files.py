@@ -57,18 +57,42 @@ def new_folder_beside(target: str | os.PathLike) -> str:
 
 
 def move_aside(folder: str | os.PathLike) -> str:
-    """Rename ``folder`` to ``.NAME.old-*/x`` beside it; returns the ``.NAME.old-*`` folder."""
+    """Rename ``folder`` to ``.NAME.old-*/x`` beside it; returns the ``.NAME.old-*`` folder.
+    When the rename fails (a mount point, a read-only disk) the ``OSError`` is raised and
+    nothing is left behind: ``folder`` is where it was and the ``.NAME.old-*`` folder is gone."""
     folder = os.path.realpath(os.fspath(folder))
     aside = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=os.path.dirname(folder))
-    os.rename(folder, os.path.join(aside, "x"))
+    try:
+        os.rename(folder, os.path.join(aside, "x"))
+    except BaseException:
+        _remove_empty(aside)
+        raise
     return aside
 
 
 def replace_folder(tmp: str, target: str | os.PathLike) -> None:
     """Rename the finished ``tmp`` to ``target``; an existing ``target`` is moved aside first
-    and deleted after (the caller has decided that it may be)."""
+    and deleted after (the caller has decided that it may be). When a rename fails the
+    ``OSError`` is raised with ``target`` as it was (put back if it had been moved aside) and
+    ``tmp`` untouched, for the caller to remove."""
     target = os.path.realpath(os.fspath(target))
     aside = move_aside(target) if os.path.isdir(target) else None
-    os.rename(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if aside is not None:
+            try:
+                os.rename(os.path.join(aside, "x"), target)
+                _remove_empty(aside)
+            except OSError:
+                pass  # left as .NAME.old-*/x, which the next run of fw_jax cleans up
+        raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass

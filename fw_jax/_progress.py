@@ -14,6 +14,11 @@ the current one for the functions they call (:func:`use`), so deep helpers (the 
 loader, the perplexity loop) report through :func:`current` without a parameter of their own;
 outside any :func:`use` the current progress is quiet.
 
+Inside :func:`interruptible` (``prune_model`` runs in it), Ctrl-C stops at the next step
+boundary: :meth:`Progress.steps` and :meth:`Steps.advance` are where a pending Ctrl-C is raised
+(:func:`check_interrupt`), so a run stops between layers or blocks, with no computation left
+running, instead of once JAX's queued work is done.
+
 Example:
   >>> progress = Progress(VERBOSE)
   >>> with progress.steps(3, "evaluating", unit="window") as steps:
@@ -28,13 +33,16 @@ import contextlib
 import contextvars
 import io
 import os
+import signal
 import sys
+import threading
 import time
 from typing import IO, Iterator, Optional, Union
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 
-__all__ = ["NORMAL", "QUIET", "VERBOSE", "Progress", "Steps", "as_progress", "current", "use"]
+__all__ = ["NORMAL", "QUIET", "VERBOSE", "Progress", "Steps", "as_progress", "check_interrupt", "current",
+           "interruptible", "use"]
 
 
 class Progress:
@@ -90,6 +98,7 @@ class Progress:
         ``running_lines=False`` writes only the closing line off a terminal (for steps whose
         parts print their own lines, such as the blocks of a model).
         """
+        check_interrupt()  # a step boundary: a pending Ctrl-C stops here
         steps = Steps(self, total, desc, unit, level, leave and running_lines, leave)
         try:
             yield steps
@@ -124,10 +133,15 @@ class Steps:
             progress._open += 1
 
     def advance(self, n: int = 1, note: Optional[str] = None) -> None:
-        """Count ``n`` more parts done; ``note`` is shown beside the count (e.g. the last layer)."""
+        """Count ``n`` more parts done; ``note`` is shown beside the count (e.g. the last layer).
+        Then a pending Ctrl-C (see :func:`interruptible`) is raised here, the part being done."""
         self.done += n
         if note is not None:
             self.note = note
+        self._show(n, note)
+        check_interrupt()
+
+    def _show(self, n: int, note: Optional[str]) -> None:
         if not self._active:
             return
         if self._bar is not None:
@@ -192,3 +206,66 @@ def use(progress: Union[bool, Progress, None]) -> Iterator[Progress]:
         yield _CURRENT.get()
     finally:
         _CURRENT.reset(token)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C at step boundaries
+
+_interrupt = {"pending": False}  # set by interruptible()'s SIGINT handler, raised by check_interrupt()
+
+
+def check_interrupt() -> None:
+    """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed inside :func:`interruptible` since the
+    last check; otherwise do nothing (always, outside :func:`interruptible`)."""
+    if _interrupt["pending"]:
+        _interrupt["pending"] = False
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interruptible(progress: Optional[Progress] = None) -> Iterator[None]:
+    """Inside the ``with`` block, Ctrl-C stops the work at the next step boundary rather than at once.
+
+    Python delivers Ctrl-C between bytecodes, but a JAX computation already dispatched keeps
+    running: stopping at once leaves it (and all the work queued behind it) to finish before the
+    process can exit. Here the first Ctrl-C only marks a stop as pending, says so on
+    ``progress``' stream, and :func:`check_interrupt` raises ``KeyboardInterrupt`` at the next
+    :meth:`Progress.steps` or :meth:`Steps.advance` (in ``prune_model``: when the layer being
+    pruned is done), where nothing is left running. A second Ctrl-C raises at once. A Ctrl-C
+    still pending when the block ends is raised there.
+
+    Only the main thread can take signals, and a SIGINT handler set by someone else (or SIGINT
+    ignored) is left alone: elsewhere this does nothing.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def on_ctrl_c(signum, frame):
+        if _interrupt["pending"]:  # pressed again: the user does not want to wait
+            _interrupt["pending"] = False
+            raise KeyboardInterrupt
+        _interrupt["pending"] = True
+        _say_now(progress, "Ctrl-C: stopping when the current layer or block is done (Ctrl-C again: at once)")
+
+    _interrupt["pending"] = False
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        pending, _interrupt["pending"] = _interrupt["pending"], False
+    if pending:  # pressed after the last step boundary: stop now rather than never
+        raise KeyboardInterrupt
+
+
+def _say_now(progress: Optional[Progress], message: str) -> None:
+    """Write a line from a signal handler: straight to the file descriptor, since the handler may
+    run in the middle of another write to the same buffered stream."""
+    if progress is None or not progress.enabled(NORMAL):
+        return
+    try:
+        fd = progress.stream.fileno()
+        os.write(fd, (("\n" if progress.bars else "") + message + "\n").encode())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass  # a stream without a file descriptor (a test's buffer): the stop itself will say it

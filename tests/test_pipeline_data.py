@@ -95,7 +95,7 @@ def test_bad_files_raise_data_error_naming_file_and_line(tmp_path, name, content
 
 def test_unreadable_and_missing_sources(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.txt:1: not UTF-8: byte 0xe9 at column 4"):
         load_documents(tmp_path / "latin1.txt")
     with pytest.raises(DataError, match=r"nope\.txt: no such file"):
         load_documents(tmp_path / "nope.txt")

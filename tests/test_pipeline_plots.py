@@ -354,3 +354,62 @@ def test_write_plots_draws_convergence_references_of_the_fitted_matrix_only(tmp_
         assert calls["matrix"].startswith("G")
         assert calls["references"] == {"warm start (wanda)": layers[0]["wanda_error"], "lower bound": 0.7,
                                        "returned mask": layers[0]["error"]}
+
+
+# --- The time panel: calibration passes and layers stacked, their total the run's; compilation marked.
+
+
+def test_time_panel_stacks_each_block_s_calibration_passes_under_its_layers():
+    layers = layer_records(5)
+    for layer in layers:
+        layer["block_calibration_seconds"] = 2.0 + layer["block"]  # the same in every layer of a block
+    fig = _blocks_figure(layers, "run")
+    ax = panels(fig)["seconds"]
+    by_hand = [e["seconds"] for e in blocks_by_hand(layers).values()]
+    x, heights = bars(ax)
+    assert x == pytest.approx(list(range(5)) * 2)
+    assert heights == pytest.approx([2.0, 3.0, 4.0, 5.0, 6.0] + by_hand)  # calibration, then layers
+    assert [p.get_y() for p in ax.patches[5:]] == pytest.approx([2.0, 3.0, 4.0, 5.0, 6.0])  # stacked on it
+    title = ax.get_title(loc="left")
+    total = 20.0 + sum(by_hand)
+    assert f"total {total:.1f} s (calibration passes 20.0 s + layers {sum(by_hand):.1f} s)" in title, title
+    assert legend_texts(ax) == ["calibration passes", "layers"]
+    (note,) = [t for t in ax.texts if t.get_gid() == "compilation"]
+    assert "compilation" in note.get_text() and note.xy[1] == pytest.approx(2.0 + by_hand[0])  # atop block 0
+
+    for layer in layers:  # records without the key (an older report): said, not guessed
+        del layer["block_calibration_seconds"]
+    ax = panels(_blocks_figure(layers, "run"))["seconds"]
+    assert bars(ax)[1] == pytest.approx(by_hand)
+    assert "(calibration passes not recorded)" in ax.get_title(loc="left")
+
+
+def test_a_run_s_time_panel_adds_up_to_the_run_s_time(tmp_path, capsys):
+    """The blocks.png of a real run: its total is the run's time (the report's ``seconds``) but
+    for the embedding and saving, and each block's calibration bar is the one its log line gives."""
+    import json
+    import re
+
+    from fw_jax.cli import main
+    from fw_jax.pipeline.plots import _per_block
+    from models_fixtures import random_torch_model, tiny_config
+    from test_pipeline_data import char_tokenizer
+    from test_pipeline_prune import TEXT
+
+    model = tmp_path / "model"
+    random_torch_model(tiny_config("llama", intermediate_size=64, max_position_embeddings=128),
+                       seed=3).save_pretrained(model, safe_serialization=True)
+    char_tokenizer().save_pretrained(model)
+    (tmp_path / "calib.txt").write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["prune", str(model), "--out", str(out), "--calib", str(tmp_path / "calib.txt"),
+                 "--nsamples", "4", "--seqlen", "32", "--max-iter", "5"]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "prune_report.json").read_text())
+    data = _per_block(report["layers"], compare_wanda=True)
+    assert np.isfinite(data["calibration_seconds"]).all()
+    total = float(data["calibration_seconds"].sum() + data["seconds"].sum())
+    assert 0.9 * report["seconds"] <= total <= report["seconds"], (total, report["seconds"])
+    for b, seconds in enumerate(data["calibration_seconds"]):
+        assert re.search(rf"^block {b}: 7 layers in [\d.]+s \(calibration passes {seconds:.1f}s\)", err, re.M), err
+    assert png_size(out / "blocks.png")[0] > 500

@@ -270,7 +270,7 @@ def test_progress_says_when_a_layer_has_no_useful_bound(tiny_folder, capsys):
         assert len(lines) == len(layer_records)
         for b in {r["block"] for r in layer_records}:  # the block's summary counts the proved bounds
             proved = [r for r in layer_records if r["block"] == b and r["lower_bound"] > 0]
-            summary = next(line for line in text.splitlines() if line.startswith(f"block {b + 1}/"))
+            summary = next(line for line in text.splitlines() if line.startswith(f"block {b}: "))
             assert (f"bound proved for {len(proved)}/7 layers" if proved else "no bound proved") in summary
         for line, record in zip(lines, layer_records):
             if record["lower_bound"] > 0:
@@ -299,8 +299,9 @@ def test_atomic_write_replaces_whole_files_and_leaves_the_old_one_on_failure(tmp
 
 
 def test_checkpoints_of_the_float32_npz_format_are_refused_not_misread(tiny_folder, tmp_path):
-    # fw_jax ≤ this change checkpointed blocks as float32 .npz; those cannot be resumed by the shard
-    # format, so the run says what differs instead of failing on a missing file.
+    # An early fw_jax checkpointed blocks as float32 .npz (run record version 1); those cannot be
+    # resumed by the shard format, so the run says it is an earlier version's instead of failing on
+    # a missing file.
     settings = PruneSettings(method="wanda")
     calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
     out = str(tmp_path / "out")
@@ -313,8 +314,9 @@ def test_checkpoints_of_the_float32_npz_format_are_refused_not_misread(tiny_fold
                         after_block=stop)
     state = os.path.join(out + ".partial", "state.json")
     saved = json.load(open(state))
-    del saved["run"]["checkpoint_format"]  # as the old version wrote it
+    del saved["run"]["version"]  # as the .npz version wrote it: neither a version nor a checkpoint format
     saved["fingerprint"] = "0" * 16
     open(state, "w").write(json.dumps(saved))
-    with pytest.raises(ValueError, match="checkpoint_format: '[(]absent[)]' there, 2 now"):
+    with pytest.raises(ValueError, match="earlier fw_jax [(]run record version 1; this fw_jax writes version 3[)]"
+                                         ".*--overwrite"):
         prune_to_folder(tiny_folder, out, settings, calib=calib, nsamples=2, seqlen=16, progress=False)

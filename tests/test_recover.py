@@ -126,14 +126,14 @@ def test_the_proximal_term_holds_the_weights_near_their_start(tiny_folder):  # n
     assert moved[2] < 0.5 * moved[0], moved
 
 
-def test_recover_settings_added_later_keep_old_fingerprints():
-    """A field added to RecoverSettings after runs were checkpointed (proximal, dense_pull) is left
-    out of the record while at its default, so the resume fingerprint of such runs is unchanged;
-    set, it is recorded and named in the description."""
+def test_recover_settings_record_every_field():
+    """Every field is in the record, at its default too (a new one changes the run's identity:
+    tests/test_identity.py); set, it is recorded and named in the description."""
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(RecoverSettings)}
-    assert set(PruneSettings(recover=RecoverSettings()).record()["recover"]) == fields - {"proximal", "dense_pull"}
+    assert set(PruneSettings(recover=RecoverSettings()).record()["recover"]) == fields
+    assert PruneSettings(recover=RecoverSettings()).record()["recover"]["dense_pull"] == 0.0
     assert PruneSettings(recover=RecoverSettings(proximal=0.5)).record()["recover"]["proximal"] == 0.5
     assert PruneSettings(recover=RecoverSettings(dense_pull=2.0)).record()["recover"]["dense_pull"] == 2.0
     assert RecoverSettings(dense_pull=0.3).describe() == " (dense pull 0.3)"
@@ -216,6 +216,7 @@ def test_the_dense_pull_is_the_documented_penalty_and_holds_the_weights_near_den
     from flax import nnx
 
     from fw_jax.pipeline import recover as recover_module
+    from fw_jax.pipeline._training import linear_weights_filter
 
     loaded = models.load_model(tiny_folder)
     hidden = models.embed(loaded.model, jnp.asarray(calib_tokens(n=6)))
@@ -234,7 +235,7 @@ def test_the_dense_pull_is_the_documented_penalty_and_holds_the_weights_near_den
     models.set_linear_weights(loaded.model, pruned)
     block = loaded.model.blocks[0]
     members = tuple(m for _, group in block.LINEAR_GROUPS for m in group)
-    _, weights, _ = nnx.split(block, recover_module._linear_weights(members), ...)
+    _, weights, _ = nnx.split(block, linear_weights_filter(f"{m}.weight" for m in members), ...)
     trees = recover_module._dense_trees(weights, f"{loaded.model.block_path}.0", dense)
     np.testing.assert_allclose(float(recover_module.distance_to_dense(weights, trees)), penalty(pruned), rtol=1e-5)
 

@@ -262,6 +262,20 @@ def test_certificate_and_status():
     assert sol.status_name == "converged"
 
 
+@pytest.mark.parametrize("dtype, scale", [(np.float32, 1e25), (np.float64, 1e160)])
+def test_overflow_outside_jit_gives_no_certificate(dtype, scale):
+    """Finite inputs that overflow in the error are not refused but give status nonfinite, and
+    no certificate, outside jit as within."""
+    rng = np.random.default_rng(14)
+    weight, gram = correlated_problem(rng, 4, 8, dtype=dtype)
+    for solve in (fw_jax.solve_layer, jax.jit(fw_jax.solve_layer, static_argnums=2)):
+        sol = solve((weight * scale).astype(dtype), gram, 4)
+        assert sol.status_name == "nonfinite"
+        assert np.isnan(float(sol.gap)) and np.isnan(float(sol.certificate)) and float(sol.lower_bound) == -np.inf
+    sol = fw_jax.solve_layer(weight, gram, 4)  # the same problem unscaled proves a bound
+    assert sol.status_name in ("converged", "max_iterations") and 0 <= float(sol.certificate) <= 1
+
+
 def test_bad_input_raises_clear_errors():
     rng = np.random.default_rng(12)
     weight, gram = correlated_problem(rng, 4, 8)

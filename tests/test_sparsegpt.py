@@ -197,7 +197,7 @@ def test_runs_under_jit():
         (dict(budget=(2, 4, 1)), "budget must be an int k"),
         (dict(budget=9), "outside 1..d_in"),
         (dict(budget=2.5), "budget must be an int"),
-        (dict(block_size=0), "block_size must be a positive int"),
+        (dict(block_size=0), "block_size must be an int ≥ 1"),
         (dict(weight=np.ones((4, 8), np.int32)), "a floating dtype"),
     ],
 )

@@ -25,7 +25,7 @@ from ._calibration import (
     num_blocks,
     run_block,
 )
-from ._errors import CheckpointError, UnsupportedModelError
+from ._errors import CheckpointError, CheckpointNote, UnsupportedModelError
 from ._eval import perplexity
 from ._gemma3 import Gemma3ForCausalLM, Gemma3Spec
 from ._gguf import load_gguf
@@ -68,6 +68,7 @@ from ._params import (
 
 __all__ = [
     "CheckpointError",
+    "CheckpointNote",
     "DTYPES",
     "FAMILIES",
     "INDEX_NAME",

@@ -25,3 +25,8 @@ def config_problem(error: Exception) -> str:
     """The reason of a config validation error on one line (transformers puts it on the last)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+class CheckpointNote(UserWarning):
+    """Something about a checkpoint the user should know, though it was loaded as asked: e.g. a
+    config that says the head is tied over a checkpoint that stores its own, kept and used."""

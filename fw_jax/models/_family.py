@@ -26,7 +26,10 @@ class Family:
       transposed: suffixes of weights Hugging Face stores as ``(d_in, d_out)`` (GPT-2's Conv1D).
       optional_prefix: a prefix some checkpoints leave out of the tensor names (the original
         ``gpt2`` checkpoints have ``h.0...`` for ``transformer.h.0...``).
-      buffers: suffixes of checkpoint tensors that are buffers, not weights (skipped).
+      buffers: suffixes of checkpoint tensors that are buffers, not weights: values the model
+        derives from its config (RoPE frequencies, GPT-2's causal mask), which ``transformers``
+        ignores when loading too. They are not read, and are written back unchanged.
+      embedding: our name of the token embedding (what a tied head computes with).
     """
 
     name: str
@@ -37,15 +40,19 @@ class Family:
     transposed: tuple[str, ...] = ()
     optional_prefix: str = ""
     buffers: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    embedding: str = "model.embed_tokens.weight"
 
     @property
     def model_types(self) -> tuple[str, ...]:
         return tuple(self.architectures)
 
-    def param_name(self, hf_name: str, tied: bool) -> str | None:
-        """Our parameter name for a checkpoint tensor name; ``None`` for tensors we do not keep."""
-        if hf_name.endswith(self.buffers) or (tied and hf_name == "lm_head.weight"):
-            return None
+    def is_buffer(self, hf_name: str) -> bool:
+        """Whether a checkpoint tensor is one of the family's :attr:`buffers`."""
+        return hf_name.endswith(self.buffers)
+
+    def param_name(self, hf_name: str) -> str:
+        """Our parameter name for a checkpoint tensor name (the name itself, or with the
+        :attr:`optional_prefix` the checkpoint left out)."""
         if self.optional_prefix and not hf_name.startswith((self.optional_prefix, "lm_head.")):
             return self.optional_prefix + hf_name
         return hf_name

@@ -232,18 +232,22 @@ def _gguf_value(reader: GGUFFile, tensor: GGUFTensorInfo, name: str, path: str, 
 
 
 def _gguf_tensors(reader: GGUFFile, path: str, config, arch: str, lazy: bool = False):
+    """Every tensor of the file as ``(name, LazyTensor, path, stored dtype)``, under its Hugging
+    Face name, or its own name when it has none here (then the loader refuses it, naming it).
+    ``lazy``: reading gives the host array; else a device array (the host copy is dropped at
+    once, before the next tensor is made)."""
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name, arch)
         if name is None:
+            read_raw = lambda tensor=tensor: _dequantize(reader, tensor)  # noqa: E731
+            yield tensor.name, LazyTensor(tensor.shape, read_raw), path, _stored_name(tensor.ggml_type)
             continue
-        if lazy:
-            read = lambda tensor=tensor, name=name: _gguf_value(reader, tensor, name, path, config, arch)  # noqa: E731
-            yield name, LazyTensor(tensor.shape, read), path, _stored_name(tensor.ggml_type)
-            continue
-        # Hand over a device array and drop the host copy before the next tensor is made.
-        value = jax.device_put(_gguf_value(reader, tensor, name, path, config, arch))
-        yield name, value, path, _stored_name(tensor.ggml_type)
-        del value
+
+        def read(tensor=tensor, name=name):
+            value = _gguf_value(reader, tensor, name, path, config, arch)
+            return value if lazy else jax.device_put(value)
+
+        yield name, LazyTensor(tensor.shape, read), path, _stored_name(tensor.ggml_type)
 
 
 def _stored_name(ggml_type: int) -> str:
@@ -283,11 +287,11 @@ def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | N
             return _gguf_value(reader, by_name[name], name, path, config, arch)
 
         loaded = fill_model(model, family, _gguf_tensors(reader, path, config, arch, lazy=True), path,
-                            dtype=dtype, stream=read)
+                            dtype=dtype, stream=read, config=config)
     else:
-        loaded = fill_model(model, family, _gguf_tensors(reader, path, config, arch), path, dtype=dtype)
+        loaded = fill_model(model, family, _gguf_tensors(reader, path, config, arch), path, dtype=dtype,
+                            config=config)
         del reader
-    loaded.config = config
     loaded.tokenizer = gguf_tokenizer(path) if tokenizer else None
     return loaded
 

@@ -166,4 +166,5 @@ FAMILY = Family(
     transposed=CONV1D_SUFFIXES,
     optional_prefix="transformer.",
     buffers=(".attn.bias", ".attn.masked_bias"),
+    embedding="transformer.wte.weight",
 )

@@ -41,10 +41,15 @@ def read_hf_config(folder: str | os.PathLike):
     if not os.path.isfile(path):
         raise CheckpointError(path, "no config.json in the checkpoint folder")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = json.load(f)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(path, f"unreadable config: not UTF-8 ({e.reason} at byte {e.start}); "
+                                    "expected a UTF-8 JSON file") from e
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(path, f"unreadable config ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(path, "unreadable config: expected a JSON object")
     model_type = raw.get("model_type")
     try:
         config_cls = transformers.AutoConfig.for_model(model_type).__class__
@@ -63,12 +68,15 @@ def safetensors_files(folder: str | os.PathLike) -> list[SafetensorsFile]:
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(index):
         try:
-            with open(index) as f:
+            with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            shards = dict.fromkeys(weight_map.values())
+            if not all(isinstance(shard, str) for shard in shards):
+                raise TypeError("the weight_map's values must be file names")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(index, f"unreadable shard index ({e})") from e
         files = []
-        for shard in dict.fromkeys(weight_map.values()):
+        for shard in shards:
             shard_path = os.path.join(folder, shard)
             if not os.path.isfile(shard_path):
                 raise CheckpointError(index, f"shard {shard!r} is missing")
@@ -110,13 +118,10 @@ def load_hf_folder(folder: str | os.PathLike, *, tokenizer: bool = True, dtype: 
     config = read_hf_config(folder)
     model, family = build_abstract_model(config, os.path.join(folder, "config.json"))
     files = safetensors_files(folder)
-    tied = getattr(model, "lm_head", "absent") is None
     where = {}  # our parameter name -> (file, checkpoint name)
     for f in files:
         for name in f.keys():
-            ours = hf_to_model_name(family, tied, name)
-            if ours is not None:
-                where[ours] = (f, name)
+            where[hf_to_model_name(family, name)] = (f, name)
 
     def read(name: str) -> np.ndarray:
         file, hf_name = where[name]
@@ -127,8 +132,8 @@ def load_hf_folder(folder: str | os.PathLike, *, tokenizer: bool = True, dtype: 
             for name in f.keys():
                 yield name, LazyTensor(f.shape(name), functools.partial(f.get, name)), f.path, stored_dtype_name(f.dtype(name))
 
-    loaded = fill_model(model, family, tensors(), folder, dtype=dtype, stream=read if stream else None)
-    loaded.config = config
+    loaded = fill_model(model, family, tensors(), folder, dtype=dtype, stream=read if stream else None,
+                        config=config)
     loaded.tokenizer = load_tokenizer(folder) if tokenizer else None
     return loaded
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -15,7 +16,7 @@ from flax import nnx
 
 from fw_jax import _progress
 
-from ._errors import CheckpointError, UnsupportedModelError
+from ._errors import CheckpointError, CheckpointNote, UnsupportedModelError
 from ._family import Family
 from ._gemma3 import FAMILY as GEMMA3
 from ._gpt2 import FAMILY as GPT2
@@ -72,6 +73,9 @@ class LoadedModel:
         name (all to it).
       store: for a streamed model (``load_model(..., stream=True)``), reads one parameter from the
         checkpoint by name, in Hugging Face's layout; ``None``: everything is in memory.
+      extras: ``{Hugging Face name: StoredTensor}`` of the checkpoint's tensors that the model does
+        not compute with (buffers such as ``rotary_emb.inv_freq``, see :func:`fill_model`); the
+        writers copy them into the output unchanged.
 
     A streamed model (:attr:`streamed`) holds a decoder block only between :func:`load_block`
     and :func:`unload_block` (``with resident_block(loaded, b)``); :func:`unload_rest` drops the
@@ -87,6 +91,7 @@ class LoadedModel:
     dtypes: dict = dataclasses.field(default_factory=dict)
     dtype: Optional[str] = None
     store: Optional[Callable[[str], Any]] = None
+    extras: dict = dataclasses.field(default_factory=dict)
 
     @property
     def streamed(self) -> bool:
@@ -258,9 +263,9 @@ def build_abstract_model(config, path: str | os.PathLike = "") -> tuple[nnx.Modu
         raise UnsupportedModelError(path, str(e)) from e
 
 
-def hf_to_model_name(family: str, tied: bool, hf_name: str) -> str | None:
-    """Our parameter name for a Hugging Face tensor name; ``None`` for tensors we do not keep."""
-    return FAMILIES[family].param_name(hf_name, tied)
+def hf_to_model_name(family: str, hf_name: str) -> str:
+    """Our parameter name for a Hugging Face tensor name (see :meth:`Family.param_name`)."""
+    return FAMILIES[family].param_name(hf_name)
 
 
 def is_transposed_in_hf(family: str, name: str) -> bool:
@@ -268,32 +273,79 @@ def is_transposed_in_hf(family: str, name: str) -> bool:
     return FAMILIES[family].is_transposed(name)
 
 
+HEAD = "lm_head.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """A checkpoint tensor the model does not compute with, written back unchanged (a buffer
+    such as ``rotary_emb.inv_freq``): its Hugging Face name, shape, stored dtype, the file it
+    is in, and ``read()`` giving its stored values."""
+
+    name: str
+    shape: tuple
+    dtype: np.dtype
+    file: str
+    read: Callable[[], Any]
+
+
 def fill_model(model: nnx.Module, family: str, tensors, source, *, dtype: Optional[str] = None,
-               stream: Optional[Callable[[str], Any]] = None) -> LoadedModel:
+               stream: Optional[Callable[[str], Any]] = None, config: Any = None) -> LoadedModel:
     """Check ``(hf_name, array, file, stored_dtype)`` tuples and copy them into an abstract model.
 
+    Every loader goes through here, and every stored tensor ends in one of three places:
+
+    - a parameter of the model: read, checked (shape, finite values) and used;
+    - a buffer of the family (:attr:`Family.buffers`, values ``transformers`` derives from the
+      config and ignores in a checkpoint too): not read, kept in :attr:`LoadedModel.extras` and
+      written back unchanged by the writers;
+    - anything else: refused, naming every such tensor and its file, before any is read (the
+      model would compute without them, which is not what they describe).
+
+    A head stored under a config that ties it (``tie_word_embeddings``): when it holds the
+    embedding's values it is the tied copy; when it differs, it is kept and used as
+    ``transformers`` does (the model is built with its own head, ``config`` says
+    ``tie_word_embeddings=False`` from then on, so the written output keeps it), with a
+    :class:`CheckpointNote` saying so.
+
     Arrays are converted to float32 one at a time (rounded to ``dtype``'s output dtype when one
-    is given, see :class:`LoadedModel`). With ``stream`` (a function reading a tensor by name),
-    only tensors outside the decoder blocks are copied; the blocks' are checked for shape only
-    and read later, a block at a time (:func:`load_block`). Raises :class:`CheckpointError` for
-    a shape mismatch, an unknown tensor, a tensor with NaN or inf values, or a parameter that no
-    tensor provided. Returns the :class:`LoadedModel` without config and tokenizer.
+    is given, see :class:`LoadedModel`). With ``stream`` (a function reading a tensor by our
+    name), only tensors outside the decoder blocks are copied; the blocks' are checked and read
+    later, a block at a time (:func:`load_block`). ``array`` may be a lazy reader with a
+    ``shape`` (:class:`LazyTensor`). Raises :class:`CheckpointError` for a shape mismatch, a
+    tensor stored twice, an unknown tensor, a tensor with NaN or inf values, or a parameter that
+    no tensor provided. Returns the :class:`LoadedModel`, with ``config`` and no tokenizer.
     """
     if dtype is not None:
         output_dtype("float32", dtype)  # validates the name
+    record = FAMILIES[family]
+    params, buffers = _sort_tensors(record, tensors)
     shapes = param_shapes(model)
     tied = getattr(model, "lm_head", "absent") is None
-    loaded = LoadedModel(model=model, config=None, tokenizer=None, family=family, source=os.fspath(source),
+    unknown = [hf_name for name, (hf_name, _, _, _) in params.items()
+               if name not in shapes and not (tied and name == HEAD)]
+    if unknown:
+        raise CheckpointError(params[record.param_name(unknown[0])][2], _unknown_problem(record, unknown))
+    if tied and HEAD in params:
+        if record.embedding not in params:
+            raise CheckpointError(source, f"missing tensors: {record.embedding}")
+        if _same_values(params[HEAD], params[record.embedding]):
+            del params[HEAD]  # the tied head's copy: the embedding itself
+        else:
+            model = _untied(record, model, config, params[HEAD][2])
+            shapes = param_shapes(model)
+    missing = [n for n in shapes if n not in params]
+    if missing:
+        raise CheckpointError(source, f"missing tensors: {_some(missing)}")
+    for name, (hf_name, array, file, _) in params.items():
+        _check_shape(family, shapes[name], name, hf_name, array, file)
+    loaded = LoadedModel(model=model, config=config, tokenizer=None, family=family, source=os.fspath(source),
                          dtype=dtype, store=stream)
-    seen = set()
-    with _progress.current().steps(len(shapes), f"loading {os.path.basename(os.fspath(source))}",
+    loaded.extras = buffers
+    with _progress.current().steps(len(params), f"loading {os.path.basename(os.fspath(source))}",
                                    unit="tensor") as steps:
-        for hf_name, array, file, stored in tensors:
-            name = _check_one(family, tied, shapes, hf_name, array, file)
-            if name is None:
-                continue
+        for name, (hf_name, array, file, stored) in params.items():
             loaded.dtypes[name] = stored
-            seen.add(name)
             value = array() if callable(array) else array
             if stream is None or not is_block_param(model, name):
                 _set_checked(loaded, name, value, file)
@@ -301,30 +353,78 @@ def fill_model(model: nnx.Module, family: str, tensors, source, *, dtype: Option
                 _check_finite(value, name, file)
             del value
             steps.advance()
-    missing = [n for n in shapes if n not in seen]
-    if missing:
-        shown = ", ".join(missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
-        raise CheckpointError(source, f"missing tensors: {shown}")
     return loaded
 
 
-def _check_one(family: str, tied: bool, shapes: dict, hf_name: str, array, file) -> Optional[str]:
-    """Our name for one checkpoint tensor after checking its shape (``array`` may be a lazy
-    reader with a ``shape``); ``None`` for a tensor the model has no parameter for by design
-    (e.g. a tied head's copy)."""
-    name = hf_to_model_name(family, tied, hf_name)
-    if name is None:
-        return None
-    if name not in shapes:
-        raise CheckpointError(file, f"unexpected tensor {hf_name!r} for a {family} model")
+def _sort_tensors(record: Family, tensors) -> tuple[dict, dict]:
+    """``({our name: (hf_name, array, file, stored)}, {hf_name: StoredTensor})``: the tensors
+    the model may compute with, and the family's buffers. Only names and shapes are looked at."""
+    params, buffers, where = {}, {}, {}
+    for hf_name, array, file, stored in tensors:
+        file = os.fspath(file)
+        if hf_name in where:
+            raise CheckpointError(file, f"tensor {hf_name!r} is stored twice (also in {where[hf_name]})")
+        where[hf_name] = file
+        if record.is_buffer(hf_name):
+            buffers[hf_name] = StoredTensor(hf_name, tuple(array.shape), _stored_numpy_dtype(stored, array), file,
+                                            array if callable(array) else (lambda array=array: array))
+            continue
+        name = record.param_name(hf_name)
+        if name in params:  # "h.0.x" and "transformer.h.0.x": the same parameter twice
+            raise CheckpointError(file, f"tensor {hf_name!r} is stored twice (also as {params[name][0]!r} "
+                                        f"in {params[name][2]})")
+        params[name] = (hf_name, array, file, stored)
+    return params, buffers
+
+
+def _stored_numpy_dtype(stored: str, array) -> np.dtype:
+    try:
+        return np.dtype(stored)
+    except TypeError:
+        return np.asarray(array() if callable(array) else array).dtype
+
+
+def _untied(record: Family, model: nnx.Module, config, file: str) -> nnx.Module:
+    """The model of ``model``'s spec with a head of its own, for a checkpoint whose config ties
+    the head but which stores a different one; ``config`` is changed to say so."""
+    if config is not None:
+        config.tie_word_embeddings = False
+    warnings.warn(
+        f"{file}: the config says tie_word_embeddings=true, but the checkpoint stores its own {HEAD}, "
+        f"different from {record.embedding}; fw_jax keeps it and computes with it (as transformers "
+        "does), and writes it with tie_word_embeddings=false", CheckpointNote, stacklevel=3)
+    spec = dataclasses.replace(model.spec, tie_word_embeddings=False)
+    return nnx.eval_shape(lambda: record.model(spec))
+
+
+def _same_values(a, b) -> bool:
+    """Whether two stored tensors (``(hf_name, array, file, stored)``) hold the same values."""
+    if tuple(a[1].shape) != tuple(b[1].shape):
+        return False
+    x, y = (np.asarray(t[1]() if callable(t[1]) else t[1]).reshape(-1) for t in (a, b))
+    step = 1 << 22  # in chunks: no float32 copy of a whole large tensor
+    return all(np.array_equal(x[i:i + step].astype(np.float32), y[i:i + step].astype(np.float32))
+               for i in range(0, x.size, step))
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _unknown_problem(record: Family, unknown: list[str]) -> str:
+    quoted = [repr(n) for n in unknown]
+    if len(unknown) == 1:
+        what, it, parameter = f"unexpected tensor {quoted[0]}", "it", "no such parameter"
+    else:
+        what, it, parameter = f"unexpected tensors {_some(quoted)}", "them", "no such parameters"
+    return (f"{what}: a {record.name} model with this config has {parameter}, so fw_jax would compute without "
+            f"{it}, which is not the model the checkpoint describes. Check the config (e.g. attention_bias, "
+            f"mlp_bias) or remove {it} from the checkpoint")
+
+
+def _check_shape(family: str, expected: tuple, name: str, hf_name: str, array, file) -> None:
     shape = tuple(array.shape)
     if is_transposed_in_hf(family, name):
         shape = shape[::-1]
-    if shape != shapes[name]:
-        raise CheckpointError(
-            file,
-            f"shape mismatch for {hf_name!r}: {tuple(array.shape)}, expected {shapes[name]}",
-        )
-    return name
+    if shape != expected:
+        raise CheckpointError(file, f"shape mismatch for {hf_name!r}: {tuple(array.shape)}, expected {expected}")

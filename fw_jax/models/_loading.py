@@ -75,8 +75,9 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | 
       A :class:`LoadedModel` (model, config, tokenizer or None, family).
 
     Raises:
-      CheckpointError (a ``ValueError``): unreadable, truncated or inconsistent files, naming
-      the file; UnsupportedModelError for architectures without a model here.
+      CheckpointError: (a ``ValueError``) unreadable, truncated or inconsistent files, naming
+        the file.
+      UnsupportedModelError: an architecture without a model here.
 
     Example:
       >>> lm = load_model("smollm2-135m")

@@ -34,7 +34,7 @@ from ._hf import (
 from ._layers import Embedding, LayerNorm, Linear
 from ._loaded import LoadedModel, build_abstract_model, fill_model, stored_dtype_name
 from ._params import resolve
-from ._shards import config_for_saving, tensor_items
+from ._shards import config_for_saving, extra_items, tensor_items
 
 FLAX_FILE = "flax_model.msgpack"
 _BASE_PREFIX = {"llama": "model", "gpt2": "transformer", "gemma3": "model"}
@@ -94,8 +94,8 @@ def load_flax_folder(folder: str | os.PathLike, *, tokenizer: bool = True, dtype
             name, value = _flax_to_hf(path, array)
             yield name, value, file, stored_dtype_name(np.asarray(value).dtype)
 
-    loaded = fill_model(model, family, tensors(), file, dtype=dtype)
-    loaded.source, loaded.config = folder, config
+    loaded = fill_model(model, family, tensors(), file, dtype=dtype, config=config)
+    loaded.source = folder
     loaded.tokenizer = load_tokenizer(folder) if tokenizer else None
     return loaded
 
@@ -114,10 +114,14 @@ def _hf_to_flax(model, name: str, array: np.ndarray) -> tuple[tuple[str, ...], n
 
 
 def flax_params(loaded: LoadedModel) -> dict:
-    """Our weights as the nested dict a transformers 4.x Flax model expects (numpy views)."""
+    """Our weights as the nested dict a transformers 4.x Flax model expects (numpy views), and
+    the checkpoint's tensors the model does not compute with (:attr:`LoadedModel.extras`)
+    unchanged, at the path of their dotted name."""
     tree: dict = {}
-    for name, _, _, get in tensor_items(loaded, dtype=np.float32):
-        path, value = _hf_to_flax(loaded.model, name, get())
+    items = [(name, get, True) for name, _, _, get in tensor_items(loaded, dtype=np.float32)]
+    items += [(name, get, False) for name, _, _, get in extra_items(loaded)]
+    for name, get, ours in items:
+        path, value = _hf_to_flax(loaded.model, name, get()) if ours else (tuple(name.split(".")), get())
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})

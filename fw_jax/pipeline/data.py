@@ -81,7 +81,7 @@ def load_documents(
 
     Raises:
       DataError: a missing path, an empty or unreadable file, a JSON line without ``text``,
-      invalid JSON, a folder without data files, or a dataset that cannot be loaded.
+        invalid JSON, a folder without data files, or a dataset that cannot be loaded.
 
     Example:
       >>> docs = load_documents("pydoc-calib")
@@ -176,19 +176,32 @@ def _load_file(path: str) -> list[str]:
     return [text]
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, expected: str = "UTF-8 text") -> str:
     opener = gzip.open if path.lower().endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8-sig") as f:
             return f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except UnicodeDecodeError:
+        with opener(path, "rb") as f:
+            raise not_utf8(path, f.read(), expected) from None
     except (OSError, EOFError) as e:  # permissions, truncated gzip, ...
         raise DataError(path, f"cannot read file ({e})") from e
 
 
+def not_utf8(path: str, data: bytes, expected: str) -> DataError:
+    """The :class:`DataError` for a file whose bytes ``data`` are not UTF-8: it names the line
+    and the first bad byte, and says what the file must be (``expected``)."""
+    for number, line in enumerate(data.split(b"\n"), start=1):  # no UTF-8 sequence holds the byte \n
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return DataError(path, f"not UTF-8: byte 0x{line[e.start]:02x} at column {e.start + 1} ({e.reason}); "
+                                   f"the file must be {expected}", line=number)
+    return DataError(path, f"not UTF-8; the file must be {expected}")
+
+
 def _load_json(path: str) -> list[str]:
-    content = _read_text(path)
+    content = _read_text(path, "UTF-8 JSON lines (one JSON object with a 'text' field per line)")
     if not content.strip():
         raise DataError(path, "file is empty (expected one JSON object with a 'text' field per line)")
     if content.lstrip().startswith("["):  # a JSON list, not JSON lines

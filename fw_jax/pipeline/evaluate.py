@@ -60,7 +60,7 @@ def evaluate_perplexity(
 
     Raises:
       ValueError: a model without a tokenizer (and no ``tokenizer``), a model without a BOS id
-      that needs one, a ``seqlen`` beyond the model's positions, or text shorter than one window.
+        that needs one, a ``seqlen`` beyond the model's positions, or text shorter than one window.
 
     Example:
       >>> docs = load_documents("pydoc-eval")

@@ -10,8 +10,8 @@ whole model.
 
 Windows are split into training and held-out ones; the held-out loss is measured before the first
 step and every ``eval_every`` steps, and the output keeps the weights of the best held-out loss
-(the input's own when no step beats it; the report says so). A non-finite loss stops the run
-with the best weights so far.
+(the input's own when no step beats it; the report says so). A non-finite training or held-out
+loss stops the run with the best weights so far.
 
 Resumable: every ``save_every`` steps the trained weights, the optimizer's state and the record
 so far are saved (atomically) in ``OUT.partial``; the same command resumes there, with the same
@@ -39,15 +39,18 @@ from flax import nnx
 
 from fw_jax import _progress, models
 from fw_jax._files import atomic_write, replace_folder
-from fw_jax.pipeline.checkpoints import digest
+from fw_jax.pipeline.identity import digest
 from fw_jax.pipeline.data import calibration_tokens, load_documents, needs_bos_per_window
-from fw_jax.pipeline._training import check_fields, masked_update
+from fw_jax.pipeline._training import (
+    check_fields, linear_weights_filter, masked_update, nonzero_masks, train_masked,
+)
 from fw_jax.pipeline.output import (
     FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, read_marker,
     remove_own_folder, write_marker,
 )
 
-__all__ = ["FinetuneSettings", "FinetuneInterrupted", "finetune", "REPORT_NAME"]
+__all__ = ["FinetuneSettings", "FinetuneInterrupted", "finetune", "REPORT_NAME", "check_same_tokenizer",
+           "tokenizer_difference"]
 
 REPORT_NAME = "finetune_report.json"
 STATE_NAME = "finetune_state.npz"
@@ -125,11 +128,6 @@ def _trained(model) -> tuple[str, ...]:
         for _, group in model.blocks[b].LINEAR_GROUPS:
             names.extend(f"{model.block_path}.{b}.{member}.weight" for member in group)
     return tuple(names)
-
-
-def _filter(names: tuple[str, ...]):
-    wanted = set(names)
-    return lambda path, _: ".".join(str(p) for p in path) in wanted
 
 
 def _log_softmax(logits, temperature=1.0):
@@ -290,10 +288,10 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
     train, held = jnp.asarray(tokens[:settings.nsamples]), jnp.asarray(tokens[settings.nsamples:])
     model = loaded.model
     names = _trained(model)
-    graphdef, weights, rest = nnx.split(model, _filter(names), ...)
+    graphdef, weights, rest = nnx.split(model, linear_weights_filter(names), ...)
     if len(jax.tree.leaves(weights)) != len(names):  # every linear weight found, or the model's layout changed
         raise AssertionError(f"found {len(jax.tree.leaves(weights))} of the {len(names)} linear weights to train")
-    masks = jax.tree.map(lambda w: w != 0, weights)
+    masks = nonzero_masks(weights)
     teacher_graphdef = teacher_state = None
     if teacher_path is not None:
         dense = models.load_model(teacher_path, dtype="float32")
@@ -301,6 +299,7 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
                 getattr(dense.config, "vocab_size", None) != getattr(loaded.config, "vocab_size", None):
             raise ValueError(f"--teacher {teacher_path} has vocabulary size {getattr(dense.config, 'vocab_size', '?')}, "
                              f"the model {getattr(loaded.config, 'vocab_size', '?')}: distillation needs the same tokenizer")
+        check_same_tokenizer(model_path, loaded.tokenizer, teacher_path, dense.tokenizer)
         teacher_graphdef, teacher_state = nnx.split(dense.model)
     optimizer, step_fn, evaluate = _compiled(graphdef, teacher_graphdef, settings)
     batches = _batches(settings)
@@ -334,39 +333,40 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
                  f"{settings.batch_size}×{settings.seqlen} tokens of {data}"
                  + (f", distilling from {teacher_path}" if teacher_path else "")
                  + f"; held-out loss {state['heldout_before']:.4f}")
-    stopped = "steps"
+    def on_step(event):  # the bookkeeping of a step: the record, the progress line, the checkpoint
+        nonlocal start  # when the seconds not yet counted in ``state`` began
+        state["losses"].append(event.loss)
+        state["step"] = event.step
+        if event.stopping == "nonfinite":
+            what, value = ("loss", event.loss) if event.held is None else ("held-out loss", event.held)
+            progress.say(f"step {event.step}: the {what} is not finite ({value}); stopping with the best weights so far")
+            return
+        if event.held is not None:
+            state["heldout"].append([event.step, event.held])
+            state["best"], state["best_step"] = event.state.best_loss, event.state.best_step
+            progress.say(f"step {event.step}/{settings.steps}: train loss {event.loss:.4f}, held-out {event.held:.4f} "
+                         f"(best {state['best']:.4f} at step {state['best_step']})", _progress.VERBOSE)
+        if event.step % settings.save_every == 0 and event.step < settings.steps:
+            state["seconds"] += time.perf_counter() - start
+            start = time.perf_counter()
+            _write_state(work_dir, fingerprint, {"weights": event.state.weights, "opt_state": event.state.opt_state,
+                                                 "best": event.state.best}, state)
+        bar.advance(note=f"loss {event.loss:.3f}")
+        if after_step is not None:
+            after_step(event.step)
+
     try:
         with progress.steps(settings.steps, "fine-tuning", unit="step") as bar:
             bar.advance(state["step"])
-            for t in range(state["step"], settings.steps):
-                weights, opt_state, loss = step_fn(weights, opt_state, masks, rest, teacher_state,
-                                                   train[batches[t]])
-                loss = float(loss)
-                state["losses"].append(loss)
-                state["step"] = t + 1
-                if not math.isfinite(loss):
-                    stopped = "nonfinite"
-                    progress.say(f"step {t + 1}: the loss is not finite ({loss}); stopping with the best weights so far")
-                    break
-                if state["step"] % settings.eval_every == 0 or state["step"] == settings.steps:
-                    now = held_loss(weights)
-                    state["heldout"].append([state["step"], now])
-                    if now < state["best"]:
-                        best = jax.tree.map(jnp.copy, weights)  # the next step donates ``weights``
-                        state["best"], state["best_step"] = now, state["step"]
-                    progress.say(f"step {state['step']}/{settings.steps}: train loss {loss:.4f}, held-out {now:.4f} "
-                                 f"(best {state['best']:.4f} at step {state['best_step']})", _progress.VERBOSE)
-                if state["step"] % settings.save_every == 0 and state["step"] < settings.steps:
-                    state["seconds"] += time.perf_counter() - start
-                    start = time.perf_counter()
-                    _write_state(work_dir, fingerprint, {"weights": weights, "opt_state": opt_state, "best": best},
-                                 state)
-                bar.advance(note=f"loss {loss:.3f}")
-                if after_step is not None:
-                    after_step(state["step"])
+            trained = train_masked(
+                lambda w, s, rows: step_fn(w, s, masks, rest, teacher_state, train[rows]), weights, opt_state,
+                lambda t: (batches[t],), steps=settings.steps, eval_every=settings.eval_every, held_loss=held_loss,
+                best=best, best_loss=state["best"], best_step=state["best_step"], start=state["step"],
+                on_step=on_step)
     except KeyboardInterrupt:
         saved = _read_state(work_dir, fingerprint, None, header_only=True)
         raise FinetuneInterrupted(0 if saved is None else saved["step"], settings.steps, work_dir) from None
+    best, stopped = trained.best, trained.stopped
     state["seconds"] += time.perf_counter() - start
     nnx.update(model, best)
     report = {"model": model_path, "teacher": teacher_path, "data": request["data"],
@@ -386,6 +386,69 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
         raise
     remove_own_folder(work_dir)
     return report
+
+
+def check_same_tokenizer(model_path: str, tokenizer, teacher_path: str, teacher_tokenizer) -> None:
+    """Refuse a teacher whose tokenizer is not the model's: distillation compares the two models'
+    next-token distributions id by id, so every id must be the same token in both, and (for BPE
+    tokenizers) the merges must be the same, so that the teacher was trained on the same
+    segmentation of text. Raises ``ValueError`` naming both paths and the first difference
+    (``token id 17 is 'ab' in MODEL but 'cd' in TEACHER``)."""
+    if teacher_tokenizer is None:
+        raise ValueError(f"--teacher {teacher_path} has no tokenizer, so fw_jax cannot check that its token ids mean "
+                         f"what those of {model_path} mean; distillation needs the same tokenizer (copy the model's "
+                         "tokenizer files into the teacher's folder if it is the same)")
+    difference = tokenizer_difference(tokenizer, model_path, teacher_tokenizer, teacher_path)
+    if difference is not None:
+        raise ValueError(f"--teacher {teacher_path} does not have the tokenizer of {model_path}: {difference}. "
+                         "Distillation compares the two models' predictions token id by token id, so it needs "
+                         "the same tokenizer")
+
+
+def tokenizer_difference(a, name_a: str, b, name_b: str) -> Optional[str]:
+    """The first difference between two ``transformers`` tokenizers that changes what a token id
+    means, as a phrase naming both (``name_a``, ``name_b``); ``None`` when there is none: every id
+    is the same token (added tokens included), the tokenizer models are of the same kind and, for
+    BPE, have the same merges in the same order."""
+    vocab_a, vocab_b = a.get_vocab(), b.get_vocab()
+    tokens_a, tokens_b = ({i: t for t, i in v.items()} for v in (vocab_a, vocab_b))
+    for i in sorted(set(tokens_a) | set(tokens_b)):
+        if tokens_a.get(i) != tokens_b.get(i):
+            return f"token id {i} is {_token(tokens_a.get(i))} in {name_a} but {_token(tokens_b.get(i))} in {name_b}"
+    for token in sorted(set(vocab_a) | set(vocab_b)):  # a token with two ids in one of them
+        if vocab_a.get(token) != vocab_b.get(token):
+            return f"token {token!r} is id {vocab_a.get(token)} in {name_a} but id {vocab_b.get(token)} in {name_b}"
+    model_a, model_b = _backend_model(a), _backend_model(b)
+    if model_a.get("type") != model_b.get("type"):
+        return f"{name_a} has a {model_a.get('type')} tokenizer but {name_b} a {model_b.get('type')} one"
+    merges_a, merges_b = _merges(model_a), _merges(model_b)
+    for i in range(max(len(merges_a), len(merges_b))):
+        x = merges_a[i] if i < len(merges_a) else None
+        y = merges_b[i] if i < len(merges_b) else None
+        if x != y:
+            return f"merge {i} is {_merge(x)} in {name_a} but {_merge(y)} in {name_b}"
+    return None
+
+
+def _token(token) -> str:
+    return "no token" if token is None else repr(token)
+
+
+def _merge(pair) -> str:
+    return "absent" if pair is None else repr(" ".join(pair))
+
+
+def _backend_model(tokenizer) -> dict:
+    """The ``model`` section of a fast tokenizer's ``tokenizer.json`` (``{}`` for a slow one)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return {}
+    return json.loads(backend.to_str()).get("model") or {}
+
+
+def _merges(model: dict) -> list[tuple[str, ...]]:
+    """BPE merges as pairs, whichever of the two forms ``tokenizer.json`` holds them in."""
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or ()]
 
 
 def _write_state(work_dir: str, fingerprint: str, arrays: dict, state: dict) -> None:

@@ -208,7 +208,11 @@ def plot_blocks(
 
     * (a) mean error reduction vs Wanda of the block's layers, in % (positive: better than
       Wanda); only with ``compare_wanda`` (see :attr:`fw_jax.pipeline.PruneSettings.compares_with_wanda`);
-    * (b) time per block: the sum of its layers' ``"seconds"``;
+    * (b) time per block: its calibration passes (``"block_calibration_seconds"``: the pass through
+      the previous block that computed its inputs and the pass that summed its Gram matrices),
+      then the sum of its layers' ``"seconds"``, stacked, and the total over the blocks; the
+      first block's bar is marked as including JIT compilation (the first call of each shape
+      compiles it);
     * (c) certificate ``(error − lower bound) / error`` (0: proved optimal), mean over the
       block's layers with a proved bound (``lower_bound > 0``), with ``k/n`` (layers proved /
       layers) above each bar. Records without ``"certificate"`` (Wanda, SparseGPT, ...) have no
@@ -223,7 +227,9 @@ def plot_blocks(
     Args:
       layers: one dict per layer with ``"seconds"`` and ``"block"`` (or a name like
         ``model.layers.N.…``); ``"error"`` and ``"wanda_error"`` with ``compare_wanda``;
-        optionally ``"lower_bound"`` and ``"certificate"``.
+        optionally ``"lower_bound"``, ``"certificate"`` and ``"block_calibration_seconds"``
+        (the same in every layer of a block; without it the panel says the calibration passes
+        are not counted).
       path: PNG file to write.
       title: figure title.
       compare_wanda: draw panel (a).
@@ -259,8 +265,10 @@ def _per_block(layers: Sequence[Mapping[str, Any]], compare_wanda: bool) -> dict
     recovery = [l.get("block_recovery") for l in layers]
     kept = np.array([float(l.get("kept", math.nan)) for l in layers])
     size = np.array([float(l.get("size", math.nan)) for l in layers])
+    calibration = np.array([float(l.get("block_calibration_seconds", math.nan)) for l in layers])
     out = {"block": blocks, "reduction": [], "seconds": [], "certificate": [], "proved": [], "layers": [],
-           "recovery_seconds": [], "heldout_before": [], "heldout_after": [], "sparsity": []}
+           "recovery_seconds": [], "heldout_before": [], "heldout_after": [], "sparsity": [],
+           "calibration_seconds": []}
     for b in blocks:
         here = of_layer == b
         r, c = reduction[here], certificate[here]
@@ -269,6 +277,8 @@ def _per_block(layers: Sequence[Mapping[str, Any]], compare_wanda: bool) -> dict
         out["certificate"].append(np.nanmean(c) if np.isfinite(c).any() else math.nan)
         out["proved"].append(int(proved[here].sum()))
         out["layers"].append(int(here.sum()))
+        known = calibration[here][np.isfinite(calibration[here])]
+        out["calibration_seconds"].append(known[0] if len(known) else math.nan)  # one per block
         block_recovery = next((rec for rec, h in zip(recovery, here) if h and rec), None)  # one per block
         for key, field in (("recovery_seconds", "seconds"), ("heldout_before", "heldout_before"),
                            ("heldout_after", "heldout_after")):
@@ -325,17 +335,7 @@ def _blocks_figure(layers: Sequence[Mapping[str, Any]], title: str, compare_wand
                          fontsize=10, loc="left")
             ax.set_ylabel("error reduction\nvs Wanda (%)")
         elif panel == "seconds":
-            values = data["seconds"]
-            ax.bar(blocks, values, width=0.8, color="#8C8C8C", zorder=2, label="layers")
-            total = f"total {_duration(values.sum())}"
-            if recovered:
-                extra = np.nan_to_num(data["recovery_seconds"])
-                ax.bar(blocks, extra, bottom=values, width=0.8, color="#DD8452", zorder=2, label="recovery")
-                ax.legend(fontsize=8, loc="upper right")
-                total = f"layers {_duration(values.sum())} + recovery {_duration(extra.sum())}"
-            ax.set_title(f"({letter}) time per block (sum of its layers' times"
-                         + (", then its recovery" if recovered else "") + f"); {total}", fontsize=10, loc="left")
-            ax.set_ylabel("time (s)")
+            _time_panel(ax, letter, blocks, data, recovered)
         elif panel == "recovery":
             before, after = data["heldout_before"], data["heldout_after"]
             ax.bar(blocks - 0.2, before, width=0.4, color="#C8C8C8", zorder=2, label="before recovery")
@@ -372,6 +372,34 @@ def _blocks_figure(layers: Sequence[Mapping[str, Any]], title: str, compare_wand
     bottom.set_xlim(blocks.min() - 0.7, blocks.max() + 0.7)
     bottom.set_xlabel("block")
     return fig
+
+
+def _time_panel(ax, letter: str, blocks: np.ndarray, data: Mapping[str, Any], recovered: bool) -> None:
+    """Panel (b) of :func:`plot_blocks`: per block, its calibration passes, its layers and its
+    recovery, stacked in that order (each part's bars in ``ax.patches``, in that order), the
+    total over the blocks in the title and the first block marked as including compilation."""
+    calibration = data["calibration_seconds"]
+    parts = [("calibration passes", np.nan_to_num(calibration), "#C8C8C8")] if np.isfinite(calibration).any() else []
+    parts.append(("layers", data["seconds"], "#8C8C8C"))
+    if recovered:
+        parts.append(("recovery", np.nan_to_num(data["recovery_seconds"]), "#DD8452"))
+    bottom = np.zeros(len(blocks))
+    for label, values, colour in parts:
+        ax.bar(blocks, values, bottom=bottom, width=0.8, color=colour, zorder=2, label=label)
+        bottom = bottom + values
+    if len(parts) > 1:
+        ax.legend(fontsize=8, loc="upper right")
+    total = f"total {_duration(bottom.sum())}"
+    if len(parts) > 1:
+        total += " (" + " + ".join(f"{label} {_duration(values.sum())}" for label, values, _ in parts) + ")"
+    what = ", then ".join(f"its {label}" for label, _, _ in parts)
+    unknown = "" if parts[0][0] == "calibration passes" else " (calibration passes not recorded)"
+    ax.set_title(f"({letter}) time per block: {what}; {total}{unknown}", fontsize=10, loc="left")
+    ax.set_ylabel("time (s)")
+    top = float(bottom.max()) if len(bottom) else 0.0
+    ax.set_ylim(0.0, max(top, 1e-9) * 1.22)  # room for the note above the first bar
+    ax.annotate("includes JIT\ncompilation", xy=(blocks[0] - 0.4, bottom[0]), xytext=(0, 3),
+                textcoords="offset points", ha="left", va="bottom", fontsize=7, gid="compilation")
 
 
 def _duration(seconds: float) -> str:

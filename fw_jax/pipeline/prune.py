@@ -7,11 +7,14 @@ block's inputs. Embeddings and the LM head are never pruned.
 
 With ``work_dir`` every finished block is checkpointed: its shard of the output
 (``block_0003.safetensors``, every tensor of the block in the dtype it is written in) and its
-layer records, each written atomically. Running again with the same settings resumes after the
-last finished block: the inputs of the next block are recomputed by running the saved blocks
-again, which is deterministic, so a resumed run gives the same model bit for bit as an
-uninterrupted one (the pruned weights are rounded to the output dtype before they feed the next
-block, in both). A streamed model (``load_model(..., stream=True)``) has one block in memory at
+layer records with the shard's SHA-256, each written atomically. Running again with the same
+settings resumes after the last finished block: the inputs of the next block are recomputed by
+running the saved blocks again, which is deterministic, so a resumed run gives the same model
+bit for bit as an uninterrupted one (the pruned weights are rounded to the output dtype before
+they feed the next block, in both). A saved block is used only if it is the very file that was
+written (its record and shard match their checksums, and what is read back is the block's
+tensors, finite); one that fails is pruned again with every later block, and the message names
+its file. A streamed model (``load_model(..., stream=True)``) has one block in memory at
 a time: it is read before it is pruned and dropped once its shard is written.
 """
 
@@ -35,10 +38,11 @@ from fw_jax.solver import NM, Budget, PerRow, SolverOptions, inputs_error, recon
 
 from . import distributed
 from .checkpoints import (
-    ResumeMismatch, block_file as _block_file, blocks_on_disk as _blocks_on_disk,
-    finished_blocks as _finished_blocks, load_block_records as _load_block_records, run_fingerprint,
-    run_record as _run_record, save_block as _save_block,
+    Damage as _Damage, ResumeMismatch, block_file as _block_file, blocks_on_disk as _blocks_on_disk,
+    discard_blocks as _discard_blocks, finished_blocks as _finished_blocks, load_block_history as _load_block_history,
+    load_block_records as _load_block_records, save_block as _save_block, verified_blocks as _verified_blocks,
 )
+from .identity import calibration_record, run_fingerprint, run_record as _run_record
 from .methods import METHODS, Layer
 from .allocation import Allocation, allocate
 from .recover import RecoverSettings, recover_block
@@ -201,7 +205,7 @@ class PruneReport:
             "calibration": self.calibration,
             "seconds": self.seconds,
             "resumed_blocks": self.resumed_blocks,
-            "processes": jax.process_count(),  # jax.distributed: the samples and layers were shared out
+            "processes": distributed.process_count(),  # the samples and layers were shared out
             "layers": self.layers,
             "summary": self.summary(),
         } | ({"allocation": self.allocation} if self.allocation is not None else {})
@@ -330,9 +334,9 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
     # (in one process: across processes each holds only its share of the tokens).
     few_tokens = distributed.process_count() == 1 and int(np.prod(hidden.shape[:2])) < min(
         layer.weight.shape[1] for layer in linears)
-    grams = models.block_grams(model, b, hidden, return_inputs=few_tokens)
+    # Chunk by chunk, summed exactly over chunks and processes: the same matrices in any number of processes
+    grams = distributed.block_grams(model, b, hidden, return_inputs=few_tokens)
     grams, inputs = grams if few_tokens else (grams, {})
-    grams = distributed.sum_over_processes(grams)  # each process accumulated its share of the samples
     jax.block_until_ready(grams)
     calibration_seconds = time.perf_counter() - calibration_start
     wants = [history_layer == layer.name and settings.method == "sparsefw" for layer in linears]
@@ -348,7 +352,7 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
         new_weight, record = _prune_named(layer.name, w, g, settings, wants[i], x, layer_budgets[i])
         return (new_weight if device is None else jax.device_put(new_weight, jax.local_devices()[0])), record
 
-    mine = [i for i in range(len(linears)) if distributed.owner(i) == jax.process_index()]
+    mine = [i for i in range(len(linears)) if distributed.owner(i) == distributed.process_index()]
     if devices is not None and len(devices) > 1:
         with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
             solved = dict(zip(mine, pool.map(lambda i: solve(i, devices[i % len(devices)]), mine)))
@@ -358,7 +362,7 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
     else:
         results = (solve(i) for i in range(len(linears)))  # lazily: the progress bar follows the layers
     new_weights, records, history = {}, [], None
-    with progress.steps(len(linears), f"block {b + 1}", unit="layer", leave=False) as steps:
+    with progress.steps(len(linears), f"block {b}", unit="layer", leave=False) as steps:
         for layer, want_history, budget, (new_weight, record) in zip(linears, wants, layer_budgets, results):
             if want_history:
                 history = dict(record.pop("_history"), layer=layer.name)
@@ -376,6 +380,16 @@ def _prune_block(loaded, b: int, hidden, settings: PruneSettings, history_layer,
     return _PrunedBlock(records, history, calibration_seconds, energies)
 
 
+def _not_used(damage, work_dir: str, b: int, writer: bool, progress: _progress.Progress) -> None:
+    """Block ``b``'s checkpoint failed its check (``damage``): discard it and every later block's
+    (computed from it), so that they are pruned again, and say so naming the file."""
+    distributed.barrier("damaged checkpoint found")  # every process has read what it needs
+    later = _discard_blocks(work_dir, b) if writer else 0
+    also = f", with the checkpoints of the {later} later blocks (computed from it)," if later else ""
+    progress.say(f"warning: {damage}. It is not used: this checkpoint{also} was discarded, and block {b} "
+                 "and every later block are pruned again")
+
+
 def _recover(loaded, b: int, hidden, target, settings: RecoverSettings, dense: Optional[dict]) -> dict:
     """Recovery of block ``b`` (``recover.recover_block``), its weights then rounded to the dtype
     they are written in, as pruned ones are."""
@@ -387,34 +401,33 @@ def _recover(loaded, b: int, hidden, target, settings: RecoverSettings, dense: O
     return record
 
 
-def _recovery_line(b: int, blocks: int, r: dict) -> str:
+def _recovery_line(b: int, r: dict) -> str:
     why = {"steps": "", "early": ", stopped early (held-out loss)",
            "worse": ": no better, the block keeps its pruned weights",
            "nonfinite": ": a loss was not finite, the block keeps its pruned weights"}[r["stopped"]]
-    return (f"block {b + 1}/{blocks} recovery: loss vs dense {r['loss_before']:.4g} -> {r['loss_after']:.4g} "
+    return (f"block {b} recovery: loss vs dense {r['loss_before']:.4g} -> {r['loss_after']:.4g} "
             f"in {r['steps']} steps, {r['seconds']:.1f}s{why}")
 
 
 def _layer_line(record: dict, compare: bool) -> str:
     """The ``-v`` line of one pruned layer."""
     line = f"  {record['name']:<36} {record['seconds']:6.1f}s  error {record['error']:.4g}"
-    if compare:
-        change = record["error"] / record["wanda_error"] - 1 if record["wanda_error"] > 0 else 0.0
-        line += f"  vs Wanda {change:+.1%}"
+    if compare:  # signed as in the plots: positive is a lower error than Wanda's
+        reduction = 1 - record["error"] / record["wanda_error"] if record["wanda_error"] > 0 else 0.0
+        line += f"  reduction vs Wanda {reduction:+.1%}"
     if "certificate" in record:  # a bound ≤ 0 proves nothing: say so rather than "cert 1.00"
         line += f"  cert {record['certificate']:.2f}" if record["lower_bound"] > 0 else "  cert -"
     return line
 
 
-def _block_line(b: int, blocks: int, records: list[dict], seconds: float, compare: bool,
-                calibration_seconds: float) -> str:
+def _block_line(b: int, records: list[dict], seconds: float, compare: bool, calibration_seconds: float) -> str:
     """The one-line summary of a pruned block (the default progress output)."""
-    line = (f"block {b + 1}/{blocks}: {len(records)} layers in {seconds:.1f}s "
+    line = (f"block {b}: {len(records)} layers in {seconds:.1f}s "
             f"(calibration passes {calibration_seconds:.1f}s)")
-    if compare:
+    if compare:  # signed as in the plots: positive is a lower error than Wanda's
         ratios = [r["error"] / r["wanda_error"] for r in records if r["wanda_error"] > 0]
         if ratios:
-            line += f", error vs Wanda {float(np.mean(ratios)) - 1:+.1%} (mean over layers)"
+            line += f", error reduction vs Wanda {1 - float(np.mean(ratios)):+.1%} (mean over layers)"
     if records and "certificate" in records[0]:
         proved = [r["certificate"] for r in records if r["lower_bound"] > 0]
         line += (f", bound proved for {len(proved)}/{len(records)} layers (mean cert {np.mean(proved):.2f})"
@@ -447,7 +460,7 @@ def prune_model(
         check that a resumed run is the same run.
       history_layer: name of a layer whose Frank-Wolfe history is recorded (for a plot).
       progress: report to stderr: a bar over the blocks on a terminal, a summary line per block
-        (error vs Wanda, certificates), a line per layer at ``VERBOSE``; a
+        (error reduction vs Wanda, certificates), a line per layer at ``VERBOSE``; a
         :class:`fw_jax.pipeline.Progress` chooses where and how much, ``False`` is silent.
       after_block: called with the block index after each block is finished and saved.
       devices: JAX devices to spread the layers of a block over (layer ``i`` on
@@ -460,7 +473,7 @@ def prune_model(
       A :class:`PruneReport`.
     """
     report = _progress.as_progress(progress)
-    with _progress.use(report):
+    with _progress.use(report), _progress.interruptible(report):  # Ctrl-C stops between layers
         return _prune_blocks(loaded, tokens, settings, work_dir, calibration, history_layer, report,
                              after_block, devices, hidden_dtype)
 
@@ -471,9 +484,7 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
     if hidden_dtype not in HIDDEN_DTYPES:
         raise ValueError(f"hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}; got {hidden_dtype!r}")
     keep = jnp.dtype(hidden_dtype)
-    calibration = dict(calibration or {}, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
-    if hidden_dtype != "float32":  # recorded (and part of the run's identity) only when not the default
-        calibration["hidden_dtype"] = hidden_dtype
+    calibration = calibration_record(calibration, tokens.shape, hidden_dtype)
     check_model(loaded, settings, int(tokens.shape[1]))
     if loaded.streamed and work_dir is None:
         raise ValueError(f"{loaded.source} is streamed (load_model(..., stream=True)): each pruned block "
@@ -485,9 +496,12 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
     records: list[dict] = []
     earlier_seconds = 0.0  # wall time of the blocks an interrupted run finished
     writer = distributed.is_writer()  # across processes, only process 0 writes
+    saved: list[tuple[list[dict], float]] = []  # the records and wall time of each block to resume
     if work_dir is not None:
+        damage = None
         if os.path.isdir(work_dir):
             start_block = _finished_blocks(work_dir, record)  # checked before anything is written
+            start_block, damage = _verified_blocks(work_dir, start_block)  # a damaged block is pruned again
         distributed.barrier("checkpoints read")  # nobody reads a state.json being replaced
         from fw_jax.pipeline.output import PARTIAL, read_marker, write_marker
 
@@ -500,10 +514,9 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
                 json.dumps({"fingerprint": fingerprint, "describe": settings.describe(), "blocks": blocks,
                             "run": record}, default=str),
             )
-        for b in range(start_block):
-            block_records, block_seconds = _load_block_records(work_dir, b)
-            records.extend(block_records)
-            earlier_seconds += block_seconds
+        if damage is not None:
+            _not_used(damage, work_dir, start_block, writer, progress)
+        saved = [_load_block_records(work_dir, b) for b in range(start_block)]
         if start_block:
             progress.say(f"resuming after block {start_block - 1} from {work_dir}")
 
@@ -530,48 +543,68 @@ def _prune_blocks(loaded, tokens, settings: PruneSettings, work_dir, calibration
         if start_block:
             with progress.steps(start_block, "replaying the finished blocks", unit="block") as steps:
                 for replayed in range(start_block):  # the pruned block as saved, read back
+                    path = _block_file(work_dir, replayed)
+                    try:  # its checksum matched: this can only fail if fw_jax wrote a bad block
+                        pruned_block = models.read_block_shard(loaded, path, replayed)
+                    except models.CheckpointError as e:
+                        _not_used(_Damage(path, f"fw_jax's checkpoint of block {replayed} of this run (not the "
+                                                f"input model) cannot be used: {e.problem}"),
+                                  work_dir, replayed, writer, progress)
+                        start_block, saved = replayed, saved[:replayed]
+                        break
                     if dense is not None:  # the dense block first, as the original checkpoint has it
                         models.load_block(loaded, replayed)
                         dense = models.run_block(model, replayed, dense).astype(keep)
-                    models.load_block(loaded, replayed, models.read_block_shard(loaded, _block_file(work_dir, replayed)))
+                    models.load_block(loaded, replayed, pruned_block)
+                    del pruned_block
                     hidden = models.run_block(model, replayed, hidden).astype(keep)
                     models.unload_block(loaded, replayed)
                     steps.advance()
+        for block_records, block_seconds in saved:
+            records.extend(block_records)
+            earlier_seconds += block_seconds
+        for b in range(start_block):  # a history recorded before the interruption
+            history = _load_block_history(work_dir, b) or history
+        done = start_block
         with progress.steps(blocks, "pruning", unit="block", running_lines=False) as block_steps:
             block_steps.advance(start_block)
+            forward_seconds = 0.0  # the pass through the previous block that computed this block's inputs
             for b in range(start_block, blocks):
-                block_start = time.perf_counter()
+                block_start = time.perf_counter() - forward_seconds  # that pass counts as this block's calibration
                 models.load_block(loaded, b)
                 target = None if dense is None else models.run_block(model, b, dense).astype(keep)
                 pulled = ({layer.name: layer.weight for layer in models.block_linears(model, b)}
                           if target is not None and settings.recover.dense_pull else None)  # the dense weights
                 pruned = _prune_block(loaded, b, hidden, settings, history_layer, devices, progress, compare,
                                       None if allocation is None else allocation["budgets"][b])
-                block_records, calibration_seconds = pruned.records, pruned.calibration_seconds
+                block_records, calibration_seconds = pruned.records, pruned.calibration_seconds + forward_seconds
+                for r in block_records:  # for blocks.png, whose times then add up to the run's
+                    r["block_calibration_seconds"] = calibration_seconds
                 history = pruned.history or history
                 if target is not None:
                     recovery = _recover(loaded, b, hidden, target, settings.recover, None if pulled is None else {
                         name: (weight, pruned.energies[name]) for name, weight in pulled.items()})
                     for r in block_records:
                         r["block_recovery"] = recovery
-                    progress.say(_recovery_line(b, blocks, recovery))
+                    progress.say(_recovery_line(b, recovery))
                     dense = target
                 if work_dir is not None and writer:
-                    _save_block(work_dir, b, loaded, block_records, time.perf_counter() - block_start)
+                    _save_block(work_dir, b, loaded, block_records, time.perf_counter() - block_start, pruned.history)
                 records.extend(block_records)
                 done = b + 1
+                block_seconds = time.perf_counter() - block_start
                 if b + 1 < blocks:
                     forward_start = time.perf_counter()
                     hidden = jax.block_until_ready(models.run_block(model, b, hidden).astype(keep))
-                    calibration_seconds += time.perf_counter() - forward_start
+                    forward_seconds = time.perf_counter() - forward_start
                 models.unload_block(loaded, b)
                 now = time.perf_counter()
                 left = (now - started) / (done - start_block) * (blocks - done)
-                progress.say(_block_line(b, blocks, block_records, now - block_start, compare, calibration_seconds)
-                             + (f"; about {left:.0f}s left" if done < blocks else ""))
-                block_steps.advance(note=f"block {b + 1}")
+                progress.say(_block_line(b, block_records, block_seconds, compare, calibration_seconds)
+                             + (f"; {done} of {blocks} blocks done, about {left:.0f}s left" if done < blocks else ""))
                 if after_block is not None:
                     after_block(b)
+                block_steps.advance(note=f"block {b}")  # where a pending Ctrl-C stops the run
     except KeyboardInterrupt:
         if work_dir is not None:  # what is on disk counts: the block being saved may have made it
             done = _blocks_on_disk(work_dir, done)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Optional
 
@@ -33,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ._training import check_fields, masked_update
+from ._training import check_fields, linear_weights_filter, masked_update, nonzero_masks, train_masked
 
 
 __all__ = ["LOSSES", "RecoverSettings", "recover_block"]
@@ -117,21 +116,8 @@ class RecoverSettings:
         return f" ({', '.join(parts)})" if parts else ""
 
     def record(self) -> dict:
-        """The fields as JSON-ready values (reports, resume fingerprints). Fields added after runs
-        were already checkpointed (``_ADDED_LATER``) are left out while at their defaults, so those
-        runs still resume."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if _ADDED_LATER.get(k, _ABSENT) != v}
-
-
-_ABSENT = object()
-#: Fields added to RecoverSettings after runs had been checkpointed, with their defaults.
-_ADDED_LATER = {"proximal": 0.0, "dense_pull": 0.0}
-
-
-def _linear_weights(members: tuple):
-    """An nnx filter: the ``weight`` of every linear layer named in ``members``."""
-    wanted = {f"{m}.weight" for m in members}
-    return lambda path, _: ".".join(str(p) for p in path) in wanted
+        """Every field as a JSON-ready value (reports, the run's identity: ``identity.py``)."""
+        return dataclasses.asdict(self)
 
 
 def _dense_trees(like, prefix: str, dense: Optional[dict]):
@@ -225,9 +211,9 @@ def recover_block(model, b: int, inputs: jax.Array, targets: jax.Array, settings
     start = time.perf_counter()
     block = model.blocks[b]
     members = tuple(m for _, group in block.LINEAR_GROUPS for m in group)
-    graphdef, before, rest = nnx.split(block, _linear_weights(members), ...)
-    optimizer, step, sums = _compiled(graphdef, settings)
-    masks = jax.tree.map(lambda w: w != 0, before)
+    graphdef, before, rest = nnx.split(block, linear_weights_filter(f"{m}.weight" for m in members), ...)
+    optimizer, step_fn, sums = _compiled(graphdef, settings)
+    masks = nonzero_masks(before)
     pull = _dense_trees(before, f"{model.block_path}.{b}", dense) if settings.dense_pull else None
     inputs, targets = jnp.asarray(inputs, jnp.float32), jnp.asarray(targets, jnp.float32)
     n = inputs.shape[0]
@@ -250,36 +236,32 @@ def recover_block(model, b: int, inputs: jax.Array, targets: jax.Array, settings
     everything = np.arange(n)
     sums_before = window_sums(before, everything)  # once: the held-out loss is a part of it
     loss_before, held_before = relative(*sums_before), relative(*sums_before, heldout)
-    rng = np.random.default_rng([settings.seed, b])
-    weights, opt_state = before, optimizer.init(before)
-    best, best_held, waited, taken, stopped = before, held_before, 0, 0, "steps"
-    order = np.array([], int)
-    for t in range(settings.steps):
-        if len(order) < settings.batch_size:
-            order = np.concatenate([order, rng.permutation(train)])
-        rows, order = order[:settings.batch_size], order[settings.batch_size:]
-        weights, opt_state, loss = step(weights, opt_state, masks, before, pull, rest, inputs[rows], targets[rows], context)
-        taken = t + 1
-        if not math.isfinite(float(loss)):
-            stopped = "nonfinite"
-            break
-        if taken % settings.eval_every == 0 or taken == settings.steps:
-            held_now = loss_on(weights, heldout)
-            if not math.isfinite(held_now):
-                stopped = "nonfinite"
-                break
-            if held_now < best_held:
-                best, best_held, waited = weights, held_now, 0
-            else:
-                waited += 1
-                if waited >= settings.patience:
-                    stopped = "early"
-                    break
-    chosen = best if stopped != "nonfinite" else before
+    batches = _batches(train, settings.batch_size, settings.steps, settings.seed, b)
+    trained = train_masked(
+        lambda w, s, rows: step_fn(w, s, masks, before, pull, rest, inputs[rows], targets[rows], context),
+        before, optimizer.init(before), lambda t: (batches[t],), steps=settings.steps,
+        eval_every=settings.eval_every, held_loss=lambda w: loss_on(w, heldout), best=before, best_loss=held_before,
+        patience=settings.patience)
+    stopped = trained.stopped
+    chosen = trained.best if stopped != "nonfinite" else before
     loss_after = loss_on(chosen, everything) if chosen is not before else loss_before
     if stopped != "nonfinite" and not loss_after < loss_before:
         chosen, loss_after, stopped = before, loss_before, "worse"
     nnx.update(block, chosen)
     return {"loss_before": loss_before, "loss_after": loss_after, "heldout_before": held_before,
-            "heldout_after": best_held if chosen is not before else held_before, "steps": taken,
+            "heldout_after": trained.best_loss if chosen is not before else held_before, "steps": trained.steps,
             "stopped": stopped, "seconds": time.perf_counter() - start}
+
+
+def _batches(train: np.ndarray, batch_size: int, steps: int, seed: int, b: int) -> list[np.ndarray]:
+    """The training windows of each of block ``b``'s ``steps``: ``batch_size`` at a time from
+    random permutations of ``train`` (drawn from ``seed`` and ``b``), a new permutation appended
+    whenever fewer than ``batch_size`` are left (so a batch is smaller only when ``train`` is)."""
+    rng = np.random.default_rng([seed, b])
+    order, batches = np.array([], int), []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(train)])
+        batches.append(order[:batch_size])
+        order = order[batch_size:]
+    return batches

@@ -10,21 +10,23 @@ replaced or deleted is decided in ``output.py``.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import shutil
 from typing import Optional, Sequence, Union
 
 from fw_jax import _progress, models
+from fw_jax._checks import check_int
 from fw_jax._files import atomic_write, replace_folder
 from fw_jax.pipeline.data import calibration_tokens, load_documents, needs_bos_per_window
 from fw_jax.pipeline.output import (
-    FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, remove_own_folder,
-    write_marker,
+    FINISHED, MARKER_NAME, PARTIAL, OutputError, check_output, clean_stale_temporaries, lock_output, new_temporary,
+    remove_own_folder, write_marker,
 )
 from fw_jax.pipeline import distributed
-from fw_jax.pipeline.checkpoints import digest as _digest, run_fingerprint
+from fw_jax.pipeline.checkpoints import check_assembled
+from fw_jax.pipeline.identity import calibration_record, digest, request_record, run_fingerprint
 from fw_jax.pipeline.prune import PruneReport, PruneSettings, check_model, prune_model
 
 __all__ = ["AlreadyPruned", "FORMATS", "prune_to_folder", "REPORT_NAME"]
@@ -71,29 +73,33 @@ def _write_plots(report: PruneReport, out_dir: str) -> list[str]:
     return written
 
 
+def _claim(plan, held: contextlib.ExitStack) -> None:
+    """Take the lock on ``plan.out_dir`` (the writing process only) and keep it in ``held``; in
+    a run of several processes, if process 0 is refused every process stops with it."""
+    refused = None
+    if distributed.is_writer():
+        try:
+            held.enter_context(lock_output(plan))
+        except OutputError as e:
+            refused = e
+    if distributed.process_count() > 1:
+        import numpy as np
+
+        votes = distributed.sum_over_processes({"refused": np.array([refused is not None], np.int32)})
+        if int(votes["refused"][0]) and refused is None:
+            raise OutputError(f"process 0 may not write {plan.out_dir} (its message says why); nothing was written")
+    if refused is not None:
+        raise refused
+
+
 class AlreadyPruned(FileExistsError):
     """``OUT`` already holds the result of this very run (same model, settings and calibration):
     nothing to do. Leftovers of its finishing (if it was killed) have been cleaned up."""
 
 
-def _request(model: str, settings: PruneSettings, calib, documents: Sequence[str], nsamples: int,
-             seqlen: int, seed: int, dtype: str = "auto", format: str = "hf", hidden_dtype: str = "float32") -> str:
-    """A digest of what the command asks for, computable before the model is loaded: the model
-    path, the settings and the calibration (its text's digest, not only its name)."""
-    text = hashlib.sha256()
-    for doc in documents:
-        text.update(hashlib.sha256(doc.encode("utf-8")).digest())
-    model_id = os.path.realpath(model) if os.path.exists(model) else str(model)
-    return _digest({"model": model_id, "settings": settings.record(),
-                    "calib": calib if isinstance(calib, str) else list(calib), "text_sha256": text.hexdigest(),
-                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype, "format": format,
-                    "hidden_dtype": hidden_dtype})
-
-
-def _check_counts(nsamples, seqlen, seed) -> None:
-    for name, value, least in (("nsamples", nsamples, 1), ("seqlen", seqlen, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer ≥ {least}, got {value!r}")
+def _check_counts(nsamples, seqlen, seed) -> tuple[int, int, int]:
+    """The three counts as plain ints (numpy ints accepted), or ``ValueError`` naming the one that is not."""
+    return check_int("nsamples", nsamples, 1), check_int("seqlen", seqlen, 1), check_int("seed", seed, 0)
 
 
 def prune_to_folder(
@@ -142,12 +148,15 @@ def prune_to_folder(
       AlreadyPruned: ``out_dir`` holds this very run's result (a ``FileExistsError``).
       FileExistsError: ``out_dir`` holds another finished run and ``overwrite`` is false.
       OutputError, ResumeMismatch, DataError, CheckpointError (all ``ValueError``): what the
-        message says; nothing was written.
+        message says; nothing was written. ``OutputBusy`` (an ``OutputError``): another process
+        is writing ``out_dir`` (one run at a time holds its lock, ``.OUT.lock`` beside it).
+      WriteError (an ``OSError``): the finished folder could not be written or put in place (the
+        disk is full, read-only, ...); the message names it; the checkpoints are kept.
       PruneInterrupted: Ctrl-C while pruning; the finished blocks are saved.
     """
-    with _progress.use(progress) as report_to:
+    with _progress.use(progress) as report_to, contextlib.ExitStack() as held:  # held: the output's lock
         return _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, format,
-                                hidden_dtype, overwrite, history_layer, report_to, after_block, devices)
+                                hidden_dtype, overwrite, history_layer, report_to, after_block, devices, held)
 
 
 def _input_format(model: str) -> str:
@@ -159,16 +168,19 @@ def _input_format(model: str) -> str:
 
 
 def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, format, hidden_dtype,
-                     overwrite, history_layer, progress: _progress.Progress, after_block, devices):
-    _check_counts(nsamples, seqlen, seed)
+                     overwrite, history_layer, progress: _progress.Progress, after_block, devices,
+                     held: contextlib.ExitStack):
+    nsamples, seqlen, seed = _check_counts(nsamples, seqlen, seed)
     format = format or _input_format(model)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
     models.output_dtype("float32", dtype)  # a bad name is refused before anything is read
     plan = check_output(out_dir, model)
     out, work_dir = plan.out_dir, plan.work_dir
+    _claim(plan, held)  # one run at a time per OUT, before anything is loaded
     documents = load_documents(calib)
-    request = _request(model, settings, calib, documents, nsamples, seqlen, seed, dtype, format, hidden_dtype)
+    request = digest(request_record(model, settings, calib, documents, nsamples, seqlen, seed, dtype, format,
+                                    hidden_dtype))
     same_run = plan.finished is not None and plan.finished.get("request") == request
     writer = distributed.is_writer()  # across processes, only process 0 writes
     distributed.barrier("output checked")  # every process has seen the folders before any changes
@@ -200,9 +212,7 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
                 held = json.load(f).get("fingerprint")
         except (OSError, ValueError):
             held = None
-        full = dict(calibration, nsamples=int(tokens.shape[0]), seqlen=int(tokens.shape[1]))
-        if hidden_dtype != "float32":
-            full["hidden_dtype"] = hidden_dtype
+        full = calibration_record(calibration, tokens.shape, hidden_dtype)
         if held != run_fingerprint(loaded, settings, full, tokens) and writer:
             remove_own_folder(work_dir)
     if not os.path.isdir(work_dir) and writer:
@@ -216,10 +226,13 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
     if not writer:
         distributed.barrier("output written")
         return (models.load_model(out, dtype=dtype, stream=True) if loaded.streamed else loaded), report
-    tmp = new_temporary(out)
+    tmp = None
     try:
+        tmp = new_temporary(out)
         shards = {b: os.path.join(work_dir, f"block_{b:04d}.safetensors") for b in range(models.num_blocks(loaded.model))}
         models.WRITERS[format](loaded, tmp, block_files=shards)
+        if format == "hf":  # before it is marked finished: every tensor listed, every block as checkpointed
+            check_assembled(loaded, tmp, work_dir)
         with progress.timed("writing the report's plots"):
             _write_plots(report, tmp)
         atomic_write(os.path.join(tmp, REPORT_NAME),
@@ -227,10 +240,16 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
         files = sorted(name for name in os.listdir(tmp) if name != MARKER_NAME)
         write_marker(tmp, FINISHED, describe=settings.describe(), request=request, files=files)
         replace_folder(tmp, out)  # what was there (empty, or fw_jax's as allowed above) goes
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, models.WriteError):
+            raise models.WriteError(out, e) from e  # a clear message naming the folder, not a traceback
         raise
-    remove_own_folder(work_dir)
+    try:
+        remove_own_folder(work_dir)
+    except OutputError as e:  # the model is published; only the tidying up is left
+        progress.say(f"warning: the pruned model is saved in {out}, but {e}", _progress.QUIET)
     distributed.barrier("output written")
     if loaded.streamed:  # its blocks are in OUT now: read them from there
         loaded = models.load_model(out, dtype=dtype, stream=True)

@@ -39,7 +39,7 @@ import numpy as np
 from fw_jax import _progress
 from fw_jax.models import LoadedModel, load_model, logits
 
-from .data import DataError, load_documents, needs_bos_per_window
+from .data import DataError, load_documents, needs_bos_per_window, not_utf8
 
 __all__ = ["BUILTIN_TASKS", "Item", "Task", "TaskResult", "encode_pair", "evaluate_tasks", "load_task",
            "score_items"]
@@ -96,8 +96,9 @@ def load_task(spec: str | os.PathLike, *, size: int = 200, seed: int = 0) -> Tas
       seed: seed of a built-in task's draw (its passages, distractors and their order).
 
     Raises:
-      DataError: naming the file and line: a line that is not JSON or not an item, an empty
-      context type, empty choices, ``gold`` out of range, an empty file, or an unknown name.
+      DataError: naming the file and line: a file that is not UTF-8, a line that is not JSON or
+      not an item, an empty context type, empty choices, ``gold`` out of range, an empty file, or
+      an unknown name.
 
     Example:
       >>> task = load_task("builtin:pydoc-next-sentence", size=50)
@@ -110,11 +111,20 @@ def load_task(spec: str | os.PathLike, *, size: int = 200, seed: int = 0) -> Tas
     if not os.path.isfile(spec):
         raise DataError(spec, "no such task file (expected a .jsonl file, one item a line, or builtin:NAME "
                               f"with NAME one of {', '.join(BUILTIN_TASKS)})")
+    try:
+        with open(spec, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(spec, f"cannot read the task file ({e.strerror or e})") from e
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise not_utf8(spec, data, 'UTF-8 JSONL, one JSON object a line: {"context": str, "choices": [str, ...], '
+                                   '"gold": int}') from None
     items = []
-    with open(spec, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                items.append(_item(spec, number, line))
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+        if line.strip():
+            items.append(_item(spec, number, line))
     if not items:
         raise DataError(spec, 'no items: expected one JSON object a line, {"context": str, "choices": [str, ...], '
                               '"gold": int}')

@@ -3,7 +3,8 @@
 Where things live:
   * ``_frank_wolfe.py``  the Frank-Wolfe loop (one GEMM per iteration, per-unit steps/stopping)
   * ``_budgets.py``      budgets (per row, n:m, per layer), each with its units, oracle,
-                         rounding, mask check and swaps; ``_swaps.py`` the 1-swap refinement
+                         rounding, mask check and swaps (``swap_refine``); ``_swaps.py``
+                         the 1-swap refinement itself (imports no budget)
   * ``_lmo.py``          linear minimization oracles (capped simplex, n:m): ``init``/``__call__``
   * ``_steps.py``        step rules (open loop, exact line search, short step)
   * ``_options.py``      ``SolverOptions``, the solver's tuning
@@ -14,7 +15,7 @@ Where things live:
   * ``_sparsegpt.py``    SparseGPT; ``_reconstruct.py`` refitting kept weights for a fixed mask
 """
 
-from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow, as_budget, round_to_budget
+from fw_jax.solver._budgets import NM, Budget, LayerBudget, PerRow, as_budget, round_to_budget, swap_refine
 from fw_jax.solver._frank_wolfe import FWHistory, FWResult, frank_wolfe, pairwise_frank_wolfe
 from fw_jax.solver._lmo import NMLMO, Oracle, TopKLMO, vertices
 from fw_jax.solver._objective import inputs_error, layer_error, row_errors, weights_error
@@ -35,6 +36,6 @@ from fw_jax.solver._solve import LayerSolution, Status, mask_lower_bound, solve_
 from fw_jax.solver._sparsegpt import sparsegpt
 from fw_jax.solver._sharding import row_mesh, shard_rows
 from fw_jax.solver._steps import STEP_RULES, ExactLineSearch, OpenLoop, ShortStep, StepInfo
-from fw_jax.solver._swaps import SwapResult, swap_refine
+from fw_jax.solver._swaps import SwapResult
 
 __all__ = [name for name in dir() if not name.startswith("_")]

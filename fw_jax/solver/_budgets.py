@@ -35,16 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from fw_jax._checks import check_int
 from fw_jax.solver._lmo import NMLMO, TopKLMO
 from fw_jax.solver._select import group_ranks, lexicographic_better, top_count_lexsort
 from fw_jax.solver._swaps import SwapResult, refine_blocks, refine_rows, refine_whole
 
-__all__ = ["Budget", "PerRow", "NM", "LayerBudget", "as_budget", "round_to_budget"]
-
-
-def _check_int(owner: str, name: str, value) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be an int, got {value!r} ({type(value).__name__}).")
+__all__ = ["Budget", "PerRow", "NM", "LayerBudget", "as_budget", "round_to_budget", "swap_refine"]
 
 
 def _bool_keys(keys) -> tuple[Array, ...]:
@@ -120,7 +116,32 @@ class Budget(abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True)
-class PerRow(Budget):
+class _KeepK(Budget):
+    """A budget that keeps ``k`` weights per unit under a top-k oracle (``PerRow``, ``LayerBudget``)."""
+
+    k: int
+
+    @property
+    def per_unit(self) -> int:
+        return self.k
+
+    @abc.abstractmethod
+    def _k_range(self, d_out: int, d_in: int) -> tuple[int, str, str]:
+        """The largest ``k`` a ``(d_out, d_in)`` layer allows, its name in messages, and what they add."""
+
+    def check(self, d_out: int, d_in: int) -> None:
+        owner = type(self).__name__
+        check_int(f"{owner}.k", self.k)
+        most, named, why = self._k_range(d_out, d_in)
+        if not 1 <= self.k <= most:
+            raise ValueError(f"{owner}.k = {self.k} is outside 1..{named} = 1..{most}{why}.")
+
+    def oracle(self, method: str = "search"):
+        return TopKLMO(self.k, method)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerRow(_KeepK):
     """Keep exactly ``k`` weights in every output row.
 
     Relaxed polytope per row: ``{m : 0 ≤ m ≤ 1, Σ_j m_j ≤ k}``.
@@ -129,25 +150,11 @@ class PerRow(Budget):
       >>> fw_jax.solve_layer(W, G, fw_jax.PerRow(W.shape[1] // 2))  # the same as passing the int
     """
 
-    k: int
-
-    @property
-    def per_unit(self) -> int:
-        return self.k
-
-    def check(self, d_out: int, d_in: int) -> None:
-        _check_int("PerRow", "k", self.k)
-        if not 1 <= self.k <= d_in:
-            raise ValueError(
-                f"PerRow.k = {self.k} is outside 1..d_in = 1..{d_in}: the number of weights kept "
-                "per row must be at least 1 and at most the row length."
-            )
+    def _k_range(self, d_out, d_in):
+        return d_in, "d_in", ": the number of weights kept per row must be at least 1 and at most the row length"
 
     def total_kept(self, d_out: int, d_in: int) -> int:
         return self.k * d_out
-
-    def oracle(self, method: str = "search"):
-        return TopKLMO(self.k, method)
 
     def round(self, keys, count=None):
         count = self.k if count is None else count
@@ -198,7 +205,7 @@ class NM(Budget):
 
     def check(self, d_out: int, d_in: int) -> None:
         for name, value in (("n", self.n), ("m", self.m)):
-            _check_int("NM", name, value)
+            check_int(f"NM.{name}", value)
         if self.m < 1 or self.n < 1:
             raise ValueError(f"NM({self.n}, {self.m}): n and m must be positive (n kept out of m).")
         if self.n > self.m:
@@ -240,7 +247,7 @@ class NM(Budget):
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerBudget(Budget):
+class LayerBudget(_KeepK):
     """Keep exactly ``k`` weights in the whole ``(d_out, d_in)`` matrix.
 
     Relaxed polytope: ``{M : 0 ≤ M ≤ 1, Σ_ij M_ij ≤ k}``. Rows are coupled only through the LMO.
@@ -249,18 +256,8 @@ class LayerBudget(Budget):
       >>> fw_jax.solve_layer(W, G, fw_jax.LayerBudget(W.size // 2)).mask.sum()  # half the layer, any rows
     """
 
-    k: int
-
-    @property
-    def per_unit(self) -> int:
-        return self.k
-
-    def check(self, d_out: int, d_in: int) -> None:
-        _check_int("LayerBudget", "k", self.k)
-        if not 1 <= self.k <= d_out * d_in:
-            raise ValueError(
-                f"LayerBudget.k = {self.k} is outside 1..d_out*d_in = 1..{d_out * d_in}."
-            )
+    def _k_range(self, d_out, d_in):
+        return d_out * d_in, "d_out*d_in", ""
 
     def total_kept(self, d_out: int, d_in: int) -> int:
         return self.k
@@ -276,9 +273,6 @@ class LayerBudget(Budget):
 
     def rows_of_units(self, unit_values):
         return unit_values[0]
-
-    def oracle(self, method: str = "search"):
-        return TopKLMO(self.k, method)
 
     def round(self, keys, count=None):
         return top_count_lexsort(_bool_keys(keys), self.k if count is None else count)
@@ -321,3 +315,34 @@ def round_to_budget(keys: tuple[Array, ...], budget: Union[int, Budget], count: 
       Array([[False,  True,  True]], dtype=bool)
     """
     return as_budget(budget).round(keys, count)
+
+
+def swap_refine(
+    weight: Array,
+    gram: Array,
+    mask: Array,
+    budget: Union[int, Budget],
+    *,
+    frozen: Optional[Array] = None,
+    max_swaps: int = 512,
+    refresh_every: int = 64,
+) -> SwapResult:
+    """Refine a binary mask by error-decreasing 1-swaps within each budget unit (``_swaps.py``
+    does the swapping; the budget chooses which of its refinements, :meth:`Budget.refine`).
+
+    Args:
+      weight: ``(d_out, d_in)`` float weights.
+      gram: ``(d_in, d_in)`` Gram matrix.
+      mask: ``(d_out, d_in)`` boolean mask meeting ``budget``.
+      budget: the budget the mask meets (a :class:`~fw_jax.solver.Budget` or an int k); swaps
+        preserve it.
+      frozen: optional boolean ``(d_out, d_in)``; these kept entries are never pruned.
+      max_swaps: static cap on swap steps (each step swaps at most once per unit).
+      refresh_every: static; how often ``c = G r`` is recomputed densely.
+
+    Returns:
+      :class:`~fw_jax.solver.SwapResult` with the refined mask (never worse per unit) and swap counts.
+    """
+    mask = mask.astype(bool)
+    frozen = jnp.zeros(mask.shape, bool) if frozen is None else frozen.astype(bool)
+    return as_budget(budget).refine(weight, gram, mask, frozen, max_swaps, refresh_every)

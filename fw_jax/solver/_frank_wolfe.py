@@ -224,6 +224,8 @@ def frank_wolfe(weight: Array, gram: Array, init_mask: Array, fixed: Array, lmo:
       lmo: an oracle (``_lmo.Oracle``) over the stack of units; its state is carried from one
         iteration to the next.
       step_rule: ``StepInfo -> η`` per unit.
+
+    Keyword Args:
       max_iter: static iteration cap.
       tol: relative gap tolerance: a unit stops once ``gap ≤ tol · L``.
       gram_norm: largest eigenvalue of ``gram`` (for the short step).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fw_jax._checks import check_int
 from fw_jax.solver._frank_wolfe import PRECISIONS
 from fw_jax.solver._steps import as_step_rule
 
@@ -55,11 +56,9 @@ class SolverOptions:
     history: bool = False
 
     def __post_init__(self):
-        for name in ("max_iter", "max_swaps", "refresh_every"):
-            value = getattr(self, name)
-            least = 1 if name == "refresh_every" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"SolverOptions.{name} must be an int ≥ {least}, got {value!r}")
+        for name, least in (("max_iter", 0), ("max_swaps", 0), ("refresh_every", 1)):
+            # a numpy int becomes an int: the options are hashed into the compiled solver and recorded
+            object.__setattr__(self, name, check_int(f"SolverOptions.{name}", getattr(self, name), least))
         as_step_rule(self.step_rule)  # validates a name or a rule object
         if self.lmo_method not in LMO_METHODS:
             raise ValueError(f"SolverOptions.lmo_method must be one of {', '.join(LMO_METHODS)}, got {self.lmo_method!r}")

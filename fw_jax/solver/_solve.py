@@ -36,6 +36,9 @@ __all__ = ["Status", "LayerSolution", "mask_lower_bound", "solve_layer"]
 class Status:
     """Integer status codes of :class:`LayerSolution` (arrays, so they survive ``jit``).
 
+    Only the first two prove anything. With either of the last two no bound is claimed:
+    ``lower_bound`` is ``-inf`` and ``gap`` and ``certificate`` are NaN.
+
     Example:
       >>> sol = fw_jax.solve_layer(W, G, k)
       >>> int(sol.status) == fw_jax.Status.CONVERGED, sol.status_name
@@ -43,9 +46,10 @@ class Status:
 
     CONVERGED = 0  #: every unit reached ``gap ≤ tol · error``.
     MAX_ITERATIONS = 1  #: the iteration cap came first (the mask is still valid and checked).
-    NONFINITE = 2  #: a non-finite value appeared; the mask falls back to the warm start.
-    INDEFINITE = 3  #: (under an outer ``jit`` only) the Gram matrix is clearly not PSD: no bound
-    #: is proved (``lower_bound = -inf``). Outside ``jit`` such a matrix raises ``ValueError``.
+    NONFINITE = 2  #: a non-finite value appeared (in the inputs, under an outer ``jit``, or by
+    #: overflow); the mask falls back to the warm start.
+    INDEFINITE = 3  #: (under an outer ``jit`` only) the Gram matrix is clearly not PSD.
+    #: Outside ``jit`` such a matrix, like a non-finite input, raises ``ValueError``.
 
     names = {0: "converged", 1: "max_iterations", 2: "nonfinite", 3: "indefinite"}
 
@@ -63,8 +67,9 @@ class LayerSolution(NamedTuple):
     mask: Array  #: (d_out, d_in) boolean, meets the budget exactly, contains every fixed entry.
     loss: Array  #: error of ``mask``.
     warm_loss: Array  #: error of the warm-start mask (``loss ≤ warm_loss`` always).
-    lower_bound: Array  #: proved: no mask under the budget has an error below this.
-    gap: Array  #: Frank-Wolfe gap at the final relaxed iterate (on the polytope with fixed entries).
+    lower_bound: Array  #: proved: no mask under the budget has an error below this (``-inf``: nothing proved).
+    gap: Array  #: Frank-Wolfe gap at the final relaxed iterate (on the polytope with fixed entries); NaN
+    #: when nothing is proved (status nonfinite or indefinite).
     relaxed_loss: Array  #: error of the final relaxed iterate.
     relaxed_mask: Array  #: (d_out, d_in) final relaxed iterate in ``[0, 1]``.
     fixed: Array  #: (d_out, d_in) boolean, the entries held at 1 (top ``α·k`` saliency).
@@ -77,8 +82,13 @@ class LayerSolution(NamedTuple):
     @property
     def certificate(self) -> Array:
         """``(loss − lower_bound) / loss``: the returned mask is at most this far (relatively)
-        above the best mask under the budget."""
-        return jnp.where(self.loss > 0, (self.loss - self.lower_bound) / self.loss, 0.0)
+        above the best mask under the budget (0: proved optimal; 1: nothing proved). NaN when
+        the status is nonfinite or indefinite, where no bound holds, so that nothing claims
+        optimality there."""
+        proved = (self.status == Status.CONVERGED) | (self.status == Status.MAX_ITERATIONS)
+        positive = self.loss > 0
+        ratio = jnp.where(positive, (self.loss - self.lower_bound) / jnp.where(positive, self.loss, 1), 0.0)
+        return jnp.where(proved, ratio, jnp.nan)
 
     @property
     def status_name(self) -> str:
@@ -169,12 +179,13 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
         ),
     ).astype(jnp.int32)
     mask = jnp.where(finite, mask, warm)
+    proved = finite & ~indefinite  # elsewhere no bound holds: -inf, and NaN gap and certificate
     return LayerSolution(
         mask=mask,
         loss=jnp.where(finite, loss, warm_loss),
         warm_loss=warm_loss,
-        lower_bound=jnp.minimum(lower_bound, jnp.where(finite, loss, warm_loss)),
-        gap=jnp.sum(fw.gap),
+        lower_bound=jnp.where(proved, jnp.minimum(lower_bound, loss), -jnp.inf),
+        gap=jnp.where(proved, jnp.sum(fw.gap), jnp.nan),
         relaxed_loss=jnp.sum(fw.loss),
         relaxed_mask=relaxed,
         fixed=fixed,
@@ -255,6 +266,9 @@ def mask_lower_bound(weight: Array, gram: Array, budget: Union[int, Budget], *po
     unit and the units are summed. Use it to certify, on ``G``, a mask chosen for another
     objective (``fw_jax.pipeline`` does so for masks chosen on a shrunk Gram matrix).
 
+    Non-finite or indefinite inputs are refused (``ValueError``); under an outer ``jit``, where
+    nothing can raise, they give ``-inf``: no bound.
+
     Args:
       weight: ``(d_out, d_in)``; gram: ``(d_in, d_in)``; budget: as in :func:`solve_layer`.
       points: one or more ``(d_out, d_in)`` arrays with entries in ``[0, 1]`` meeting the budget
@@ -271,13 +285,19 @@ def mask_lower_bound(weight: Array, gram: Array, budget: Union[int, Budget], *po
     for p in points:
         if jnp.shape(p) != weight.shape:
             raise ValueError(f"each point must have the weight's shape {weight.shape}; got {jnp.shape(p)}")
-    return _mask_lower_bound(weight, gram, tuple(jnp.asarray(p, weight.dtype) for p in points), budget=budget)
+    return _mask_lower_bound(weight, gram, tuple(jnp.asarray(p, weight.dtype) for p in points), budget=budget,
+                             check_psd=not is_concrete(gram))
 
 
-@functools.partial(jax.jit, static_argnames=("budget",))
-def _mask_lower_bound(weight, gram, points, *, budget):
+@functools.partial(jax.jit, static_argnames=("budget", "check_psd"))
+def _mask_lower_bound(weight, gram, points, *, budget, check_psd=False):
     gram = (gram + gram.T) / 2
     lmo = budget.oracle()
     units = budget.units(weight)
     bounds = [full_polytope_bound(units, gram, budget.units(p), lmo) for p in points]
-    return jnp.sum(functools.reduce(jnp.maximum, bounds))
+    bound = jnp.sum(functools.reduce(jnp.maximum, bounds))
+    proved = jnp.isfinite(bound)
+    if check_psd:  # a traced G was not checked by check_layer_inputs
+        smallest, largest = negative_curvature(gram)
+        proved &= ~(smallest < -PSD_TOLERANCE * jnp.maximum(largest, 0))
+    return jnp.where(proved, bound, -jnp.inf)

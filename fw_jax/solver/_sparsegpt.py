@@ -29,6 +29,8 @@ import numpy as np
 from jax import Array, lax
 from jax.scipy.linalg import cho_solve
 
+from fw_jax._checks import check_int
+
 from ._budgets import Budget, as_budget
 from ._reconstruct import check_inputs
 from ._select import group_ranks, lexicographic_better, smallest_mask_bisect
@@ -204,9 +206,7 @@ def sparsegpt(
     out_dtype = jax.dtypes.canonicalize_dtype(getattr(weight, "dtype", jnp.float32))
     weight, gram, damp = check_inputs(weight, gram, damp)
     d_out, d_in = weight.shape
-    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
-    block_size = int(block_size)
+    block_size = check_int("block_size", block_size, least=1)
     layer_budget = as_budget(budget)
     layer_budget.check(d_out, d_in)
     n = m = 0

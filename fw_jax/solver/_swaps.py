@@ -1,4 +1,5 @@
-"""1-swap refinement of a binary mask (docs/design.md §10).
+"""1-swap refinement of a binary mask (docs/design.md §10); the budgets (``_budgets.py``) call it,
+and ``swap_refine`` there chooses the refinement of a budget.
 
 In a row with residual ``r = w ⊙ (1 − m)`` and ``c = G r``, bringing back a pruned weight ``i``
 and pruning a kept weight ``j`` changes the error by exactly
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-__all__ = ["SwapResult", "refine_blocks", "refine_rows", "refine_whole", "swap_refine"]
+__all__ = ["SwapResult", "refine_blocks", "refine_rows", "refine_whole"]
 
 
 class SwapResult(NamedTuple):
@@ -176,35 +177,3 @@ def refine_whole(weight, gram, mask, frozen, max_swaps, refresh_every) -> SwapRe
         weight[None], rows.mask[None], frozen[None], gram, best, max_swaps, refresh_every
     )
     return SwapResult(moved[0], jnp.sum(rows.swaps, keepdims=True) + cross_swaps)
-
-
-def swap_refine(
-    weight: Array,
-    gram: Array,
-    mask: Array,
-    budget,
-    *,
-    frozen: Array | None = None,
-    max_swaps: int = 512,
-    refresh_every: int = 64,
-) -> SwapResult:
-    """Refine a binary mask by error-decreasing 1-swaps within each budget unit.
-
-    Args:
-      weight: ``(d_out, d_in)`` float weights.
-      gram: ``(d_in, d_in)`` Gram matrix.
-      mask: ``(d_out, d_in)`` boolean mask meeting ``budget``.
-      budget: the budget the mask meets (a :class:`~fw_jax.solver.Budget` or an int k); swaps
-        preserve it.
-      frozen: optional boolean ``(d_out, d_in)``; these kept entries are never pruned.
-      max_swaps: static cap on swap steps (each step swaps at most once per unit).
-      refresh_every: static; how often ``c = G r`` is recomputed densely.
-
-    Returns:
-      :class:`SwapResult` with the refined mask (never worse per unit) and swap counts.
-    """
-    from fw_jax.solver._budgets import as_budget  # the budgets call back into this module
-
-    mask = mask.astype(bool)
-    frozen = jnp.zeros(mask.shape, bool) if frozen is None else frozen.astype(bool)
-    return as_budget(budget).refine(weight, gram, mask, frozen, max_swaps, refresh_every)
