@@ -253,14 +253,15 @@ def test_failed_option_does_not_block_the_corrected_rerun(world, tmp_path):
     assert cli_main(_prune(tmp_path, world, "--pattern", "2:4")) == 0
 
 
-def _interrupt_after_first_block(monkeypatch, exception=KeyboardInterrupt):
+def _interrupt_after_first_block(monkeypatch, exception=KeyboardInterrupt, block=0):
+    """Raise ``exception`` (Ctrl-C by default) right after block ``block`` is checkpointed."""
     from fw_jax.pipeline import prune
 
     real = prune._save_block
 
     def save_then_stop(work_dir, b, *args):
         real(work_dir, b, *args)
-        if b == 0:
+        if b == block:
             raise exception
 
     monkeypatch.setattr(prune, "_save_block", save_then_stop)
@@ -686,17 +687,8 @@ def test_a_damaged_checkpoint_is_pruned_again_never_used(world, tmp_path, monkey
 
 
 def _interrupt_after_last_block(monkeypatch):
-    """Every block checkpointed, then Ctrl-C: the folder is not assembled."""
-    from fw_jax.pipeline import prune
-
-    real = prune._save_block
-
-    def save_then_stop(work_dir, b, *args):
-        real(work_dir, b, *args)
-        if b == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(prune, "_save_block", save_then_stop)
+    """Every block (of the 2) checkpointed, then Ctrl-C: the folder is not assembled."""
+    _interrupt_after_first_block(monkeypatch, block=1)
 
 
 def test_the_blocks_after_a_damaged_one_are_pruned_again_too(world, tmp_path, monkeypatch, capsys):
