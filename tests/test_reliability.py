@@ -1194,7 +1194,32 @@ def test_ctrl_c_during_a_layer_stops_before_the_next_one_and_the_same_command_re
     _same_as_uninterrupted(tmp_path / "out", world)
 
 
-def test_interruptible_defers_ctrl_c_to_the_next_step_and_a_second_one_stops_at_once():
+@pytest.fixture
+def terminal_ctrl_c():
+    """Python's own Ctrl-C handler, as under a terminal, for the test's duration: a test run
+    started in the background (CI, nohup) inherits SIGINT ignored, which fw_jax leaves alone."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interruptible_leaves_an_ignored_ctrl_c_alone():
+    import signal
+
+    from fw_jax import _progress
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _progress.interruptible(_progress.Progress(_progress.QUIET)):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)  # ignored, as the user's shell asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_interruptible_defers_ctrl_c_to_the_next_step_and_a_second_one_stops_at_once(terminal_ctrl_c):
     import signal
 
     from fw_jax import _progress
