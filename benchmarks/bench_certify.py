@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import fw_jax  # noqa: E402
 from bench_solver import timed  # noqa: E402
 from fw_jax.pipeline import PruneSettings  # noqa: E402
-from fw_jax.pipeline.methods import certify_mask  # noqa: E402
+from fw_jax.pipeline.methods.sparsefw import certify_mask  # noqa: E402
 from fw_jax.solver import layer_error  # noqa: E402
 from real_layers import load_layers  # noqa: E402
 
@@ -37,13 +37,14 @@ SETTINGS = {"50%": dict(sparsity=0.5), "2:4": dict(pattern=(2, 4))}
 
 def row(name, weight, gram, setting, iterations, repeats):
     settings = PruneSettings(**SETTINGS[setting])
+    method = settings.method
     weight, gram = jnp.asarray(weight), jnp.asarray(gram)
     budget = settings.budget(weight.shape[1])
     shrunk = settings.fitted_gram(gram)
 
     def solve():
-        return fw_jax.solve_layer(weight, shrunk, budget, warm_start=settings.warm_start, alpha=settings.alpha,
-                                  tol=settings.tol, options=settings.options)
+        return fw_jax.solve_layer(weight, shrunk, budget, warm_start=method.warm_start, alpha=method.alpha,
+                                  tol=method.tol, options=method.options)
 
     first, median, sol = timed(solve, repeats)
     error = float(layer_error(weight, gram, sol.mask))

@@ -115,13 +115,13 @@ def run(shape: str, blocks: int, recipe: str, nsamples: int, seqlen: int, max_it
     options = dict(RECIPES[recipe])
     if max_iter is not None and recipe == "defaults":
         options["options"] = SolverOptions(max_iter=max_iter)
-    settings = PruneSettings(**options)
+    settings = PruneSettings.from_options(**options)
     stamps = [time.perf_counter()]
     report = prune_model(loaded, tokens, settings, progress=False, after_block=lambda b: stamps.append(time.perf_counter()))
     block_seconds = np.diff(stamps).tolist()
     iterations = [r.get("iterations") for r in report.layers]
     mean_iter = float(np.mean([i for i in iterations if i is not None])) if any(i is not None for i in iterations) \
-        else (2000.0 if recipe == "published" else float(settings.options.max_iter))
+        else (2000.0 if recipe == "published" else float(settings.method.options.max_iter))
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     steady = block_seconds[1:] or block_seconds

@@ -152,7 +152,7 @@ def main() -> None:
             if label in table and has_accuracy(label):
                 continue
             if not report_path.exists():
-                settings = PruneSettings(**METHODS[name], **SETTINGS[setting])
+                settings = PruneSettings.from_options(**METHODS[name], **SETTINGS[setting])
                 prune_to_folder("smollm2-135m", str(folder), settings, calib=calib, nsamples=args.nsamples,
                                 seqlen=args.seqlen, seed=args.seed, history_layer=None, dtype="float32")
             rerun = label in table  # pruned again for its accuracy: its perplexity row stands

@@ -24,7 +24,7 @@ METHODS = {
     "sparsefw": "fw_jax: Frank-Wolfe on each layer's mask problem from a Wanda warm start, then 1-swaps",
     "sparsefw-published": "the seed paper's recipe: α = 0.9, 2000 open-loop Frank-Wolfe iterations",
 }
-WARM_STARTS = ("wanda", "ria", "magnitude")  #: ``fw_jax.pipeline.prune.WARM_STARTS``
+WARM_STARTS = ("wanda", "ria", "magnitude")  #: ``fw_jax.pipeline.methods.sparsefw.WARM_STARTS``
 STEP_RULES = ("exact", "open_loop", "short")  #: the names of ``fw_jax.solver.STEP_RULES``
 RECOVER_LOSSES = ("block", "token")  #: ``fw_jax.pipeline.recover.LOSSES``
 ALLOCATIONS = ("owl", "error")  #: ``fw_jax.pipeline.allocation.ALLOCATIONS``
@@ -32,10 +32,10 @@ BUILTIN_TASKS = ("pydoc-next-sentence", "persuasion-next-sentence", "pydoc-cloze
                  "persuasion-cloze")  #: ``fw_jax.pipeline.tasks.BUILTIN_TASKS``
 FORMATS = ("hf", "flax")  #: ``fw_jax.pipeline.run.FORMATS``
 DTYPES = ("auto", "float32", "bfloat16", "float16")  #: ``--dtype``: ``fw_jax.models.DTYPES``
-HIDDEN_DTYPES = ("float32", "bfloat16")  #: ``fw_jax.pipeline.prune.HIDDEN_DTYPES``
+HIDDEN_DTYPES = ("float32", "bfloat16")  #: ``fw_jax.pipeline.settings.HIDDEN_DTYPES``
 
-#: Defaults of ``fw_jax.pipeline.PruneSettings`` (and, for max_iter and step_rule, of
-#: ``fw_jax.SolverOptions``) that the pruning options show.
+#: Defaults of ``fw_jax.pipeline.PruneSettings`` and of ``fw_jax.pipeline.SparseFW`` (max_iter and
+#: step_rule: of its ``SolverOptions``) that the pruning options show.
 PRUNE_DEFAULTS = {"method": "sparsefw", "sparsity": 0.5, "warm_start": "wanda", "alpha": 0.9, "tol": 1e-4,
                   "max_iter": 100, "step_rule": "exact"}
 #: Defaults of ``fw_jax.pipeline.RecoverSettings`` behind the ``--recover-*`` options.

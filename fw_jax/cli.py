@@ -68,22 +68,39 @@ class UsageError(Exception):
     """A refused command: its message is printed as ``fw-jax CMD: message``, exit code 2."""
 
 
+def _method_options(args: argparse.Namespace) -> dict:
+    """The method options given on the command line (those left at ``None`` were not), as the
+    fields of a method object: ``warm_start``, ``alpha``, ``tol``, ``certify_iter`` and
+    ``options`` (a ``SolverOptions`` of ``--max-iter``, ``--step-rule``, ``--no-swaps``)."""
+    from fw_jax import SolverOptions
+
+    given = {"warm_start": args.warm_start, "alpha": args.alpha, "tol": args.tol, "certify_iter": args.certify}
+    options = {"max_iter": args.max_iter, "step_rule": args.step_rule, "swaps": False if args.no_swaps else None}
+    given = {key: value for key, value in given.items() if value is not None}
+    options = {key: value for key, value in options.items() if value is not None}
+    if options:
+        given["options"] = SolverOptions(**options)
+    return given
+
+
 def _settings(args: argparse.Namespace, method: str | None = None):
-    """The ``PruneSettings`` of the command line. With ``method`` (the demo's baselines), the
-    solver options are passed only to a method that reads them; a user's ``--method`` gets them
-    all, so that an option it would ignore is refused."""
-    from fw_jax import NM, SolverOptions
-    from fw_jax.pipeline import METHODS, Allocation, PruneSettings, RecoverSettings
+    """The ``PruneSettings`` of the command line. The method object is built from the options
+    given, so an option the method does not take is refused (it would be ignored). With
+    ``method`` (the demo's baselines), only the options that method takes are passed to it."""
+    import dataclasses
+
+    from fw_jax import NM
+    from fw_jax.pipeline import METHODS, Allocation, PruneSettings, RecoverSettings, method_from_options
 
     try:
         pattern = NM.parse(args.pattern).pattern if args.pattern else None
     except ValueError as e:
         raise UsageError(f"--pattern: {e}") from None
     try:
-        solver = dict(warm_start=args.warm_start, alpha=args.alpha, tol=args.tol, certify_iter=args.certify,
-                      options=SolverOptions(max_iter=args.max_iter, step_rule=args.step_rule, swaps=not args.no_swaps))
+        options = _method_options(args)
         if method is not None:
-            solver = {k: v for k, v in solver.items() if k in METHODS[method].uses}
+            taken = {f.name for f in dataclasses.fields(METHODS[method])}
+            options = {key: value for key, value in options.items() if key in taken}
         recover = None
         if getattr(args, "recover", False):
             recover = RecoverSettings(steps=args.recover_steps, learning_rate=args.recover_lr, seed=args.seed,
@@ -92,9 +109,9 @@ def _settings(args: argparse.Namespace, method: str | None = None):
         allocation = None
         if getattr(args, "allocation", "uniform") != "uniform":
             allocation = Allocation(args.allocation, lam=args.allocation_lambda, outlier=args.owl_m)
-        return PruneSettings(method=method or args.method, sparsity=args.sparsity, pattern=pattern,
-                             shrinkage=args.shrinkage, reconstruct=args.reconstruct, recover=recover,
-                             allocation=allocation, **solver)
+        return PruneSettings(method=method_from_options(method or args.method, options), sparsity=args.sparsity,
+                             pattern=pattern, shrinkage=args.shrinkage, reconstruct=args.reconstruct,
+                             recover=recover, allocation=allocation)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -121,7 +138,7 @@ def _prune(args: argparse.Namespace) -> int:
             from fw_jax._progress import QUIET, Progress
 
             progress = Progress(QUIET)  # process 0 reports for all
-    out = args.out or os.path.join("runs", f"{os.path.basename(str(args.model)).replace('.gguf', '')}-{settings.method}")
+    out = args.out or os.path.join("runs", f"{os.path.basename(str(args.model)).replace('.gguf', '')}-{settings.method.name}")
     try:
         _, report = prune_to_folder(
             args.model, out, settings, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -147,7 +164,7 @@ def _prune(args: argparse.Namespace) -> int:
     kind = "Flax msgpack" if os.path.isfile(os.path.join(out, "flax_model.msgpack")) else "Hugging Face"
     print(f"saved to {out} ({kind} folder, prune_report.json, PNG plots)")
     if args.eval or args.eval_tasks:
-        return _evaluate({"dense": args.model, settings.method: out}, args.eval, args.eval_seqlen, args.max_windows,
+        return _evaluate({"dense": args.model, settings.method.name: out}, args.eval, args.eval_seqlen, args.max_windows,
                          _progress(args), tasks=args.eval_tasks or (), task_size=args.task_size)
     return 0
 
@@ -354,17 +371,21 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int | None = Non
         p.add_argument("--method", choices=tuple(METHODS), default=settings.method, metavar="METHOD",
                        help="how each layer's mask is chosen: " + "; ".join(
                            f"{name}: {summary}" for name, summary in METHODS.items()))
-    p.add_argument("--warm-start", choices=WARM_STARTS, default=settings.warm_start,
-                   help="sparsefw: the saliency mask Frank-Wolfe starts from")
-    p.add_argument("--alpha", type=float, default=settings.alpha,
+    # The method's own options default to None: only those given reach the method, which
+    # refuses any it does not take. Their defaults are the method's (SparseFW's fields).
+    p.add_argument("--warm-start", choices=WARM_STARTS, default=None,
+                   help=f"sparsefw: the saliency mask Frank-Wolfe starts from (default: {settings.warm_start})")
+    p.add_argument("--alpha", type=float, default=None,
                    help="sparsefw: fraction of each budget fixed to the top-saliency weights (0.9 as published; "
-                        "0: plain Frank-Wolfe)")
-    p.add_argument("--max-iter", type=int, default=max_iter or options.max_iter,
-                   help="sparsefw: Frank-Wolfe iterations per layer")
-    p.add_argument("--tol", type=float, default=settings.tol,
-                   help="sparsefw: stop a row early once gap/error (its relaxed certificate) is below this")
-    p.add_argument("--step-rule", choices=tuple(STEP_RULES), default=options.step_rule,
-                   help="sparsefw: Frank-Wolfe step size: exact line search, 2/(t+2) as published, or short step")
+                        f"0: plain Frank-Wolfe; default: {settings.alpha})")
+    p.add_argument("--max-iter", type=int, default=max_iter,
+                   help=f"sparsefw: Frank-Wolfe iterations per layer (default: {max_iter or options.max_iter})")
+    p.add_argument("--tol", type=float, default=None,
+                   help="sparsefw: stop a row early once gap/error (its relaxed certificate) is below this "
+                        f"(default: {settings.tol:g})")
+    p.add_argument("--step-rule", choices=tuple(STEP_RULES), default=None,
+                   help="sparsefw: Frank-Wolfe step size: exact line search, 2/(t+2) as published, or short step "
+                        f"(default: {options.step_rule})")
     p.add_argument("--no-swaps", action="store_true", help="sparsefw: skip the 1-swap refinement after rounding")
     p.add_argument("--reconstruct", action="store_true",
                    help="after the mask, refit the kept weights to the calibration inputs (least squares)")
@@ -400,7 +421,7 @@ def _add_prune_options(p: argparse.ArgumentParser, *, nsamples: int | None = Non
                    help="shrink the calibration Gram matrix toward its diagonal by this fraction (0 to 1) "
                         "in every step that fits it (sparsefw mask, sparsegpt, --reconstruct); "
                         "default 0.5 for sparsefw, 0 for the other methods")
-    p.add_argument("--certify", type=int, default=0, metavar="N",
+    p.add_argument("--certify", type=int, default=None, metavar="N",
                    help="sparsefw: prove each layer's lower bound with N plain Frank-Wolfe iterations on G "
                         "from the chosen mask (without it, α > 0 or shrinkage usually proves none); "
                         "50 adds about half the solve time")

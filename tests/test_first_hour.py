@@ -17,6 +17,7 @@ from fw_jax import SolverOptions
 from fw_jax._progress import NORMAL, QUIET, VERBOSE, Progress
 from fw_jax.cli import build_parser
 from fw_jax.cli import main as cli_main
+from fw_jax.pipeline import SparseFW
 from test_pipeline_prune import tiny_folder  # noqa: F401  (a fixture)
 
 FAST = ["--nsamples", "2", "--seqlen", "16"]
@@ -182,7 +183,7 @@ def test_pruning_on_a_terminal_draws_bars_and_keeps_the_block_lines(tiny_folder)
     from test_pipeline_prune import calib_tokens
 
     terminal = Terminal()
-    report = prune_model(models.load_model(tiny_folder), calib_tokens(), PruneSettings(options=SolverOptions(max_iter=5)),
+    report = prune_model(models.load_model(tiny_folder), calib_tokens(), PruneSettings(method=SparseFW(options=SolverOptions(max_iter=5))),
                          progress=Progress(NORMAL, stream=terminal))
     drawn = terminal.getvalue()
     blocks = len({r["block"] for r in report.layers})
@@ -321,43 +322,55 @@ def test_help_and_parse_errors_import_no_jax():
             "assert 'jax' not in sys.modules and set(fw_jax.__all__) <= set(dir(fw_jax))\n"
             "from fw_jax import NM\n"
             "assert fw_jax.solve_layer is fw_jax.solver.solve_layer and NM is fw_jax.solver.NM\n"
-            "assert all(getattr(fw_jax, name) is getattr(fw_jax.solver, name) for name in fw_jax.__all__)\n")
+            "assert all(getattr(fw_jax, name) is getattr(fw_jax.solver, name) for name in fw_jax.__all__\n"
+            "           if name != 'prune')\n"
+            "assert fw_jax.prune is fw_jax.pipeline.flax_prune.prune\n")
     done = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 
 
 def test_the_parser_s_choice_lists_are_the_registries_the_code_uses():
     from fw_jax import _choices, models
-    from fw_jax.pipeline import allocation, prune, recover, run, tasks
-    from fw_jax.pipeline.methods import METHODS
+    from fw_jax.pipeline import allocation, recover, run, settings, tasks
+    from fw_jax.pipeline.methods import METHODS, sparsefw
     from fw_jax.solver import STEP_RULES
 
     assert _choices.METHODS == {name: method.summary for name, method in METHODS.items()}
     assert list(_choices.METHODS) == list(METHODS)  # in the same order
-    assert _choices.WARM_STARTS == prune.WARM_STARTS
+    assert _choices.WARM_STARTS == sparsefw.WARM_STARTS
     assert _choices.STEP_RULES == tuple(STEP_RULES)
     assert _choices.RECOVER_LOSSES == recover.LOSSES
     assert _choices.ALLOCATIONS == allocation.ALLOCATIONS
     assert _choices.BUILTIN_TASKS == tasks.BUILTIN_TASKS
     assert _choices.FORMATS == run.FORMATS
     assert _choices.DTYPES == models.DTYPES
-    assert _choices.HIDDEN_DTYPES == prune.HIDDEN_DTYPES
+    assert _choices.HIDDEN_DTYPES == settings.HIDDEN_DTYPES
     assert set(_choices.BUILTIN_MODELS) == {models.SMOLLM2_NAME, models.GEMMA3_NAME}
 
 
 def test_the_parser_s_defaults_are_the_settings_defaults():
     from fw_jax.pipeline import Allocation, FinetuneSettings, PruneSettings, RecoverSettings
 
-    prune_settings, recover, allocation = PruneSettings(), RecoverSettings(), Allocation()
+    from fw_jax.pipeline import SparseFW
+    from fw_jax._choices import PRUNE_DEFAULTS
+
+    prune_settings, recover, allocation, method = PruneSettings(), RecoverSettings(), Allocation(), SparseFW()
     sources = {  # option dest -> the default the library uses
-        "sparsity": prune_settings.sparsity, "method": prune_settings.method, "warm_start": prune_settings.warm_start,
-        "alpha": prune_settings.alpha, "tol": prune_settings.tol, "max_iter": SolverOptions().max_iter,
-        "step_rule": SolverOptions().step_rule, "recover_steps": recover.steps, "recover_lr": recover.learning_rate,
+        "sparsity": prune_settings.sparsity, "method": prune_settings.method.name,
+        "recover_steps": recover.steps, "recover_lr": recover.learning_rate,
         "recover_loss": recover.loss, "recover_proximal": recover.proximal, "recover_dense_pull": recover.dense_pull,
         "allocation_lambda": allocation.lam, "owl_m": allocation.outlier,
     }
     args = vars(build_parser().parse_args(["prune", "m"]))
     assert {k: args[k] for k in sources} == sources
+    # The method's own options are not set unless given (the method refuses those it does not
+    # take); the defaults their help shows are the method's.
+    method_options = ("warm_start", "alpha", "tol", "max_iter", "step_rule", "certify")
+    assert {k: args[k] for k in method_options} == dict.fromkeys(method_options)
+    assert {k: PRUNE_DEFAULTS[k] for k in ("warm_start", "alpha", "tol")} == {
+        "warm_start": method.warm_start, "alpha": method.alpha, "tol": method.tol}
+    assert (PRUNE_DEFAULTS["max_iter"], PRUNE_DEFAULTS["step_rule"]) == (method.options.max_iter,
+                                                                       method.options.step_rule)
     tune = FinetuneSettings()
     args = vars(build_parser().parse_args(["finetune", "m", "--data", "d"]))
     sources = {"steps": tune.steps, "lr": tune.learning_rate, "warmup": tune.warmup, "batch_size": tune.batch_size,

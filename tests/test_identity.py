@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 
 from fw_jax import SolverOptions
-from fw_jax.pipeline import Allocation, PruneSettings, RecoverSettings, identity, prune_model, prune_to_folder
+from fw_jax.pipeline import METHODS, Allocation, PruneSettings, RecoverSettings, identity, prune_model, prune_to_folder
 from fw_jax.pipeline.checkpoints import finished_blocks
+from fw_jax.pipeline import SparseFW
 
 #: The fields each record version holds. A setting added, removed or renamed changes every run
 #: record: bump identity.RUN_VERSION (earlier checkpoints are then refused) and pin it here.
 PINNED = {
-    3: {
-        "PruneSettings": ("method", "sparsity", "pattern", "warm_start", "alpha", "tol", "options", "reconstruct",
-                          "recover", "allocation", "shrinkage", "certify_iter"),
+    4: {
+        "PruneSettings": ("method", "sparsity", "pattern", "reconstruct", "recover", "allocation", "shrinkage"),
+        "Magnitude": (), "Wanda": (), "RIA": (), "SparseGPT": (), "SparseFWPublished": (),
+        "SparseFW": ("warm_start", "alpha", "tol", "options", "certify_iter"),
         "SolverOptions": ("max_iter", "step_rule", "swaps", "max_swaps", "lmo_method", "refresh_every", "precision",
                           "history"),
         "RecoverSettings": ("steps", "learning_rate", "weight_decay", "batch_size", "holdout", "eval_every",
@@ -37,10 +39,10 @@ CALIBRATION = {"source": "calib.txt", "seed": 0}
 #: A value other than the default for every pinned field.
 OTHER = {
     "PruneSettings.method": "wanda", "PruneSettings.sparsity": 0.6, "PruneSettings.pattern": (2, 4),
-    "PruneSettings.warm_start": "ria", "PruneSettings.alpha": 0.5, "PruneSettings.tol": 1e-3,
-    "PruneSettings.options": SolverOptions(max_iter=7), "PruneSettings.reconstruct": True,
+    "PruneSettings.reconstruct": True,
     "PruneSettings.recover": None, "PruneSettings.allocation": Allocation(), "PruneSettings.shrinkage": 0.2,
-    "PruneSettings.certify_iter": 5,
+    "SparseFW.warm_start": "ria", "SparseFW.alpha": 0.5, "SparseFW.tol": 1e-3,
+    "SparseFW.options": SolverOptions(max_iter=7), "SparseFW.certify_iter": 5,
     "SolverOptions.max_iter": 7, "SolverOptions.step_rule": "open_loop", "SolverOptions.swaps": False,
     "SolverOptions.max_swaps": 9, "SolverOptions.lmo_method": "bisect", "SolverOptions.refresh_every": 3,
     "SolverOptions.precision": "highest", "SolverOptions.history": True,
@@ -49,10 +51,10 @@ OTHER = {
     "RecoverSettings.patience": 5, "RecoverSettings.seed": 1, "RecoverSettings.loss": "token",
     "RecoverSettings.proximal": 0.5, "RecoverSettings.dense_pull": 0.5,
     "Allocation.method": "error", "Allocation.lam": 0.05, "Allocation.outlier": 3.0,
-    "run.version": 4, "run.source": "/elsewhere/model", "run.calibration": {"source": "other.txt", "seed": 0},
+    "run.version": 5, "run.source": "/elsewhere/model", "run.calibration": {"source": "other.txt", "seed": 0},
     "run.tokens_sha256": TOKENS[::-1], "run.settings": PruneSettings(sparsity=0.6),
     "run.dtype": "bfloat16",
-    "request.version": 4, "request.model": "/elsewhere/model", "request.settings": PruneSettings(sparsity=0.6),
+    "request.version": 5, "request.model": "/elsewhere/model", "request.settings": PruneSettings(sparsity=0.6),
     "request.calib": "other.txt", "request.text_sha256": ["other text"], "request.nsamples": 64,
     "request.seqlen": 512, "request.seed": 1, "request.dtype": "bfloat16", "request.format": "flax",
     "request.hidden_dtype": "bfloat16",
@@ -88,17 +90,22 @@ def test_the_run_record_version_pins_every_setting():
     assert pinned is not None and {k: set(v) for k, v in found.items()} == {k: set(v) for k, v in pinned.items()}, (
         "a setting was added, removed or renamed: bump RUN_VERSION in fw_jax/pipeline/identity.py (earlier "
         f"checkpoints are then refused with a message) and pin the new fields here; found {found}")
-    # Every field is in the records, at its default too (none left out to keep old digests).
+    # Every field is in the records, at its default too (none left out to keep old digests); the
+    # record is flat, so no method field may be named like a shared one.
     record = PruneSettings(recover=RecoverSettings(), allocation=Allocation()).record()
-    assert set(record) == set(pinned["PruneSettings"])
+    assert set(record) == set(pinned["PruneSettings"]) | set(pinned["SparseFW"])
     for field, name in (("options", "SolverOptions"), ("recover", "RecoverSettings"), ("allocation", "Allocation")):
         assert set(record[field]) == set(pinned[name]), field
+    for name, method in METHODS.items():
+        assert set(PruneSettings(method=name).record()) == set(pinned["PruneSettings"]) | set(pinned[method.__name__])
+        assert not set(pinned[method.__name__]) & set(pinned["PruneSettings"]), name
     assert json.loads(json.dumps(record)) == record  # JSON-ready as it is
     assert set(identity.run_record(_model(), PruneSettings(), CALIBRATION, TOKENS)) == set(pinned["run"])
 
 
 #: The settings each class's fields are changed in (its object present, every other setting at its default).
 BASES = {"PruneSettings": PruneSettings(recover=RecoverSettings()), "SolverOptions": PruneSettings(),
+         "SparseFW": PruneSettings(),
          "RecoverSettings": PruneSettings(recover=RecoverSettings()), "Allocation": PruneSettings(allocation=Allocation())}
 
 
@@ -122,7 +129,12 @@ def _changed(key: str, value) -> str:
     base = BASES[owner]
     if owner == "PruneSettings":
         return _run_digest(dataclasses.replace(base, **{field: value}))
-    holder = {"SolverOptions": "options", "RecoverSettings": "recover", "Allocation": "allocation"}[owner]
+    if owner == "SparseFW":
+        return _run_digest(dataclasses.replace(base, method=dataclasses.replace(base.method, **{field: value})))
+    if owner == "SolverOptions":
+        options = dataclasses.replace(base.method.options, **{field: value})
+        return _run_digest(dataclasses.replace(base, method=dataclasses.replace(base.method, options=options)))
+    holder = {"RecoverSettings": "recover", "Allocation": "allocation"}[owner]
     inner = dataclasses.replace(getattr(base, holder), **{field: value})
     return _run_digest(dataclasses.replace(base, **{holder: inner}))
 
@@ -145,6 +157,7 @@ def _unchanged(key: str) -> str:
 
 def test_every_setting_changes_the_run_digest():
     pinned = {f"{owner}.{field}" for owner, fields in PINNED[identity.RUN_VERSION].items() for field in fields}
+    # The other methods have no settings; a setting given to one would have to be pinned and given a value here.
     assert set(OTHER) == pinned, f"give OTHER a value for {sorted(pinned - set(OTHER))}"
     same = [key for key, value in OTHER.items() if _changed(key, value) == _unchanged(key)]
     assert not same, f"these fields do not change the run's identity: {same}"
@@ -162,7 +175,7 @@ def test_every_argument_of_a_run_is_in_its_identity_or_said_not_to_be():
     """A new argument of prune_to_folder or prune_model must either enter the request or run record
     (bump RUN_VERSION) or be listed in NOT_THE_RUN with the reason it cannot change the result."""
     in_request = set(PINNED[identity.RUN_VERSION]["request"]) | {"model"}
-    in_run = {"loaded", "tokens", "settings", "calibration", "hidden_dtype"}  # hidden_dtype: calibration_record
+    in_run = {"model", "samples", "settings", "calibration", "hidden_dtype"}  # hidden_dtype: calibration_record
     for function, recorded in ((prune_to_folder, in_request), (prune_model, in_run)):
         unaccounted = set(inspect.signature(function).parameters) - recorded - set(NOT_THE_RUN)
         assert not unaccounted, f"{function.__name__}: {sorted(unaccounted)} neither recorded nor in NOT_THE_RUN"
@@ -188,6 +201,6 @@ def test_a_run_of_an_earlier_version_is_refused_and_says_so(tmp_path):
 def test_a_run_of_this_version_resumes_only_with_the_same_record_and_says_what_differs(tmp_path):
     record = identity.run_record(_model(), PruneSettings(), CALIBRATION, TOKENS)
     identity.check_same_run(_state(record, identity.digest(record)), record, str(tmp_path))  # the same run
-    now = identity.run_record(_model(), PruneSettings(alpha=0.5), CALIBRATION, TOKENS)
+    now = identity.run_record(_model(), PruneSettings(method=SparseFW(alpha=0.5)), CALIBRATION, TOKENS)
     with pytest.raises(identity.ResumeMismatch, match=r"settings\.alpha: 0\.9 there, 0\.5 now"):
         identity.check_same_run(_state(record, identity.digest(record)), now, str(tmp_path))

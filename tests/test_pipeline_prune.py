@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 from fw_jax import SolverOptions
 from fw_jax import models
 from fw_jax.cli import main as cli_main
-from fw_jax.pipeline import PruneSettings, evaluate_perplexity, prune_model, prune_to_folder
+from fw_jax.pipeline import PruneSettings, evaluate_perplexity, identity, prune_model, prune_to_folder
+from fw_jax.pipeline import SparseFW
 from models_fixtures import folder_tensors, random_torch_model, tiny_config
 from tolerances import assert_le
 from test_pipeline_data import char_tokenizer
@@ -43,7 +44,7 @@ def calib_tokens(n=4, length=24, seed=0):
 def kept_counts_ok(weight, settings):
     d_out, d_in = weight.shape
     kept = weight != 0
-    if settings.method == "sparsegpt" and settings.pattern is None:
+    if settings.method.name == "sparsegpt" and settings.pattern is None:
         return kept.sum() == d_out * settings.budget(d_in).k  # SparseGPT: exact per layer
     if settings.pattern:
         n, m = settings.pattern
@@ -65,8 +66,8 @@ def _cases():
 @pytest.mark.parametrize("method, target", list(_cases()))
 def test_every_method_and_budget_end_to_end(tiny_folder, method, target):
     loaded = models.load_model(tiny_folder)
-    solver = dict(options=SolverOptions(max_iter=20)) if method == "sparsefw" else {}
-    settings = PruneSettings(method=method, **solver, **target)
+    method = SparseFW(options=SolverOptions(max_iter=20)) if method == "sparsefw" else method
+    settings = PruneSettings(method=method, **target)
     report = prune_model(loaded, calib_tokens(), settings, progress=False)
     assert len(report.layers) == 2 * len(LINEARS)
     for name in models.linear_names(loaded.model):
@@ -75,7 +76,7 @@ def test_every_method_and_budget_end_to_end(tiny_folder, method, target):
             assert kept_counts_ok(weight, settings), name
     for record in report.layers:
         assert np.isfinite(record["error"]) and record["error"] >= 0
-        if method == "sparsefw":
+        if settings.method.name == "sparsefw":
             assert record["error"] <= record["wanda_error"] * (1 + 1e-5)
             assert record["lower_bound"] <= record["error"] * (1 + 1e-5)
         if method == "wanda":
@@ -92,7 +93,7 @@ def test_reconstruction_lowers_every_layer_error(tiny_folder):
 
 
 def test_interrupted_run_resumes_to_the_same_model(tiny_folder, tmp_path):
-    settings = PruneSettings(method="sparsefw", options=SolverOptions(max_iter=15))
+    settings = PruneSettings(method=SparseFW(options=SolverOptions(max_iter=15)))
     calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
     kwargs = dict(calib=calib, nsamples=4, seqlen=32, progress=False)
     straight = str(tmp_path / "straight")
@@ -135,7 +136,7 @@ def test_interrupted_run_resumes_to_the_same_model(tiny_folder, tmp_path):
 def test_pruned_folder_runs_in_transformers_with_the_requested_sparsity(tiny_folder, tmp_path):
     out = str(tmp_path / "pruned")
     calib = os.path.join(os.path.dirname(tiny_folder), "calib.txt")
-    loaded, _ = prune_to_folder(tiny_folder, out, PruneSettings(method="sparsefw", pattern=(2, 4), options=SolverOptions(max_iter=10)),
+    loaded, _ = prune_to_folder(tiny_folder, out, PruneSettings(method=SparseFW(options=SolverOptions(max_iter=10)), pattern=(2, 4)),
                                 calib=calib, nsamples=4, seqlen=32, progress=False)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     for name, module in torch_model.named_modules():
@@ -203,7 +204,7 @@ def test_shrinkage_interpolates_between_the_calibration_error_and_wanda():
     weight, gram = correlated_problem(np.random.default_rng(0), 12, 32, dtype=np.float32)
     errors = {}
     for rho in (0.0, 0.5, 1.0):
-        _, record = prune_layer(weight, gram, PruneSettings(sparsity=0.5, alpha=0.0, shrinkage=rho))
+        _, record = prune_layer(weight, gram, PruneSettings(method=SparseFW(alpha=0.0), sparsity=0.5, shrinkage=rho))
         errors[rho] = record["error"]
         assert ("shrunk_certificate" in record) == (rho > 0)
         assert 0 <= record["lower_bound"] <= record["error"] * (1 + 1e-5)  # always on G itself
@@ -242,25 +243,25 @@ def test_certify_iterations_prove_a_better_bound_without_changing_the_mask():
     weight, gram = correlated_problem(np.random.default_rng(4), 4, 12, dtype=np.float32)
     best = sum(best_row_error(weight[i].astype(np.float64), gram.astype(np.float64), 6) for i in range(4))
     plain_weights, plain = prune_layer(weight, gram, PruneSettings(sparsity=0.5))  # α = 0.9, ρ = 0.5
-    certified_weights, certified = prune_layer(weight, gram, PruneSettings(sparsity=0.5, certify_iter=200))
+    certified_weights, certified = prune_layer(weight, gram, PruneSettings(method=SparseFW(certify_iter=200), sparsity=0.5))
     np.testing.assert_array_equal(np.asarray(plain_weights), np.asarray(certified_weights))
     assert plain["lower_bound"] <= certified["lower_bound"]  # the larger of the two bounds, exactly
     assert_le(certified["lower_bound"], best, rtol=1e-4)  # float32 bound vs float64 enumeration
     assert certified["lower_bound"] > 0.3 * best and certified["certificate"] < plain["certificate"]
     with pytest.raises(ValueError, match="certify_iter"):
-        PruneSettings(certify_iter=-1)
+        SparseFW(certify_iter=-1)
 
 
 def test_progress_says_when_a_layer_has_no_useful_bound(tiny_folder, capsys):
     from fw_jax._progress import VERBOSE, Progress
 
     loaded = models.load_model(tiny_folder)
-    records = prune_model(loaded, calib_tokens(), PruneSettings(sparsity=0.5, options=SolverOptions(max_iter=10)),
+    records = prune_model(loaded, calib_tokens(), PruneSettings(method=SparseFW(options=SolverOptions(max_iter=10)), sparsity=0.5),
                           progress=Progress(VERBOSE)).layers
     err = capsys.readouterr().err
     assert "--certify N" in err  # the default (α = 0.9, ρ = 0.5) is told how to get a bound
     certified = prune_model(models.load_model(tiny_folder), calib_tokens(),
-                            PruneSettings(sparsity=0.5, options=SolverOptions(max_iter=10), certify_iter=20), progress=Progress(VERBOSE)).layers
+                            PruneSettings(method=SparseFW(options=SolverOptions(max_iter=10), certify_iter=20), sparsity=0.5), progress=Progress(VERBOSE)).layers
     certified_err = capsys.readouterr().err
     assert "--certify N" not in certified_err
     # Both branches are exercised: the default leaves some layer without a bound, --certify proves one.
@@ -317,6 +318,6 @@ def test_checkpoints_of_the_float32_npz_format_are_refused_not_misread(tiny_fold
     del saved["run"]["version"]  # as the .npz version wrote it: neither a version nor a checkpoint format
     saved["fingerprint"] = "0" * 16
     open(state, "w").write(json.dumps(saved))
-    with pytest.raises(ValueError, match="earlier fw_jax [(]run record version 1; this fw_jax writes version 3[)]"
+    with pytest.raises(ValueError, match=f"earlier fw_jax [(]run record version 1; this fw_jax writes version {identity.RUN_VERSION}[)]"
                                          ".*--overwrite"):
         prune_to_folder(tiny_folder, out, settings, calib=calib, nsamples=2, seqlen=16, progress=False)

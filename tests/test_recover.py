@@ -261,7 +261,7 @@ def test_the_pipeline_pulls_toward_the_checkpoints_own_weights(tiny_folder, monk
     on block 0, whose inputs are the embeddings in any run)."""
     import jax.numpy as jnp
 
-    from fw_jax.pipeline import prune as prune_module
+    from fw_jax.pipeline import recover as prune_module
 
     original = models.load_model(tiny_folder)
     dense_weights = {layer.name: np.asarray(layer.weight) for b in range(models.num_blocks(original.model))

@@ -714,7 +714,7 @@ def test_the_blocks_after_a_damaged_one_are_pruned_again_too(world, tmp_path, mo
 def test_a_checkpoint_that_passes_its_checksum_but_holds_a_nan_is_named_as_fw_jax_s(world, tmp_path, monkeypatch,
                                                                                      capsys):
     # The second line of defence: what replay reads is checked too (names, shapes, finite values).
-    from fw_jax.pipeline import prune
+    from fw_jax.pipeline import resume
 
     argv = _prune(tmp_path, world)
     with monkeypatch.context() as m:
@@ -723,7 +723,7 @@ def test_a_checkpoint_that_passes_its_checksum_but_holds_a_nan_is_named_as_fw_ja
     _nan_in_shard(tmp_path / "out.partial" / "block_0000.safetensors")
     capsys.readouterr()
     with monkeypatch.context() as m:
-        m.setattr(prune, "_verified_blocks", lambda work_dir, found: (found, None))  # as if the checksum matched
+        m.setattr(resume, "verified_blocks", lambda work_dir, found: (found, None))  # as if the checksum matched
         assert cli_main(argv) == 0
     err = capsys.readouterr().err
     shard = os.path.join(os.path.realpath(tmp_path), "out.partial", "block_0000.safetensors")

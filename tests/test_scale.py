@@ -19,6 +19,7 @@ from fw_jax import models
 from fw_jax.cli import main as cli_main
 from fw_jax.models import _safetensors
 from fw_jax.pipeline import PruneSettings, evaluate_perplexity, prune_model, prune_to_folder
+from fw_jax.pipeline import SparseFW
 from fw_jax.pipeline.data import calibration_tokens, load_documents
 from models_fixtures import folder_tensors, random_torch_model, tiny_config
 from test_pipeline_data import char_tokenizer
@@ -123,7 +124,7 @@ def test_dtype_asks_for_another_output_dtype(bf16_folder, tmp_path, dtype, expec
 
 
 def test_streamed_pruning_equals_pruning_in_memory(bf16_folder, tmp_path):
-    settings = PruneSettings(method="sparsefw", options=SolverOptions(max_iter=8), reconstruct=True)  # reconstruction: rounding matters
+    settings = PruneSettings(method=SparseFW(options=SolverOptions(max_iter=8)), reconstruct=True)  # reconstruction: rounding matters
     out = tmp_path / "streamed"
     prune_to_folder(bf16_folder, str(out), settings, calib=_calib(bf16_folder), nsamples=2, seqlen=16, progress=False)
     in_memory = models.load_model(bf16_folder, dtype="auto")

@@ -78,7 +78,7 @@ PIPELINE_SCRIPT = textwrap.dedent(
     sys.path.insert(0, "tests")
     from fw_jax import models
     import fw_jax
-    from fw_jax.pipeline import PruneSettings, prune_model
+    from fw_jax.pipeline import PruneSettings, SparseFW, prune_model
     from models_fixtures import random_torch_model, tiny_config
     from test_pipeline_data import char_tokenizer
     import tempfile
@@ -91,7 +91,7 @@ PIPELINE_SCRIPT = textwrap.dedent(
     weights = []
     for devices in (None, jax.devices()):
         loaded = models.load_model(folder)
-        prune_model(loaded, tokens, PruneSettings(method="sparsefw", sparsity=0.5, options=fw_jax.SolverOptions(max_iter=20)), progress=False, devices=devices)
+        prune_model(loaded, tokens, PruneSettings(method=SparseFW(options=fw_jax.SolverOptions(max_iter=20)), sparsity=0.5), progress=False, devices=devices)
         weights.append({l.name: np.asarray(l.weight) for b in range(models.num_blocks(loaded.model))
                         for l in models.block_linears(loaded.model, b)})
     same = all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -9,11 +9,14 @@
 - Out of core: ``load_model(path, stream=True)`` reads a block when :func:`load_block` (or
   ``with resident_block(loaded, b)``) asks and :func:`unload_block` drops it;
   :func:`write_block_shard` writes one block's shard as soon as it is pruned.
+- What the pruning engine needs from a model: :class:`Blocks` (:class:`LoadedBlocks` for the
+  models above, :func:`as_blocks`).
 - Calibration, block by block: :func:`embed`, :func:`block_linears`, :func:`block_grams`,
   :func:`set_linear_weights`, :func:`run_block`, :func:`head` (see ``_calibration.py``).
 - Any Flax linen model: :func:`linen_linears`, :func:`linen_grams`, :func:`set_linen_linears`.
 """
 
+from ._blocks import Blocks, LoadedBlocks, as_blocks
 from ._calibration import (
     LinearLayer,
     block_grams,
@@ -67,6 +70,9 @@ from ._params import (
 )
 
 __all__ = [
+    "Blocks",
+    "LoadedBlocks",
+    "as_blocks",
     "CheckpointError",
     "CheckpointNote",
     "DTYPES",

@@ -1,7 +1,10 @@
 """The pruning pipeline: calibration data, pruning a whole model, perplexity, reports and plots.
 
   * ``data.py``      calibration windows (SparseGPT/Wanda protocol) and evaluation text
-  * ``prune.py``     ``prune_model``: sequential block-by-block pruning, resumable
+  * ``methods/``     the layer-pruning methods, one file each, each owning its settings
+  * ``settings.py``  ``PruneSettings``: what every method shares (budget, reconstruction, recovery ...)
+  * ``prune.py``     ``prune_model``: the engine, sequential block-by-block pruning of any ``models.Blocks``
+  * ``resume.py``    resuming an interrupted run from its checkpoints
   * ``run.py``       ``prune_to_folder``: model in, pruned checkpoint + report + plots out
   * ``output.py``    which folders a run may write, replace or delete (fw_jax's marker), atomically
   * ``evaluate.py``  perplexity of one or several models, and everything ``fw-jax eval`` measures, as a table
@@ -21,9 +24,11 @@ from fw_jax.pipeline.data import (
 )
 from fw_jax.pipeline.evaluate import Evaluation, evaluate_models, evaluate_perplexity, format_table
 from fw_jax.pipeline.output import OutputError
+from fw_jax.pipeline.methods import (
+    METHODS, RIA, Magnitude, Method, SparseFW, SparseFWPublished, SparseGPT, Wanda, method_from_options,
+)
 from fw_jax.pipeline.prune import (
-    METHODS, PruneInterrupted, PruneReport, PruneSettings, ResumeMismatch, atomic_write, check_model, prune_layer,
-    prune_model,
+    PruneInterrupted, PruneReport, PruneSettings, ResumeMismatch, atomic_write, check_model, prune_layer, prune_model,
 )
 from fw_jax.pipeline.allocation import Allocation
 from fw_jax.pipeline.finetune import FinetuneInterrupted, FinetuneSettings, finetune
@@ -42,6 +47,14 @@ __all__ = [
     "ResumeMismatch",
     "check_model",
     "METHODS",
+    "Method",
+    "Magnitude",
+    "Wanda",
+    "RIA",
+    "SparseGPT",
+    "SparseFW",
+    "SparseFWPublished",
+    "method_from_options",
     "PruneReport",
     "PruneSettings",
     "RecoverSettings",

@@ -31,7 +31,6 @@ import numpy as np
 from fw_jax import models
 from fw_jax.solver import saliency_mask, saliency_scores, weights_error
 
-from . import distributed
 
 __all__ = ["ALLOCATIONS", "Allocation", "allocate", "apportion", "block_score", "block_sparsities"]
 
@@ -139,30 +138,30 @@ def apportion(block_sparsity: Sequence[float], kinds: Sequence[tuple[int, int]],
     return k.tolist()
 
 
-def allocate(loaded, hidden, allocation: Allocation, sparsity: float, progress) -> dict:
-    """The allocation of a model: one dense pass over the blocks from the block-0 inputs
-    ``hidden`` (the model's weights are not changed; a streamed model's blocks are read and
-    dropped again). Returns ``{"scores", "block_sparsity", "budgets"}``, ``budgets[b][i]`` the
-    per-row count kept by layer ``i`` of block ``b``, as :func:`apportion` makes them."""
+def allocate(blocks, hidden, allocation: Allocation, sparsity: float, progress) -> dict:
+    """The allocation of a model (a :class:`fw_jax.models.Blocks`): one dense pass over the blocks
+    from the block-0 inputs ``hidden`` (the model's weights are not changed; a streamed model's
+    blocks are read and dropped again). Returns ``{"scores", "block_sparsity", "budgets"}``,
+    ``budgets[b][i]`` the per-row count kept by layer ``i`` of block ``b``, as :func:`apportion`
+    makes them. The Gram matrices are summed as the pruning's are, the same in any number of
+    processes."""
     allocation.check(sparsity)
-    model = loaded.model
-    blocks = models.num_blocks(model)
+    blocks = models.as_blocks(blocks)
+    count = len(blocks)
     scores, kinds = [], None
-    with progress.steps(blocks, f"allocation ({allocation.method}): dense pass", unit="block") as steps:
-        for b in range(blocks):
-            models.load_block(loaded, b)
-            linears = models.block_linears(model, b)
-            shapes = [tuple(layer.weight.shape) for layer in linears]
-            if kinds is None:
-                kinds = shapes
-            elif shapes != kinds:
-                raise ValueError(f"allocation needs blocks of the same layers; block {b} has shapes {shapes}, "
-                                 f"block 0 {kinds}")
-            grams = distributed.sum_over_processes(models.block_grams(model, b, hidden))
-            scores.append(block_score(allocation, linears, grams, sparsity))
-            if b + 1 < blocks:
-                hidden = models.run_block(model, b, hidden).astype(hidden.dtype)
-            models.unload_block(loaded, b)
+    with progress.steps(count, f"allocation ({allocation.method}): dense pass", unit="block") as steps:
+        for b in range(count):
+            with blocks.resident(b):
+                linears = blocks.linears(b)
+                shapes = [tuple(layer.weight.shape) for layer in linears]
+                if kinds is None:
+                    kinds = shapes
+                elif shapes != kinds:
+                    raise ValueError(f"allocation needs blocks of the same layers; block {b} has shapes {shapes}, "
+                                     f"block 0 {kinds}")
+                scores.append(block_score(allocation, linears, blocks.grams(b, hidden), sparsity))
+                if b + 1 < count:
+                    hidden = blocks.run(b, hidden)
             steps.advance()
     per_block = block_sparsities(scores, sparsity, allocation.lam)
     return {"method": allocation.method, "scores": [float(x) for x in scores],

@@ -61,12 +61,12 @@ def _record_sha256(saved: dict) -> str:
                           .encode()).hexdigest()
 
 
-def save_block(work_dir: str, b: int, loaded, records: list[dict], seconds: float,
+def save_block(work_dir: str, b: int, blocks, records: list[dict], seconds: float,
                history: Optional[dict] = None) -> None:
     """Checkpoint block ``b`` (in memory): its shard of the output, then its records with the
     shard's size and SHA-256, each written atomically; the records file marks the block as finished."""
     shard = block_file(work_dir, b)
-    models.write_block_shard(loaded, b, shard)
+    blocks.write_shard(b, shard)
     saved = {"seconds": seconds, "layers": records,
              "shard": {"file": os.path.basename(shard), "bytes": os.path.getsize(shard), "sha256": file_sha256(shard)}}
     if history is not None:  # the Frank-Wolfe history of a layer of this block, for the plot

@@ -34,8 +34,9 @@ __all__ = ["RUN_VERSION", "ResumeMismatch", "calibration_record", "check_same_ru
 #: The version of the run and request records. 1: blocks checkpointed as float32 ``.npz``; 2: each
 #: block's shard of the output in the output dtype (``block_0003.safetensors``), recorded as
 #: ``checkpoint_format``; 3: every setting recorded, at its default too, and ``version`` in both
-#: records. A run record of another version is never resumed.
-RUN_VERSION = 3
+#: records; 4: methods are objects that own their settings, and a run records only its method's
+#: (``sparsefw``'s five, none for the others). A run record of another version is never resumed.
+RUN_VERSION = 4
 
 
 class ResumeMismatch(ValueError):
@@ -131,11 +132,17 @@ def check_same_run(state: dict, record: dict, work_dir: str) -> None:
 
 def recorded_classes(settings_class) -> dict[str, type]:
     """``settings_class`` and every dataclass its fields hold (``Optional`` ones included),
-    recursively, by name: the classes whose fields a run record holds."""
+    recursively, by name: the classes whose fields a run record holds. A field typed as a
+    method holds any registered method (``methods.METHODS``), so each of those is included."""
+    from .methods import METHODS, Method
+
     found, todo = {}, [settings_class]
     while todo:
         cls = todo.pop()
         if cls.__name__ in found:
+            continue
+        if cls is Method:
+            todo += list(METHODS.values())
             continue
         found[cls.__name__] = cls
         for hint in typing.get_type_hints(cls).values():

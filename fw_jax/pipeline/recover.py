@@ -265,3 +265,60 @@ def _batches(train: np.ndarray, batch_size: int, steps: int, seed: int, b: int) 
         batches.append(order[:batch_size])
         order = order[batch_size:]
     return batches
+
+
+def _recovery_line(b: int, r: dict) -> str:
+    why = {"steps": "", "early": ", stopped early (held-out loss)",
+           "worse": ": no better, the block keeps its pruned weights",
+           "nonfinite": ": a loss was not finite, the block keeps its pruned weights"}[r["stopped"]]
+    return (f"block {b} recovery: loss vs dense {r['loss_before']:.4g} -> {r['loss_after']:.4g} "
+            f"in {r['steps']} steps, {r['seconds']:.1f}s{why}")
+
+
+class Recovery:
+    """Recovery inside the pruning engine: the dense model's hidden states, carried beside the
+    pruned model's, and :func:`recover_block` of each block against them.
+
+    Per block, inside ``blocks.resident(b)``: :meth:`before` (the dense block's outputs, and its
+    dense weights for ``dense_pull``) while the block is still dense, then :meth:`after` once it
+    is pruned. A resumed run calls :meth:`replay` with each saved block still dense.
+    """
+
+    def __init__(self, blocks, settings: RecoverSettings):
+        from . import distributed
+
+        if distributed.process_count() > 1:
+            raise ValueError("recover runs in one process (its gradients are not shared across processes yet)")
+        if not hasattr(blocks, "loaded"):
+            raise ValueError("recover trains a block of a model fw_jax loaded (fw_jax.models.load_model); "
+                             f"{blocks.source} is not one")
+        self.blocks, self.settings, self.dense = blocks, settings, None
+
+    def start(self, hidden) -> None:
+        """The dense model's block-0 inputs: the pruned model's, before anything is pruned."""
+        self.dense = hidden
+
+    def replay(self, b: int) -> None:
+        """Move the dense stream past block ``b`` (resident, with its dense weights)."""
+        self.dense = self.blocks.run(b, self.dense)
+
+    def before(self, b: int):
+        """``(target, dense weights or None)`` of block ``b`` while it is dense."""
+        target = self.blocks.run(b, self.dense)
+        pulled = ({layer.name: layer.weight for layer in self.blocks.linears(b)}
+                  if self.settings.dense_pull else None)
+        return target, pulled
+
+    def after(self, b: int, hidden, before, energies: dict, records: list[dict], progress) -> None:
+        """Recover pruned block ``b`` from its inputs ``hidden`` toward ``before``'s target; the
+        weights are rounded to the dtype they are written in, as pruned ones are, unless the
+        block kept its pruned weights. The record goes into every layer record of the block."""
+        target, pulled = before
+        dense = None if pulled is None else {name: (w, energies[name]) for name, w in pulled.items()}
+        record = recover_block(self.blocks.model, b, hidden, target, self.settings, dense)
+        if record["stopped"] not in ("worse", "nonfinite"):
+            self.blocks.set_weights(b, {layer.name: layer.weight for layer in self.blocks.linears(b)})
+        for r in records:
+            r["block_recovery"] = record
+        progress.say(_recovery_line(b, record))
+        self.dense = target

@@ -54,7 +54,8 @@ def _write_plots(report: PruneReport, out_dir: str) -> list[str]:
         history = {k: v for k, v in report.history.items() if k != "layer"}
         record = next(r for r in report.layers if r["name"] == layer)
         rho = settings.effective_shrinkage
-        warm = f"warm start ({settings.warm_start})"
+        warm_start = getattr(settings.method, "warm_start", "wanda")
+        warm = f"warm start ({warm_start})"
         if rho > 0:  # the history is of the shrunk problem: only its own numbers go on its axis
             matrix = "F = diag(G)" if rho == 1 else f"F = {1 - rho:g}·G + {rho:g}·diag(G)"
             references = {warm: record.get("shrunk_warm_error"), "lower bound": record.get("shrunk_lower_bound")}
@@ -64,7 +65,7 @@ def _write_plots(report: PruneReport, out_dir: str) -> list[str]:
             matrix = "G = XXᵀ"
             references = {warm: record.get("warm_error"), "lower bound": record.get("lower_bound"),
                           "returned mask": record.get("mask_error", record["error"])}
-            if settings.warm_start != "wanda":
+            if warm_start != "wanda":
                 references["Wanda"] = record["wanda_error"]
             title = f"Frank-Wolfe on {layer}"
         references = {k: float(v) for k, v in references.items() if v is not None and float(v) > 0}  # proved only
