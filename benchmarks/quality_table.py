@@ -1,4 +1,7 @@
-"""Perplexity of SmolLM2-135M pruned by every method (issues 4 and 5: the quality table).
+"""Perplexity of a small model pruned by every method (issues 4 and 5: the quality table).
+
+The model is ``--model``: SmolLM2-135M (the default; results/quality.md) or Gemma 3 270M
+(``gemma3-270m``; results/quality-gemma3.md), each with its own results file and pruned folders.
 
 Calibration: random windows of five Austen novels (Persuasion held out), SparseGPT/Wanda
 protocol. Evaluation: held-out Persuasion and CPython's `pydoc_data` evaluation part, docs/design.md §16
@@ -9,6 +12,7 @@ tasks (``fw_jax.pipeline.tasks``); a row whose folder is gone is pruned again (f
 the perplexity rows were written), its perplexity kept.
 
     python benchmarks/quality_table.py --settings 50% 2:4 60%
+    python benchmarks/quality_table.py --model gemma3-270m --settings 50% --methods wanda
     python benchmarks/quality_table.py --settings 50% --methods wanda \
         --tasks builtin:persuasion-next-sentence builtin:persuasion-cloze
 """
@@ -18,9 +22,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import pathlib
 import platform
 import re
+import resource
 import shlex
 import sys
 import time
@@ -71,6 +77,14 @@ METHODS = {
     "sparsefw α=0.9 ρ=0.5 + reconstruct + owl": dict(method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True,
                                                      allocation=Allocation("owl")),
 }
+# The models the table is made for: the title its results file names it by, and where it goes.
+MODELS = {
+    "smollm2-135m": dict(title="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", short="SmolLM2-135M",
+                         out="quality", runs="quality"),
+    "gemma3-270m": dict(title="Gemma 3 270M (Q4_K_M GGUF, dequantized)", short="Gemma 3 270M",
+                        out="quality-gemma3", runs="quality-gemma3"),
+}
+DEFAULT_MODEL = "smollm2-135m"
 SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7), "2:4": dict(pattern=(2, 4))}
 RECOVERED = "sparsefw α=0.9 ρ=0.5 + reconstruct + recover"  # issue 20's bar is on this row
 PERPLEXITIES = ("Persuasion ppl", "pydoc-eval ppl")  # the columns every bar compares
@@ -83,6 +97,8 @@ def slug(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS),
+                        help="the model pruned and evaluated (Gemma is given BOS at the start of every window)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--nsamples", type=int, default=NSAMPLES,
@@ -94,14 +110,23 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
                         help="also zero-shot accuracy on these tasks (builtin:NAME or .jsonl), per row")
     parser.add_argument("--task-size", type=int, default=200, help="items of each builtin task")
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "quality"))
-    parser.add_argument("--out", default=str(ROOT / "results" / "quality"))
+    parser.add_argument("--runs", default=None,
+                        help="folder of the pruned models (default: runs/quality for SmolLM2, runs/quality-gemma3 "
+                             "for Gemma 3)")
+    parser.add_argument("--out", default=None,
+                        help="results file, without suffix (.json and .md are written; default: results/quality for "
+                             "SmolLM2, results/quality-gemma3 for Gemma 3)")
     parser.add_argument("--readme", default="",
                         help="a Markdown file whose quality section (between the quality:start/end markers) is "
                              "rewritten after every row; none by default (README.md holds a short table by hand)")
     parser.add_argument("--rewrite-only", action="store_true",
                         help="only rewrite --out's markdown and the README section from --out's JSON; run nothing")
     args = parser.parse_args()
+    args.runs = args.runs or str(ROOT / "runs" / MODELS[args.model]["runs"])
+    args.out = args.out or str(ROOT / "results" / MODELS[args.model]["out"])
+    if args.readme and args.model != DEFAULT_MODEL:
+        parser.error("--readme rewrites the README's SmolLM2 table; leave it out with --model " + args.model)
+    check_model_of(pathlib.Path(args.out), args.model)
     if args.rewrite_only:
         write(pathlib.Path(args.out), *read_results(pathlib.Path(args.out)), args)
         return
@@ -140,7 +165,8 @@ def main() -> None:
     def has_accuracy(label):
         return label in table and all(_has_accuracy(table[label], t) for t in tasks)
 
-    evaluate("dense", "smollm2-135m")
+    evaluate("dense", args.model)
+    table["dense"].setdefault("peak RSS GB", peak_rss_gb())
     this_run["seconds"] = time.perf_counter() - started
     write(out, *merge_rows(out, produced, this_run), args)
     for setting in args.settings:
@@ -153,7 +179,7 @@ def main() -> None:
                 continue
             if not report_path.exists():
                 settings = PruneSettings.from_options(**METHODS[name], **SETTINGS[setting])
-                prune_to_folder("smollm2-135m", str(folder), settings, calib=calib, nsamples=args.nsamples,
+                prune_to_folder(args.model, str(folder), settings, calib=calib, nsamples=args.nsamples,
                                 seqlen=args.seqlen, seed=args.seed, history_layer=None, dtype="float32")
             rerun = label in table  # pruned again for its accuracy: its perplexity row stands
             evaluate(label, str(folder))
@@ -166,9 +192,33 @@ def main() -> None:
             else:
                 table[label]["mean layer error vs Wanda"] = report["summary"]["mean_error_vs_wanda"]
                 table[label]["prune s"] = report["seconds"]
+                table[label]["peak RSS GB"] = peak_rss_gb()
             produced[label] = table[label]
             this_run["seconds"] = time.perf_counter() - started
             write(out, *merge_rows(out, produced, this_run), args)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def check_model_of(out: pathlib.Path, model: str) -> None:
+    """Refuse to add ``model``'s rows to a results file written for another model.
+
+    A file written before ``--model`` existed names no model: it is SmolLM2's.
+    """
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return
+    try:
+        there = json.loads(path.read_text()).get("model", DEFAULT_MODEL)
+    except (ValueError, AttributeError) as e:
+        raise SystemExit(f"{path} is not a quality-table results file (a JSON object with 'commands' and "
+                         f"'table'): {e}")
+    if there != model:
+        raise SystemExit(f"{path} holds {there}'s rows, not {model}'s: give --out (and --runs) another name, "
+                         f"or leave them out for {model}'s own (results/{MODELS[model]['out']})")
 
 
 def reproduces(row: dict, report: dict) -> bool:
@@ -225,14 +275,22 @@ def merge_rows(out: pathlib.Path, rows: dict, this_run: dict) -> tuple[dict, lis
 
 
 def write(out, table, commands, args):
-    atomic_write(out.with_suffix(".json"), json.dumps({"commands": commands, "table": table}, indent=1))
-    runs = [f"- `{c['command']}` — {c['seconds'] / 60:.0f} min" + "".join(f"; {n}" for n in c.get("re-pruned", ()))
+    model = getattr(args, "model", DEFAULT_MODEL)
+    record = {"commands": commands, "table": table}
+    if model != DEFAULT_MODEL:  # SmolLM2's file predates the field; its absence means SmolLM2
+        record = {"model": model, **record}
+    atomic_write(out.with_suffix(".json"), json.dumps(record, indent=1))
+    dated = model != DEFAULT_MODEL  # SmolLM2's earlier runs kept no start date in the file
+    runs = [f"- `{c['command']}` — " + (f"started {c['started']}, " if dated and c.get("started") else "")
+            + f"{c['seconds'] / 60:.0f} min" + "".join(f"; {n}" for n in c.get("re-pruned", ()))
             for c in commands if c["seconds"] > 0]
+    layers = f"the {LAYERS[model]} pruned layers" if model in LAYERS else "the pruned layers"
     text = "\n".join([
-        "# Perplexity of pruned SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
+        f"# Perplexity of pruned {MODELS[model]['title']}",
         "",
-        f"Produced on {platform.machine()} ({jax.default_backend()}, 2 cores), jax {jax.__version__}, by these runs "
-        "(each re-run reuses the finished rows and pruned folders of the earlier ones):",
+        *intro(out),
+        f"Produced on {platform.machine()} ({jax.default_backend()}, {os.cpu_count()} cores), jax {jax.__version__}, "
+        "by these runs (each re-run reuses the finished rows and pruned folders of the earlier ones):",
         "",
         *runs,
         "",
@@ -240,9 +298,12 @@ def write(out, table, commands, args):
         "seed 0, unless the row says otherwise (`(seed 1)`, `(128 windows)`: a seed's first 32 windows are the same "
         f"whatever the number drawn). Evaluation: first {args.max_windows} windows of {args.eval_seqlen} tokens of Persuasion "
         "and of the pydoc evaluation text. Mean layer error: the method's layer error ‖WX − ŴX‖² divided by "
-        "Wanda's on the same inputs, averaged over the 210 pruned layers (with reconstruction: of its weights; with "
+        f"Wanda's on the same inputs, averaged over {layers} (with reconstruction: of its weights; with "
         "recovery: still of the weights before it, since recovery fits whole blocks to the dense model's outputs, not "
-        "each layer to its own inputs).",
+        "each layer to its own inputs). Prune s: wall time of the pruning alone. Peak RSS GB: the script's peak "
+        "resident memory when the row was written (pruning and evaluation; an invocation that ran several rows "
+        "shows its peak so far). "
+        + ("BOS starts every calibration and evaluation window, as Gemma expects." if model == "gemma3-270m" else ""),
         "",
         format_table(table, digits=3),
         "",
@@ -256,6 +317,19 @@ def write(out, table, commands, args):
     if args.readme:
         update_readme(pathlib.Path(args.readme), table, commands)
     print(text, flush=True)
+
+
+LAYERS = {"smollm2-135m": 210, "gemma3-270m": 126}  # 7 linear layers a block: 30 blocks, 18 blocks
+INTRO_START, INTRO_END = "<!-- intro:start -->", "<!-- intro:end -->"
+
+
+def intro(out: pathlib.Path) -> list[str]:
+    """The hand-written paragraph at the top of ``out``'s markdown (between the intro markers), kept
+    as it is when the file is rewritten; none if the file has no such section."""
+    path = out.with_suffix(".md")
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    start, end = text.find(INTRO_START), text.find(INTRO_END)
+    return [text[start:end + len(INTRO_END)], ""] if 0 <= start < end else []
 
 
 README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"

@@ -15,7 +15,8 @@ matrix of its calibration inputs and ``k`` the weights kept per row:
 - step rules: :class:`ExactLineSearch`, :class:`OpenLoop`, :class:`ShortStep`;
 - baselines: magnitude, Wanda and RIA scores and masks, :func:`saliency_mask`,
   :func:`sparsegpt`, :func:`sparsefw_published` (the seed paper's recipe);
-- errors: :func:`layer_error`, :func:`row_errors`; :func:`reconstruct` refits kept weights.
+- errors: :func:`layer_error`, :func:`row_errors`; :func:`reconstruct` refits kept weights;
+- any Flax NNX model in one call: :func:`prune` (``fw_jax.pipeline.flax_prune``).
 
 Layout: ``fw_jax/solver`` (Frank-Wolfe, oracles, budgets, steps, baselines), ``fw_jax/models``
 (Flax models, checkpoint loaders and writers), ``fw_jax/pipeline`` (calibration, methods,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference; at run time, see _
         wanda_mask,
         wanda_scores,
     )
+    from fw_jax.pipeline.flax_prune import prune
 
 __version__ = "0.1.0"
 
@@ -68,6 +70,7 @@ __all__ = [
     "magnitude_mask",
     "magnitude_scores",
     "mask_lower_bound",
+    "prune",
     "ria_mask",
     "reconstruct",
     "ria_scores",
@@ -89,7 +92,9 @@ def __getattr__(name: str):
     do not wait for JAX."""
     import importlib
 
-    if name in __all__:
+    if name == "prune":
+        value = importlib.import_module("fw_jax.pipeline.flax_prune").prune
+    elif name in __all__:
         value = getattr(importlib.import_module("fw_jax.solver"), name)
     elif name in _SUBPACKAGES:
         value = importlib.import_module(f"{__name__}.{name}")

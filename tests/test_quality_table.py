@@ -186,3 +186,43 @@ def test_a_row_pruned_again_for_its_accuracy_says_whether_it_is_the_same_model()
     assert measured.endswith("(this one's perplexity: 57.89 / 35.65, the row's 57.80 / 35.33, Persuasion / pydoc-eval)")
     assert q.reproduces(row, {"summary": {"mean_error_vs_wanda": 0.5852647}})
     assert not q.reproduces(row, {"summary": {"mean_error_vs_wanda": 0.6410773}}) and not q.reproduces({}, {"summary": {"mean_error_vs_wanda": 1.0}})
+
+
+def _args(model, out, **extra):
+    import argparse
+
+    return argparse.Namespace(model=model, out=str(out), seqlen=512, eval_seqlen=512, max_windows=24, readme="", **extra)
+
+
+def test_another_model_gets_its_own_file_and_title_and_keeps_the_intro(tmp_path):
+    import json
+
+    import pytest
+    import quality_table as q
+
+    out = tmp_path / "quality-gemma3"
+    commands = [{"command": "python benchmarks/quality_table.py --model gemma3-270m", "seconds": 600.0,
+                 "started": "2026-12-07T17:40:54+0000"}]
+    table = {"dense": _row(20.0, 10.0), "wanda @ 50%": {**_row(30.0, 15.0), "prune s": 90.0, "peak RSS GB": 3.2}}
+    q.write(out, table, commands, _args("gemma3-270m", out))
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["model"] == "gemma3-270m" and record["table"] == table
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("# Perplexity of pruned Gemma 3 270M")
+    assert "started 2026-12-07T17:40:54+0000, 10 min" in text and "the 126 pruned layers" in text
+    assert "BOS starts every calibration and evaluation window" in text
+    # a paragraph written by hand between the intro markers survives every rewrite
+    out.with_suffix(".md").write_text(f"# old title\n\n{q.INTRO_START}\nBy hand.\n{q.INTRO_END}\n\nold body\n")
+    q.write(out, table, commands, _args("gemma3-270m", out))
+    text = out.with_suffix(".md").read_text()
+    assert f"{q.INTRO_START}\nBy hand.\n{q.INTRO_END}" in text and "old body" not in text
+    # one model's results are never mixed into another's file
+    q.check_model_of(out, "gemma3-270m")
+    with pytest.raises(SystemExit, match="holds gemma3-270m's rows, not smollm2-135m's"):
+        q.check_model_of(out, "smollm2-135m")
+    smollm2 = tmp_path / "quality"
+    q.write(smollm2, {"dense": _row(37.4, 15.3)}, commands, _args("smollm2-135m", smollm2))
+    assert "model" not in json.loads(smollm2.with_suffix(".json").read_text())  # as results/quality.json
+    assert smollm2.with_suffix(".md").read_text().startswith("# Perplexity of pruned SmolLM2-135M-Instruct")
+    with pytest.raises(SystemExit, match="holds smollm2-135m's rows, not gemma3-270m's"):
+        q.check_model_of(smollm2, "gemma3-270m")

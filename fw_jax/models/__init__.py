@@ -1,8 +1,10 @@
 """Flax models of the GPT families fw_jax prunes, their checkpoint loaders, and converters.
 
-- Models (Flax NNX): :class:`LlamaForCausalLM` (LLaMA 1/2/3, Mistral, Qwen2, SmolLM2),
-  :class:`GPT2LMHeadModel` and :class:`Gemma3ForCausalLM`; parameters sit at their Hugging Face
-  names.
+- Models (Flax NNX): :class:`LlamaForCausalLM` (LLaMA 1/2/3, Mistral, Qwen2, Qwen3, SmolLM2),
+  :class:`GPT2LMHeadModel`, :class:`Gemma3ForCausalLM`, :class:`Gemma2ForCausalLM` and
+  :class:`Phi3ForCausalLM` (Phi-3, Phi-3.5-mini, Phi-4-mini), and the mixtures of experts
+  :class:`MixtralForCausalLM` and :class:`Qwen3MoeForCausalLM`; parameters sit at their Hugging
+  Face names.
 - Checkpoints: :func:`load_model` (HF folders, sharded safetensors, GGUF, Flax msgpack,
   ``"smollm2-135m"``, ``"gemma3-270m"``), :func:`save_hf_folder` (sharded, in the checkpoint's
   dtype), :func:`save_flax_folder`.
@@ -12,7 +14,8 @@
 - What the pruning engine needs from a model: :class:`Blocks` (:class:`LoadedBlocks` for the
   models above, :func:`as_blocks`).
 - Calibration, block by block: :func:`embed`, :func:`block_linears`, :func:`block_grams`,
-  :func:`set_linear_weights`, :func:`run_block`, :func:`head` (see ``_calibration.py``).
+  :func:`set_linear_weights`, :func:`run_block`, :func:`head` (see ``_calibration.py``); for
+  experts that few tokens reached, :func:`with_expert_fallback` and :func:`fallback_experts`.
 - Any Flax linen model: :func:`linen_linears`, :func:`linen_grams`, :func:`set_linen_linears`.
 """
 
@@ -30,6 +33,7 @@ from ._calibration import (
 )
 from ._errors import CheckpointError, CheckpointNote, UnsupportedModelError
 from ._eval import perplexity
+from ._gemma2 import Gemma2ForCausalLM, Gemma2Spec
 from ._gemma3 import Gemma3ForCausalLM, Gemma3Spec
 from ._gguf import load_gguf
 from ._gpt2 import GPT2LMHeadModel, GPT2Spec
@@ -52,6 +56,10 @@ from ._loaded import (
 )
 from ._loading import GEMMA3_NAME, SMOLLM2_NAME, gemma3_gguf_path, load_model, smollm2_gguf_path
 from ._msgpack import load_flax_folder, save_flax_folder, write_flax_files
+from ._phi3 import Phi3ForCausalLM, Phi3Spec
+from ._mixtral import MixtralForCausalLM, MixtralSpec
+from ._moe import fallback_experts, with_expert_fallback
+from ._qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeSpec
 from ._safetensors import WriteError
 
 #: Output formats and their writers, ``writer(loaded, folder, block_files=None)`` into an existing
@@ -95,6 +103,16 @@ __all__ = [
     "GPT2LMHeadModel",
     "Gemma3ForCausalLM",
     "Gemma3Spec",
+    "Gemma2ForCausalLM",
+    "Gemma2Spec",
+    "Phi3ForCausalLM",
+    "Phi3Spec",
+    "MixtralForCausalLM",
+    "MixtralSpec",
+    "Qwen3MoeForCausalLM",
+    "Qwen3MoeSpec",
+    "fallback_experts",
+    "with_expert_fallback",
     "GPT2Spec",
     "LinearLayer",
     "LinenLinear",

@@ -25,6 +25,7 @@ import numpy as np
 
 from ._calibration import LinearLayer, block_linears, embed, num_blocks, run_block
 from ._loaded import LoadedModel, load_block, round_to, unload_block, unload_rest
+from ._moe import expert_tokens, fallback_experts, has_experts, with_expert_fallback
 from ._params import set_linear_weights
 from ._shards import read_block_shard, write_block_shard
 
@@ -91,6 +92,10 @@ class LoadedBlocks:
         self.source = str(loaded.source)
         self.dtype = loaded.dtype  #: the dtype the model is written in (``None``: each tensor's own)
         self.hidden_dtype = jnp.dtype(hidden_dtype)
+        #: ``{block: {expert name: tokens}}``: every expert's routed tokens, and those pruned on
+        #: fallback Gram matrices (too few tokens)
+        self.expert_tokens: dict[int, dict[str, int]] = {}
+        self.fallbacks: dict[int, dict[str, int]] = {}
         config = loaded.config
         #: the longest sequence the model takes, or ``None``
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -119,9 +124,33 @@ class LoadedBlocks:
         return block_linears(self.model, b)
 
     def grams(self, b: int, hidden, *, return_inputs: bool = False):
+        """As :meth:`Blocks.grams`. In a mixture-of-experts block, an expert that too few tokens
+        were routed to gets the fallback matrices of ``fw_jax.models.with_expert_fallback``, and
+        :attr:`fallbacks` records it: ``{b: {expert name: tokens}}``."""
         from fw_jax.pipeline import distributed  # the pipeline's process group (imports models)
 
-        return distributed.block_grams(self.model, b, hidden, return_inputs=return_inputs)
+        if not has_experts(self.model, b):
+            return distributed.block_grams(self.model, b, hidden, return_inputs=return_inputs)
+        out = distributed.block_grams(self.model, b, hidden, return_inputs=return_inputs, return_counts=True)
+        grams, counts = out[0], out[-1]
+        self.expert_tokens[b] = expert_tokens(self.model, b, counts)
+        self.fallbacks[b] = fallback_experts(self.model, b, counts)
+        grams = with_expert_fallback(self.model, b, grams, counts)
+        return (grams, out[1]) if return_inputs else grams
+
+    def layer_notes(self, b: int) -> dict[str, dict]:
+        """``{layer name: fields}`` the engine adds to block ``b``'s layer records: for an expert's
+        layers, the calibration ``tokens`` routed to it and, if it had too few, its ``fallback``."""
+        notes = {}
+        for layer in self.linears(b):
+            for expert, tokens in self.expert_tokens.get(b, {}).items():
+                if layer.name.startswith(expert + "."):
+                    notes[layer.name] = {"tokens": tokens}
+                    if expert in self.fallbacks.get(b, {}):
+                        notes[layer.name]["fallback"] = (
+                            "identity Gram matrix (each row keeps its largest weights)" if layer.input_key.endswith(".mid")
+                            else "Gram matrix of every token entering the layer")
+        return notes
 
     def token_count(self, hidden) -> int:
         """Calibration tokens in ``hidden`` (this process's)."""

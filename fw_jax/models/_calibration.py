@@ -14,7 +14,9 @@ Sequential pruning (docs/design.md §15) goes through a model one decoder block 
 Linear layers are named by their Hugging Face module name (``model.layers.3.mlp.up_proj``);
 layers that read the same activations share one ``input_key`` and one Gram matrix: q/k/v
 (``<block>.attn_in``), gate/up (``<block>.mlp_in``); ``o_proj`` (``<block>.attn_out``) and
-``down_proj`` (``<block>.mlp_mid``) have their own. GPT-2 has one linear per key.
+``down_proj`` (``<block>.mlp_mid``) have their own. GPT-2 has one linear per key. Each expert of a
+mixture-of-experts block has its own two keys, its inputs masked to the tokens routed to it
+(``<block>.block_sparse_moe.experts.5.in`` and ``.mid``; see ``_moe.py``).
 
 Gram matrices are accumulated over mini-batches (``batch_size`` sequences at a time) by one
 jitted step shared by all blocks of a model, in float32 by default or float64 (needs
@@ -100,6 +102,26 @@ def _gram_and_inputs_step(graphdef, state, h, context, grams):
     return new, flat
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(4, 5))
+def _gram_count_step(graphdef, state, h, context, grams, counts, with_inputs):
+    # Also counts each input's rows that are not all zeros: the tokens routed to an expert (_moe.py).
+    _, inputs = nnx.merge(graphdef, state).forward(h, context)
+    new, new_counts, flat = {}, {}, {}
+    for key, gram in grams.items():
+        x = inputs[key].reshape(-1, inputs[key].shape[-1]).astype(gram.dtype)
+        new[key] = gram + jnp.einsum("ni,nj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
+        new_counts[key] = counts[key] + jnp.sum(jnp.any(x != 0, axis=-1), dtype=jnp.int32)
+        if with_inputs:
+            flat[key] = x.astype(jnp.float32)
+    return new, new_counts, flat
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_output_step(graphdef, state, h, context):
+    # The next hidden states only: the linear inputs (an expert's, E of them) are not kept.
+    return nnx.merge(graphdef, state).forward(h, context)[0]
+
+
 def _block_context(model, seq_len):
     # Arrays shared by all blocks (RoPE tables); cheap, so recomputed per mini-batch.
     return model.block_context(seq_len)
@@ -146,7 +168,7 @@ def run_block(model: nnx.Module, b: int, hidden, *, batch_size: int | None = 4) 
     for h in _batches(hidden, batch_size):
         h = jnp.asarray(h, jnp.float32)
         context = _block_context(model, h.shape[1])
-        outs.append(_block_step(graphdef, state, h, context)[0])
+        outs.append(_block_output_step(graphdef, state, h, context))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
 
@@ -170,6 +192,7 @@ def block_grams(
     batch_size: int | None = 4,
     dtype=jnp.float32,
     return_inputs: bool = False,
+    return_counts: bool = False,
 ):
     """Gram matrix ``G = Σ_tokens x xᵀ`` of each distinct linear input of block ``b``.
 
@@ -183,10 +206,13 @@ def block_grams(
       return_inputs: also return the inputs themselves, ``{input_key: (n_tokens, d_in)}``
         float32 (worth it when there are fewer tokens than inputs: they are then smaller than
         the Gram matrices, and errors are cheaper from them).
+      return_counts: also return ``{input_key: tokens}`` (ints), how many tokens gave a row that
+        is not all zeros: every token for a dense layer; for an expert of a mixture-of-experts
+        block, the tokens routed to it (its inputs are zero elsewhere, see ``_moe.py``).
 
     Returns:
-      ``{input_key: (d_in, d_in) array}`` (see :func:`block_linears` for the keys), and with
-      ``return_inputs`` the inputs as a second dict.
+      ``{input_key: (d_in, d_in) array}`` (see :func:`block_linears` for the keys); with
+      ``return_inputs`` and/or ``return_counts``, a tuple of it, then the inputs, then the counts.
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.float32, jnp.float64):
@@ -197,21 +223,29 @@ def block_grams(
     graphdef, state = nnx.split(block)
     d_in = {key: resolve(block, members[0]).d_in for key, members in block.LINEAR_GROUPS}
     grams = {key: jnp.zeros((n, n), dtype) for key, n in d_in.items()}
-    parts = []
+    parts, counts = [], {key: jnp.zeros((), jnp.int32) for key in d_in}
     for h in _batches(hidden, batch_size):
         h = jnp.asarray(h, jnp.float32)
         context = _block_context(model, h.shape[1])
-        if return_inputs:
+        if return_counts:
+            grams, counts, flat = _gram_count_step(graphdef, state, h, context, grams, counts, return_inputs)
+            if return_inputs:
+                parts.append(flat)
+        elif return_inputs:
             grams, flat = _gram_and_inputs_step(graphdef, state, h, context, grams)
             parts.append(flat)
         else:
             grams = _gram_step(graphdef, state, h, context, grams)
     prefix = f"{model.block_path}.{b}"
     grams = {f"{prefix}.{k}": g for k, g in grams.items()}
-    if not return_inputs:
+    if not (return_inputs or return_counts):
         return grams
-    inputs = {f"{prefix}.{k}": jnp.concatenate([p[k] for p in parts]) for k in d_in}
-    return grams, inputs
+    out = (grams,)
+    if return_inputs:
+        out += ({f"{prefix}.{k}": jnp.concatenate([p[k] for p in parts]) for k in d_in},)
+    if return_counts:
+        out += ({f"{prefix}.{k}": int(c) for k, c in counts.items()},)
+    return out
 
 
 def logits(model: nnx.Module, tokens, *, batch_size: int | None = 4) -> jax.Array:

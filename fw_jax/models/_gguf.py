@@ -124,7 +124,7 @@ def _field(reader: GGUFFile, path: str, key: str, form: _Form = _STRING, default
 
 def gguf_config(reader: GGUFFile, path: str):
     """A ``transformers`` config built from the GGUF metadata."""
-    import transformers
+    from ._hf import config_class
 
     arch = _field(reader, path, "general.architecture")
     if arch not in _ARCH_MODEL_TYPE:
@@ -167,7 +167,7 @@ def gguf_config(reader: GGUFFile, path: str):
     kwargs = {k: v for k, v in kwargs.items() if v != -1}
     if arch == "llama":
         head_dim = _field(reader, path, "llama.attention.key_length", _COUNT, hidden // heads)
-        return transformers.LlamaConfig(head_dim=head_dim, **kwargs)
+        return config_class("llama")(head_dim=head_dim, **kwargs)
     if arch == "gemma3":
         head_dim = _field(reader, path, "gemma3.attention.key_length", _COUNT, hidden // heads)
         layers = kwargs["num_hidden_layers"]
@@ -175,7 +175,7 @@ def gguf_config(reader: GGUFFile, path: str):
             "full_attention": rope,
             "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_ROPE_BASE},
         }
-        return transformers.Gemma3TextConfig(
+        return config_class("gemma3_text")(
             head_dim=head_dim,
             query_pre_attn_scalar=head_dim,
             sliding_window=_field(reader, path, "gemma3.attention.sliding_window", _COUNT),
@@ -185,7 +185,7 @@ def gguf_config(reader: GGUFFile, path: str):
             ],
             **kwargs,
         )
-    return transformers.Qwen2Config(**kwargs)
+    return config_class("qwen2")(**kwargs)
 
 
 def _dequantize(reader: GGUFFile, tensor: GGUFTensorInfo, rows_per_chunk: int = 8192) -> np.ndarray:
@@ -271,12 +271,14 @@ def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: str | N
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
+    from ._hf import config_errors
+
     reader = GGUFFile(path)
     try:
         config = gguf_config(reader, path)
     except CheckpointError:
         raise
-    except Exception as e:  # transformers' own config validation
+    except config_errors() as e:  # transformers' own config validation (an ImportError is the environment's)
         raise CheckpointError(path, f"invalid model metadata: {config_problem(e)}") from e
     model, family = build_abstract_model(config, path)
     arch = _field(reader, path, "general.architecture")

@@ -21,6 +21,7 @@ from fw_jax._files import new_folder_beside, replace_folder
 
 from ._errors import CheckpointError, UnsupportedModelError, config_problem
 from ._loaded import (
+    HF_ARCHITECTURES,
     LazyTensor,
     LoadedModel,
     build_abstract_model,
@@ -51,14 +52,84 @@ def read_hf_config(folder: str | os.PathLike):
     if not isinstance(raw, dict):
         raise CheckpointError(path, "unreadable config: expected a JSON object")
     model_type = raw.get("model_type")
-    try:
-        config_cls = transformers.AutoConfig.for_model(model_type).__class__
-    except (ValueError, KeyError) as e:
-        raise UnsupportedModelError(path, f"unknown architecture model_type={model_type!r}") from e
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise UnsupportedModelError(path, f"unknown architecture model_type={model_type!r}; "
+                                          f"supported: {', '.join(HF_ARCHITECTURES)}")
+    config_cls = config_class(model_type)  # an error here is the environment's, not the file's
     try:
         return config_cls.from_pretrained(folder)
-    except Exception as e:  # transformers validates configs (huggingface_hub's strict dataclasses)
+    except config_errors() as e:  # transformers validates configs (huggingface_hub's strict dataclasses)
         raise CheckpointError(path, f"invalid {model_type} config: {config_problem(e)}") from e
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions by which ``transformers`` says a config's values are invalid: anything else
+    raised while reading one is not a problem of the user's file and is not reported as one."""
+    errors: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5's validation
+    except ImportError:
+        return errors
+    return errors + (StrictDataclassError,)
+
+
+def config_class(model_type: str):
+    """``transformers``' config class for ``model_type`` (e.g. ``LlamaConfig`` for ``"llama"``).
+
+    Importing it imports transformers' modelling helpers. When that fails, the Python environment
+    is broken (e.g. a package that transformers imports, such as ``kernels``, at a version it does
+    not support, left behind when pip downgraded transformers): raised as an ``ImportError`` that
+    names the package and the versions, never as a problem of the checkpoint.
+    """
+    import transformers
+
+    try:
+        return transformers.CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise
+    except Exception as e:
+        raise ImportError(_broken_transformers(f"its {model_type} configuration", e)) from e
+
+
+def _broken_transformers(what: str, error: Exception) -> str:
+    """Why the installed transformers could not import ``what``: the package that raised
+    ``error``, the versions of both and the range transformers declares for it, if any."""
+    import importlib.metadata
+    import re
+    import traceback
+
+    import transformers
+
+    version = transformers.__version__
+    raised = f"{type(error).__name__}: {str(error).rstrip('.')}"
+    packages = [_package_of(frame.filename) for frame in reversed(traceback.extract_tb(error.__traceback__))]
+    package = next((p for p in packages if p not in (None, "transformers")), None)
+    if package is None:
+        return (f"the installed transformers {version} cannot import {what} ({raised}). This is a problem of "
+                "the Python environment, not of the model: reinstall transformers")
+    message = f"the installed transformers {version} cannot import {what}: the {package} package raised {raised}"
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731  (PEP 503 names)
+    try:
+        installed = importlib.metadata.version(package)
+        wanted = sorted({re.sub(r"\s", "", req.split(";")[0]) for req in importlib.metadata.requires("transformers") or ()
+                         if norm(re.split(r"[^A-Za-z0-9_.-]", req, maxsplit=1)[0]) == norm(package)})
+    except importlib.metadata.PackageNotFoundError:
+        installed, wanted = None, []
+    if installed is not None:
+        message += f". Installed: {package} {installed}" + (
+            f", and transformers {version} supports {' or '.join(wanted)}" if wanted else "")
+    fix = f"pip install '{wanted[0]}'" if wanted else f"install a {package} that transformers {version} supports"
+    return (message + f". This is a problem of the Python environment, not of the model: {fix}, "
+            f"or pip uninstall {package} if nothing else needs it")
+
+
+def _package_of(filename: str):
+    """The top-level package a source file belongs to (under site-packages), or ``None``."""
+    parts = os.path.normpath(filename).split(os.sep)
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts[:-1]:
+            return parts[parts.index(marker) + 1].removesuffix(".py")
+    return None
 
 
 

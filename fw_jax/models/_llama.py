@@ -1,8 +1,11 @@
-"""LLaMA-family decoder (LLaMA 1/2/3, Mistral, Qwen2/2.5, SmolLM2) as a Flax NNX module.
+"""LLaMA-family decoder (LLaMA 1/2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as a Flax NNX module.
 
 Pre-norm blocks with RMSNorm, rotary position embeddings (rotate-half layout, base and scaling
 from the config), grouped-query attention, a SwiGLU MLP, and tied or untied embeddings. Qwen2
-adds biases to q/k/v; LLaMA's ``attention_bias``/``mlp_bias`` are honoured too.
+adds biases to q/k/v; LLaMA's ``attention_bias``/``mlp_bias`` are honoured too. Qwen3 is LLaMA
+with an RMSNorm of each query and key head before RoPE (``self_attn.q_norm``/``k_norm``);
+sliding-window layers follow the config's ``layer_types`` (Qwen2, Qwen3) or cover every layer
+(Mistral).
 
 Attribute names follow Hugging Face, so the flattened parameter path of every weight is its
 name in a ``transformers`` checkpoint (``model.layers.0.self_attn.q_proj.weight``).
@@ -21,7 +24,7 @@ from ._family import Family
 from ._layers import (ROPE_GATED_LINEAR_GROUPS, DecoderSpec, GatedMLP, LlamaLayoutLM, LlamaLayoutModel,
     RMSNorm, RopeAttention, pre_norm_block, rope_cos_sin, rope_inverse_frequencies)
 
-LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,7 @@ class LlamaSpec(DecoderSpec):
     mlp_bias: bool
     sliding_windows: tuple  # one entry per layer: window length or None
     hidden_act: str
+    qk_norm: bool  # RMSNorm of each query and key head before RoPE (Qwen3)
 
     @classmethod
     def from_hf(cls, config) -> "LlamaSpec":
@@ -70,12 +74,25 @@ class LlamaSpec(DecoderSpec):
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
             sliding_windows=tuple(windows),
             hidden_act=getattr(config, "hidden_act", "silu"),
+            qk_norm=model_type == "qwen3",
         )
 
 
 class LlamaAttention(RopeAttention):
+    """With ``spec.qk_norm`` (Qwen3), each query and key head is RMS-normed before RoPE."""
+
     def __init__(self, spec: LlamaSpec):
         super().__init__(spec, qkv_bias=spec.qkv_bias, o_bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def norm_heads(self, q, k):
+        if self.q_norm is None:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
 
 
 class LlamaMLP(GatedMLP):
@@ -132,7 +149,8 @@ class LlamaForCausalLM(LlamaLayoutLM):
 
 FAMILY = Family(
     name="llama",
-    architectures={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"},
+    architectures={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                   "qwen3": "Qwen3ForCausalLM"},
     spec=LlamaSpec,
     model=LlamaForCausalLM,
 )

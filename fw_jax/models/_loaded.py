@@ -18,13 +18,17 @@ from fw_jax import _progress
 
 from ._errors import CheckpointError, CheckpointNote, UnsupportedModelError
 from ._family import Family
+from ._gemma2 import FAMILY as GEMMA2
 from ._gemma3 import FAMILY as GEMMA3
 from ._gpt2 import FAMILY as GPT2
 from ._llama import FAMILY as LLAMA
+from ._mixtral import FAMILY as MIXTRAL
+from ._phi3 import FAMILY as PHI3
+from ._qwen3_moe import FAMILY as QWEN3_MOE
 from ._params import param_shapes, set_param
 
 #: Every model family, by name (see ``_family.py``; a new family adds its record here).
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GPT2, GEMMA3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GPT2, GEMMA3, GEMMA2, PHI3, MIXTRAL, QWEN3_MOE)}
 
 # transformers class names written to config.json so AutoModelForCausalLM finds the model.
 HF_ARCHITECTURES = {t: cls for f in FAMILIES.values() for t, cls in f.architectures.items()}
@@ -64,7 +68,7 @@ class LoadedModel:
       tokenizer: a ``transformers`` tokenizer, or ``None`` when none was asked for, or the
         checkpoint has none or an unusable one (with a warning).
       family: the name of its :data:`FAMILIES` record: ``"llama"`` (LLaMA, Mistral, Qwen2,
-        SmolLM2), ``"gpt2"`` or ``"gemma3"``.
+        Qwen3, SmolLM2), ``"gpt2"``, ``"gemma3"``, ``"gemma2"``, ``"phi3"``, ...
       source: the path it was loaded from.
       dtypes: ``{parameter name: its dtype in the checkpoint}`` (``"bfloat16"``, ``"float16"``,
         ``"float32"``, or a GGUF quantization such as ``"Q4_1"``); a name not in it is float32.
@@ -238,7 +242,8 @@ def _count_nonfinite(value) -> int:
 
 def family_of(config, path: str | os.PathLike = "") -> str:
     """The name of the :data:`FAMILIES` record whose ``model_types`` hold ``config.model_type``:
-    ``"llama"`` (``llama``, ``mistral``, ``qwen2``), ``"gpt2"`` or ``"gemma3"`` (``gemma3_text``).
+    ``"llama"`` (``llama``, ``mistral``, ``qwen2``, ``qwen3``), ``"gpt2"``, ``"gemma3"``
+    (``gemma3_text``), ``"gemma2"``, ``"phi3"``, ...
 
     Raises :class:`UnsupportedModelError` naming ``path`` for a model type no family runs; the
     message lists those that are.
@@ -412,6 +417,11 @@ def _some(names: list[str], shown: int = 5) -> str:
 
 
 def _unknown_problem(record: Family, unknown: list[str]) -> str:
+    from ._moe import fused_experts_problem
+
+    fused = fused_experts_problem(unknown)  # a mixture of experts saved in transformers' in-memory layout
+    if fused:
+        return fused
     quoted = [repr(n) for n in unknown]
     if len(unknown) == 1:
         what, it, parameter = f"unexpected tensor {quoted[0]}", "it", "no such parameter"

@@ -37,7 +37,7 @@ from ._params import resolve
 from ._shards import config_for_saving, extra_items, tensor_items
 
 FLAX_FILE = "flax_model.msgpack"
-_BASE_PREFIX = {"llama": "model", "gpt2": "transformer", "gemma3": "model"}
+_BASE_PREFIX = {"gpt2": "transformer"}  #: the base model's attribute, where it is not ``model``
 
 
 def _flatten(tree, prefix=()):
@@ -85,7 +85,7 @@ def load_flax_folder(folder: str | os.PathLike, *, tokenizer: bool = True, dtype
     model, family = build_abstract_model(config, os.path.join(folder, "config.json"))
     file = os.path.join(folder, FLAX_FILE)
     tree = read_flax_params(file)
-    prefix = _BASE_PREFIX[family]
+    prefix = _BASE_PREFIX.get(family, "model")
     if prefix not in tree:
         tree = {prefix: tree}
 

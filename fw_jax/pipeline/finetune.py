@@ -45,7 +45,7 @@ from fw_jax.pipeline._training import (
     check_fields, linear_weights_filter, masked_update, nonzero_masks, train_masked,
 )
 from fw_jax.pipeline.output import (
-    FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, new_temporary, read_marker,
+    FINISHED, MARKER_NAME, PARTIAL, check_output, clean_stale_temporaries, lock_output, new_temporary, read_marker,
     remove_own_folder, write_marker,
 )
 
@@ -261,22 +261,67 @@ def finetune(
 
 
 def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrite, progress, after_step) -> dict:
+    """Check and lock the output, load the data and models, resume or start, train, publish."""
     if not isinstance(settings, FinetuneSettings):
         raise ValueError(f"settings must be a fw_jax.pipeline.FinetuneSettings, got {settings!r}")
+    plan, documents, request = _check_request(model_path, out_dir, data, settings, teacher_path, dtype, overwrite)
+    with lock_output(plan):  # one run at a time per OUT (a hidden .OUT.lock beside it)
+        loaded, train, held = _load_data(model_path, documents, data, settings, dtype, request)
+        fingerprint = digest(request)
+        names = _trained(loaded.model)
+        graphdef, weights, rest = nnx.split(loaded.model, linear_weights_filter(names), ...)
+        if len(jax.tree.leaves(weights)) != len(names):  # every linear weight found, or the model's layout changed
+            raise AssertionError(f"found {len(jax.tree.leaves(weights))} of the {len(names)} linear weights to train")
+        masks = nonzero_masks(weights)
+        teacher_graphdef, teacher_state = _teacher(teacher_path, model_path, loaded)
+        optimizer, step_fn, evaluate = _compiled(graphdef, teacher_graphdef, settings)
+
+        def held_loss(w):
+            chunks = [held[i:i + settings.batch_size] for i in range(0, held.shape[0], settings.batch_size)]
+            losses = [float(evaluate(w, rest, teacher_state, chunk)[0]) * chunk.shape[0] for chunk in chunks]
+            return sum(losses) / held.shape[0]
+
+        best = weights  # the model's own arrays; the steps train (and donate) copies of them
+        weights = jax.tree.map(jnp.copy, weights)
+        arrays, state = _resume_or_start(plan, overwrite, fingerprint, request, progress, held_loss,
+                                         {"weights": weights, "opt_state": optimizer.init(weights), "best": best})
+        progress.say(f"fine-tuning {model_path}: {len(names)} linear weights (masks kept), {settings.steps} steps of "
+                     f"{settings.batch_size}×{settings.seqlen} tokens of {data}"
+                     + (f", distilling from {teacher_path}" if teacher_path else "")
+                     + f"; held-out loss {state['heldout_before']:.4f}")
+        step = lambda w, s, rows: step_fn(w, s, masks, rest, teacher_state, train[rows])  # noqa: E731
+        trained = _train(step, arrays, state, settings, held_loss, plan.work_dir, fingerprint, progress, after_step)
+        nnx.update(loaded.model, trained.best)
+        report = {"model": model_path, "teacher": teacher_path, "data": request["data"],
+                  "settings": dataclasses.asdict(settings), "trained": len(names),
+                  "heldout_before": state["heldout_before"], "heldout_after": state["best"],
+                  "kept_step": state["best_step"], "stopped": trained.stopped, "heldout": state["heldout"],
+                  "losses": state["losses"], "seconds": state["seconds"]}
+        _publish(loaded, plan, report, request, model_path)
+    return report
+
+
+def _check_request(model_path, out_dir, data, settings, teacher_path, dtype, overwrite):
+    """The output checked (never over the model or the teacher), the data read, stale
+    temporaries removed: ``(plan, documents, request)``, before any model is loaded."""
     models.output_dtype("float32", dtype)  # a bad name is refused before anything is read
     plan = check_output(out_dir, model_path)
     if teacher_path is not None:
         check_output(out_dir, teacher_path)  # never over the teacher either
-    out, work_dir = plan.out_dir, plan.work_dir
     documents = load_documents(data)
     request = {"command": "finetune", "model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
                "teacher": None if teacher_path is None else (os.path.abspath(teacher_path)
                                                              if os.path.exists(teacher_path) else teacher_path),
                "data": data if isinstance(data, str) else list(data), "dtype": dtype,
                "settings": dataclasses.asdict(settings)}
-    for folder in (out, work_dir):
+    for folder in (plan.out_dir, plan.work_dir):
         clean_stale_temporaries(folder)
     plan.check_replace(overwrite)
+    return plan, documents, request
+
+
+def _load_data(model_path, documents, data, settings, dtype, request):
+    """The model and its training and held-out windows (their digest goes into ``request``)."""
     loaded = models.load_model(model_path, dtype=dtype)
     if loaded.tokenizer is None:
         raise ValueError(f"{model_path} has no tokenizer; fine-tuning on text needs one")
@@ -284,56 +329,51 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
     tokens = calibration_tokens(loaded.tokenizer, documents, settings.nsamples + settings.heldout, settings.seqlen,
                                 settings.seed, bos_id=bos_id, source=str(data))
     request["tokens"] = hashlib.sha256(np.ascontiguousarray(tokens, np.int64).tobytes()).hexdigest()
-    fingerprint = digest(request)
-    train, held = jnp.asarray(tokens[:settings.nsamples]), jnp.asarray(tokens[settings.nsamples:])
-    model = loaded.model
-    names = _trained(model)
-    graphdef, weights, rest = nnx.split(model, linear_weights_filter(names), ...)
-    if len(jax.tree.leaves(weights)) != len(names):  # every linear weight found, or the model's layout changed
-        raise AssertionError(f"found {len(jax.tree.leaves(weights))} of the {len(names)} linear weights to train")
-    masks = nonzero_masks(weights)
-    teacher_graphdef = teacher_state = None
-    if teacher_path is not None:
-        dense = models.load_model(teacher_path, dtype="float32")
-        if dense.config is not None and loaded.config is not None and \
-                getattr(dense.config, "vocab_size", None) != getattr(loaded.config, "vocab_size", None):
-            raise ValueError(f"--teacher {teacher_path} has vocabulary size {getattr(dense.config, 'vocab_size', '?')}, "
-                             f"the model {getattr(loaded.config, 'vocab_size', '?')}: distillation needs the same tokenizer")
-        check_same_tokenizer(model_path, loaded.tokenizer, teacher_path, dense.tokenizer)
-        teacher_graphdef, teacher_state = nnx.split(dense.model)
-    optimizer, step_fn, evaluate = _compiled(graphdef, teacher_graphdef, settings)
-    batches = _batches(settings)
+    return loaded, jnp.asarray(tokens[:settings.nsamples]), jnp.asarray(tokens[settings.nsamples:])
 
-    def held_loss(w):
-        chunks = [held[i:i + settings.batch_size] for i in range(0, held.shape[0], settings.batch_size)]
-        losses = [float(evaluate(w, rest, teacher_state, chunk)[0]) * chunk.shape[0] for chunk in chunks]
-        return sum(losses) / held.shape[0]
 
-    start = time.perf_counter()
-    best = weights  # the model's own arrays; the steps train (and donate) copies of them
-    weights = jax.tree.map(jnp.copy, weights)
-    opt_state = optimizer.init(weights)
+def _teacher(teacher_path, model_path, loaded):
+    """The teacher's ``(graphdef, state)`` for distillation, checked to share the model's
+    tokenizer; ``(None, None)`` without one."""
+    if teacher_path is None:
+        return None, None
+    dense = models.load_model(teacher_path, dtype="float32")
+    if dense.config is not None and loaded.config is not None and \
+            getattr(dense.config, "vocab_size", None) != getattr(loaded.config, "vocab_size", None):
+        raise ValueError(f"--teacher {teacher_path} has vocabulary size {getattr(dense.config, 'vocab_size', '?')}, "
+                         f"the model {getattr(loaded.config, 'vocab_size', '?')}: distillation needs the same tokenizer")
+    check_same_tokenizer(model_path, loaded.tokenizer, teacher_path, dense.tokenizer)
+    return nnx.split(dense.model)
+
+
+def _resume_or_start(plan, overwrite, fingerprint, request, progress, held_loss, arrays):
+    """``(arrays, state)``: those saved in ``OUT.partial`` by an interrupted run of this very
+    request, or the fresh ones given with a new state (``OUT.partial`` made and marked)."""
+    work_dir = plan.work_dir
     state = {"step": 0, "best_step": 0, "best": None, "heldout_before": None, "heldout": [], "losses": [],
              "seconds": 0.0}
-    resumed = _read_state(work_dir, fingerprint, {"weights": weights, "opt_state": opt_state, "best": weights})
+    resumed = _read_state(work_dir, fingerprint, arrays)
     if resumed is not None:
         arrays, state = resumed
-        weights, opt_state, best = arrays["weights"], arrays["opt_state"], arrays["best"]
-        progress.say(f"resuming at step {state['step']} of {settings.steps} from {work_dir}")
-    else:
-        if plan.partial is not None and not overwrite:
-            raise ValueError(f"{work_dir} holds the checkpoints of another fine-tuning or pruning run; pass "
-                             "--overwrite to discard them and start over")
-        if plan.partial is not None:  # fw_jax's own (another run's, discarded as asked)
-            remove_own_folder(work_dir)
-        os.makedirs(work_dir, exist_ok=True)  # an empty folder of the user's is used, not deleted
-        write_marker(work_dir, PARTIAL, describe="fine-tuning", request=request)
-        state["heldout_before"] = state["best"] = held_loss(weights)
-    progress.say(f"fine-tuning {model_path}: {len(names)} linear weights (masks kept), {settings.steps} steps of "
-                 f"{settings.batch_size}×{settings.seqlen} tokens of {data}"
-                 + (f", distilling from {teacher_path}" if teacher_path else "")
-                 + f"; held-out loss {state['heldout_before']:.4f}")
-    def on_step(event):  # the bookkeeping of a step: the record, the progress line, the checkpoint
+        progress.say(f"resuming at step {state['step']} of {request['settings']['steps']} from {work_dir}")
+        return arrays, state
+    if plan.partial is not None and not overwrite:
+        raise ValueError(f"{work_dir} holds the checkpoints of another fine-tuning or pruning run; pass "
+                         "--overwrite to discard them and start over")
+    if plan.partial is not None:  # fw_jax's own (another run's, discarded as asked)
+        remove_own_folder(work_dir)
+    os.makedirs(work_dir, exist_ok=True)  # an empty folder of the user's is used, not deleted
+    write_marker(work_dir, PARTIAL, describe="fine-tuning", request=request)
+    state["heldout_before"] = state["best"] = held_loss(arrays["weights"])
+    return arrays, state
+
+
+def _train(step, arrays, state, settings, held_loss, work_dir, fingerprint, progress, after_step):
+    """The masked training loop (``_training.train_masked``) with this command's bookkeeping
+    after every step: the state, the progress line, a checkpoint every ``save_every`` steps."""
+    start = time.perf_counter()
+
+    def on_step(event):
         nonlocal start  # when the seconds not yet counted in ``state`` began
         state["losses"].append(event.loss)
         state["step"] = event.step
@@ -355,37 +395,34 @@ def _finetune(model_path, out_dir, data, settings, teacher_path, dtype, overwrit
         if after_step is not None:
             after_step(event.step)
 
+    batches = _batches(settings)
     try:
         with progress.steps(settings.steps, "fine-tuning", unit="step") as bar:
             bar.advance(state["step"])
             trained = train_masked(
-                lambda w, s, rows: step_fn(w, s, masks, rest, teacher_state, train[rows]), weights, opt_state,
-                lambda t: (batches[t],), steps=settings.steps, eval_every=settings.eval_every, held_loss=held_loss,
-                best=best, best_loss=state["best"], best_step=state["best_step"], start=state["step"],
-                on_step=on_step)
+                step, arrays["weights"], arrays["opt_state"], lambda t: (batches[t],), steps=settings.steps,
+                eval_every=settings.eval_every, held_loss=held_loss, best=arrays["best"], best_loss=state["best"],
+                best_step=state["best_step"], start=state["step"], on_step=on_step)
     except KeyboardInterrupt:
         saved = _read_state(work_dir, fingerprint, None, header_only=True)
         raise FinetuneInterrupted(0 if saved is None else saved["step"], settings.steps, work_dir) from None
-    best, stopped = trained.best, trained.stopped
     state["seconds"] += time.perf_counter() - start
-    nnx.update(model, best)
-    report = {"model": model_path, "teacher": teacher_path, "data": request["data"],
-              "settings": dataclasses.asdict(settings), "trained": len(names),
-              "heldout_before": state["heldout_before"], "heldout_after": state["best"],
-              "kept_step": state["best_step"], "stopped": stopped, "heldout": state["heldout"],
-              "losses": state["losses"], "seconds": state["seconds"]}
-    tmp = new_temporary(out)
+    return trained
+
+
+def _publish(loaded, plan, report, request, model_path) -> None:
+    """Write the fine-tuned model and its report aside, rename into place, remove ``OUT.partial``."""
+    tmp = new_temporary(plan.out_dir)
     try:
         models.WRITERS["hf"](loaded, tmp)
         atomic_write(os.path.join(tmp, REPORT_NAME), json.dumps(report, indent=1))
         files = sorted(name for name in os.listdir(tmp) if name != MARKER_NAME)
         write_marker(tmp, FINISHED, describe=f"fine-tuned {model_path}", request=request, files=files)
-        replace_folder(tmp, out)
+        replace_folder(tmp, plan.out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    remove_own_folder(work_dir)
-    return report
+    remove_own_folder(plan.work_dir)
 
 
 def check_same_tokenizer(model_path: str, tokenizer, teacher_path: str, teacher_tokenizer) -> None:

@@ -268,8 +268,23 @@ def _prune_layers(job: _Job, b: int, hidden, budgets: Optional[Sequence[int]]) -
             progress.say(_layer_line(record, job.compare), _progress.VERBOSE)
             steps.advance(note=layer.name.rsplit(".", 1)[-1])
     blocks.set_weights(b, new_weights)
+    _note_layers(b, blocks, records, progress)
     energies = {layer.name: jnp.diagonal(grams[layer.input_key]) for layer in linears}
     return _PrunedBlock(records, history, calibration_seconds, energies)
+
+
+def _note_layers(b: int, blocks, records: list[dict], progress) -> None:
+    """Add what the front-end knows of each layer (its ``layer_notes``: an expert's routed
+    ``tokens``, its ``fallback`` when too few were routed to it) to the records, and name the
+    layers pruned on a fallback."""
+    notes = blocks.layer_notes(b) if hasattr(blocks, "layer_notes") else {}
+    for record in records:
+        record.update(notes.get(record["name"], {}))
+    fallen = [r for r in records if "fallback" in r]
+    if fallen:
+        progress.say(f"block {b}: {len(fallen)} expert layers had too few calibration tokens routed to them and "
+                     "were pruned on a fallback: " + "; ".join(f"{r['name']} ({r['tokens']} tokens): {r['fallback']}"
+                                                              for r in fallen))
 
 
 def _prune_one_block(job: _Job, b: int, hidden, forward_seconds: float, recovery: Optional[Recovery],
@@ -402,9 +417,11 @@ def _open(job: _Job, samples, calibration: dict) -> resume.Resumed:
 
 
 def _prune_blocks(job: _Job, samples, calibration: dict) -> PruneReport:
-    """The engine: open the run, compute block 0's inputs, replay what an earlier run finished,
+    """The engine: compute block 0's inputs, open the run, replay what an earlier run finished,
     then prune the blocks left one by one."""
     blocks, settings, progress = job.blocks, job.settings, job.progress
+    # Block 0's inputs first: a traced front-end (fw_jax.prune) finds its layers from them.
+    hidden = blocks.first_inputs(distributed.local_samples(samples) if hasattr(samples, "shape") else samples)
     resumed = _open(job, samples, calibration)
     recovery = None if settings.recover is None else Recovery(blocks, settings.recover)
     note = settings.method.note(settings.effective_shrinkage)
@@ -413,7 +430,6 @@ def _prune_blocks(job: _Job, samples, calibration: dict) -> PruneReport:
     started, count = time.perf_counter(), len(blocks)
     records, history, done = list(resumed.records), resumed.history, resumed.start
     try:
-        hidden = blocks.first_inputs(distributed.local_samples(samples) if hasattr(samples, "shape") else samples)
         if recovery is not None:
             recovery.start(hidden)
         allocation = _allocate(job, hidden)

@@ -11,10 +11,11 @@ replaced or deleted is decided in ``output.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from fw_jax import _progress, models
 from fw_jax._checks import check_int
@@ -155,9 +156,35 @@ def prune_to_folder(
         disk is full, read-only, ...); the message names it; the checkpoints are kept.
       PruneInterrupted: Ctrl-C while pruning; the finished blocks are saved.
     """
+    command = _Command(model, out_dir, settings, calib, *_check_counts(nsamples, seqlen, seed), dtype,
+                       format or _input_format(model), hidden_dtype, overwrite, history_layer, after_block, devices)
     with _progress.use(progress) as report_to, contextlib.ExitStack() as held:  # held: the output's lock
-        return _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, format,
-                                hidden_dtype, overwrite, history_layer, report_to, after_block, devices, held)
+        return _prune_to_folder(command, report_to, held)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    """The arguments of one :func:`prune_to_folder` call (counts checked, ``format`` resolved)."""
+
+    model: str
+    out_dir: str
+    settings: PruneSettings
+    calib: Union[str, Sequence[str]]
+    nsamples: int
+    seqlen: int
+    seed: int
+    dtype: str
+    format: str
+    hidden_dtype: str
+    overwrite: bool
+    history_layer: Optional[str]
+    after_block: Any
+    devices: Any
+
+    def request(self, documents) -> str:
+        """The digest of what this command asks for (:func:`~fw_jax.pipeline.identity.request_record`)."""
+        return digest(request_record(self.model, self.settings, self.calib, documents, self.nsamples, self.seqlen,
+                                     self.seed, self.dtype, self.format, self.hidden_dtype))
 
 
 def _input_format(model: str) -> str:
@@ -168,76 +195,102 @@ def _input_format(model: str) -> str:
     return "hf"
 
 
-def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dtype, format, hidden_dtype,
-                     overwrite, history_layer, progress: _progress.Progress, after_block, devices,
-                     held: contextlib.ExitStack):
-    nsamples, seqlen, seed = _check_counts(nsamples, seqlen, seed)
-    format = format or _input_format(model)
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
-    models.output_dtype("float32", dtype)  # a bad name is refused before anything is read
-    plan = check_output(out_dir, model)
-    out, work_dir = plan.out_dir, plan.work_dir
+def _prune_to_folder(command: _Command, progress: _progress.Progress, held: contextlib.ExitStack):
+    """Check and claim the output, load and calibrate, prune with checkpoints, publish, tidy up."""
+    plan, documents, request = _check_and_claim(command, held)
+    loaded, tokens, calibration, history_layer = _load_and_calibrate(command, documents)
+    _prepare_work_dir(command, plan, loaded, tokens, calibration, request)
+    progress.say(f"pruning {command.model}: {command.settings.describe()}, calibration "
+                 f"{command.nsamples}×{command.seqlen} tokens of {command.calib}")
+    report = prune_model(loaded, tokens, command.settings, work_dir=plan.work_dir, calibration=calibration,
+                         history_layer=history_layer, progress=progress, after_block=command.after_block,
+                         devices=command.devices, hidden_dtype=command.hidden_dtype)
+    if distributed.is_writer():  # across processes, only process 0 writes
+        _publish(command, plan, loaded, report, request, progress)
+    distributed.barrier("output written")
+    if loaded.streamed:  # its blocks are in OUT now: read them from there
+        loaded = models.load_model(plan.out_dir, dtype=command.dtype, stream=True)
+    return loaded, report
+
+
+def _check_and_claim(command: _Command, held: contextlib.ExitStack):
+    """Everything about the output checked and its lock taken, before anything is loaded:
+    ``(plan, documents, request)``. Raises :class:`AlreadyPruned` when ``OUT`` holds this very
+    run's result."""
+    if command.format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {command.format!r}")
+    models.output_dtype("float32", command.dtype)  # a bad name is refused before anything is read
+    plan = check_output(command.out_dir, command.model)
     _claim(plan, held)  # one run at a time per OUT, before anything is loaded
-    documents = load_documents(calib)
-    request = digest(request_record(model, settings, calib, documents, nsamples, seqlen, seed, dtype, format,
-                                    hidden_dtype))
+    documents = load_documents(command.calib)
+    request = command.request(documents)
     same_run = plan.finished is not None and plan.finished.get("request") == request
-    writer = distributed.is_writer()  # across processes, only process 0 writes
+    writer = distributed.is_writer()
     distributed.barrier("output checked")  # every process has seen the folders before any changes
     if writer and same_run and plan.partial is not None and plan.partial.get("request") == request:
-        remove_own_folder(work_dir)  # this very run finished earlier and was killed while tidying up
-    for folder in (out, work_dir) if writer else ():
+        remove_own_folder(plan.work_dir)  # this very run finished earlier and was killed while tidying up
+    for folder in (plan.out_dir, plan.work_dir) if writer else ():
         clean_stale_temporaries(folder)  # fw_jax's own leftovers of killed runs
-    if same_run and not overwrite:
-        raise AlreadyPruned(f"{out_dir} already holds this run's result (same model, settings and "
+    if same_run and not command.overwrite:
+        raise AlreadyPruned(f"{command.out_dir} already holds this run's result (same model, settings and "
                             "calibration); nothing to do (--overwrite runs it again)")
-    plan.check_replace(overwrite)
+    plan.check_replace(command.overwrite)
+    return plan, documents, request
 
-    loaded = models.load_model(model, dtype=dtype, stream=format == "hf")  # a msgpack is written whole
+
+def _load_and_calibrate(command: _Command, documents):
+    """The model (streamed for a Hugging Face output), checked against the settings, and its
+    calibration tokens: ``(loaded, tokens, calibration record, history layer)``."""
+    loaded = models.load_model(command.model, dtype=command.dtype, stream=command.format == "hf")  # a msgpack is written whole
     if loaded.tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer; calibration needs one")
-    check_model(loaded, settings, seqlen)
-    bos_id = None
-    if needs_bos_per_window(loaded):
-        bos_id = getattr(loaded.tokenizer, "bos_token_id", None)
-    tokens = calibration_tokens(loaded.tokenizer, documents, nsamples, seqlen, seed, bos_id=bos_id,
-                                source=str(calib))
+        raise ValueError(f"{command.model} has no tokenizer; calibration needs one")
+    check_model(loaded, command.settings, command.seqlen)
+    bos_id = getattr(loaded.tokenizer, "bos_token_id", None) if needs_bos_per_window(loaded) else None
+    tokens = calibration_tokens(loaded.tokenizer, documents, command.nsamples, command.seqlen, command.seed,
+                                bos_id=bos_id, source=str(command.calib))
+    history_layer = command.history_layer
     if history_layer == "auto":
         history_layer = models.block_linears(loaded.model, 0)[0].name
-    calibration = {"source": calib if isinstance(calib, str) else list(calib), "seed": seed}
-    if plan.partial is not None and overwrite:  # discard another run's checkpoints, as asked
-        state = os.path.join(work_dir, "state.json")
+    calib = command.calib
+    calibration = {"source": calib if isinstance(calib, str) else list(calib), "seed": command.seed}
+    return loaded, tokens, calibration, history_layer
+
+
+def _prepare_work_dir(command: _Command, plan, loaded, tokens, calibration: dict, request: str) -> None:
+    """``OUT.partial`` ready for this run: another run's checkpoints discarded when
+    ``overwrite`` asks (this run's are kept, to resume), the folder made and marked."""
+    work_dir, writer = plan.work_dir, distributed.is_writer()
+    if plan.partial is not None and command.overwrite:  # discard another run's checkpoints, as asked
         try:
-            with open(state) as f:
-                held = json.load(f).get("fingerprint")
+            with open(os.path.join(work_dir, "state.json")) as f:
+                there = json.load(f).get("fingerprint")
         except (OSError, ValueError):
-            held = None
-        full = calibration_record(calibration, tokens.shape, hidden_dtype)
-        if held != run_fingerprint(loaded, settings, full, tokens) and writer:
+            there = None
+        full = calibration_record(calibration, tokens.shape, command.hidden_dtype)
+        if there != run_fingerprint(loaded, command.settings, full, tokens) and writer:
             remove_own_folder(work_dir)
     if not os.path.isdir(work_dir) and writer:
         os.makedirs(work_dir)
-        write_marker(work_dir, PARTIAL, describe=settings.describe(), request=request)
+        write_marker(work_dir, PARTIAL, describe=command.settings.describe(), request=request)
     distributed.barrier("checkpoint folder ready")
-    progress.say(f"pruning {model}: {settings.describe()}, calibration {nsamples}×{seqlen} tokens of {calib}")
-    report = prune_model(loaded, tokens, settings, work_dir=work_dir, calibration=calibration,
-                         history_layer=history_layer, progress=progress, after_block=after_block,
-                         devices=devices, hidden_dtype=hidden_dtype)
-    if not writer:
-        distributed.barrier("output written")
-        return (models.load_model(out, dtype=dtype, stream=True) if loaded.streamed else loaded), report
+
+
+def _publish(command: _Command, plan, loaded, report: PruneReport, request: str, progress) -> None:
+    """Assemble the finished folder aside (shards, checked; plots; report; marker), rename it
+    into place, then remove ``OUT.partial``. An ``OSError`` becomes a ``WriteError`` naming the
+    folder; the checkpoints are kept."""
+    out, work_dir, settings = plan.out_dir, plan.work_dir, command.settings
     tmp = None
     try:
         tmp = new_temporary(out)
         shards = {b: os.path.join(work_dir, f"block_{b:04d}.safetensors") for b in range(models.num_blocks(loaded.model))}
-        models.WRITERS[format](loaded, tmp, block_files=shards)
-        if format == "hf":  # before it is marked finished: every tensor listed, every block as checkpointed
+        models.WRITERS[command.format](loaded, tmp, block_files=shards)
+        if command.format == "hf":  # before it is marked finished: every tensor listed, every block as checkpointed
             check_assembled(loaded, tmp, work_dir)
         with progress.timed("writing the report's plots"):
             _write_plots(report, tmp)
         atomic_write(os.path.join(tmp, REPORT_NAME),
-                     json.dumps(report.to_json() | {"model": model, "history": report.history}, indent=1))
+                     json.dumps(report.to_json() | {"model": command.model, "history": report.history}, indent=1))
         files = sorted(name for name in os.listdir(tmp) if name != MARKER_NAME)
         write_marker(tmp, FINISHED, describe=settings.describe(), request=request, files=files)
         replace_folder(tmp, out)  # what was there (empty, or fw_jax's as allowed above) goes
@@ -251,7 +304,3 @@ def _prune_to_folder(model, out_dir, settings, calib, nsamples, seqlen, seed, dt
         remove_own_folder(work_dir)
     except OutputError as e:  # the model is published; only the tidying up is left
         progress.say(f"warning: the pruned model is saved in {out}, but {e}", _progress.QUIET)
-    distributed.barrier("output written")
-    if loaded.streamed:  # its blocks are in OUT now: read them from there
-        loaded = models.load_model(out, dtype=dtype, stream=True)
-    return loaded, report

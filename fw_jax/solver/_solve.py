@@ -222,7 +222,9 @@ def solve_layer(
         exactly. Its saliency (Wanda for a given mask) also orders rounding ties.
       alpha: fraction in ``[0, 1]`` of each unit's budget fixed to the top-saliency weights
         inside the warm mask (0.9 in the paper; 0 is plain Frank-Wolfe; 1 returns the warm
-        start, up to swaps). Traced: changing it does not recompile.
+        start, up to swaps). Traced: changing it does not recompile. The default is 0 because
+        this function solves the problem it is given; the pipeline's recipe,
+        ``fw_jax.pipeline.SparseFW``, fixes 0.9 (its docstring says why).
       tol: a unit stops when its gap ``≤ tol ·`` its relaxed error (traced).
       options: a :class:`SolverOptions` (iteration cap, step rule, swaps, oracle, precision,
         history). Static: other options compile another solver.
