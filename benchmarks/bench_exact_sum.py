@@ -110,7 +110,8 @@ def main(argv=None) -> int:
         f"{datetime.date.today().isoformat()}; written by `benchmarks/bench_exact_sum.py` (its docstring says what "
         "it measures). One block's Gram matrices of " + ("tiny" if args.tiny else "LLaMA-2-7B") + " shapes ("
         + ", ".join(f"{k} {n}²" for k, n in shapes.items()) + f"), {args.chunks} chunks each; each way in its own "
-        "process, both in one run. The sums are bit-identical.",
+        "process, both in one run (compare the two rows: the machine may be running other work). The sums are "
+        "bit-identical.",
         "",
         "| way | peak RSS (GB) | × whole arrays | time (s) | × whole arrays |",
         "|:--|--:|--:|--:|--:|",

@@ -79,10 +79,9 @@ METHODS = {
 }
 # The models the table is made for: the title its results file names it by, and where it goes.
 MODELS = {
-    "smollm2-135m": dict(title="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", short="SmolLM2-135M",
-                         out="quality", runs="quality"),
-    "gemma3-270m": dict(title="Gemma 3 270M (Q4_K_M GGUF, dequantized)", short="Gemma 3 270M",
-                        out="quality-gemma3", runs="quality-gemma3"),
+    "smollm2-135m": dict(title="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", out="quality", runs="quality"),
+    "gemma3-270m": dict(title="Gemma 3 270M (Q4_K_M GGUF, dequantized)", out="quality-gemma3",
+                        runs="quality-gemma3"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7), "2:4": dict(pattern=(2, 4))}
@@ -307,11 +306,11 @@ def write(out, table, commands, args):
         "",
         format_table(table, digits=3),
         "",
-        *pivot(table),
+        *pivot(table, model),
         *accuracy_pivot(table),
         *bars(table),
         *recovery_bars(table),
-        *missing(table),
+        *missing(table, model),
     ])
     atomic_write(out.with_suffix(".md"), text)
     if args.readme:
@@ -366,9 +365,10 @@ DEFAULT = "sparsefw α=0.9 ρ=0.5"  # fw_jax's pipeline default (PruneSettings)
 RECONSTRUCTED = ("sparsefw α=0 + reconstruct", "sparsefw α=0.9 + reconstruct", "sparsefw α=0.9 ρ=0.5 + reconstruct")
 
 
-def pivot(table):
-    """The seed-0 rows as one line per method, ``Persuasion / pydoc`` perplexity per setting."""
-    names = ["dense"] + [n for n in METHODS if n in REQUIRED or any(f"{n} @ {s}" in table for s in SETTINGS)]
+def pivot(table, model=DEFAULT_MODEL):
+    """The seed-0 rows as one line per method, ``Persuasion / pydoc`` perplexity per setting: the
+    methods of ``model``'s grid (:data:`GRIDS`) and any other with a row."""
+    names = ["dense"] + [n for n in METHODS if n in GRIDS[model] or any(f"{n} @ {s}" in table for s in SETTINGS)]
     lines = ["## By setting (Persuasion / pydoc-eval perplexity, seed 0)", "",
              "| method | " + " | ".join(SETTINGS) + " |", "|---|" + "---|" * len(SETTINGS)]
     for name in names:
@@ -408,6 +408,12 @@ def accuracy_pivot(table):
 REQUIRED = ("magnitude", "wanda", "ria", "sparsegpt", "sparsefw published", DEFAULT,
             "magnitude + reconstruct", "wanda + reconstruct", "ria + reconstruct", "sparsegpt mask + reconstruct",
             "sparsefw published + reconstruct", "sparsefw α=0.9 ρ=0.5 + reconstruct")
+# Gemma 3 270M's: the baselines, fw_jax's default with reconstruction and recovery, SparseGPT's recovery.
+GEMMA3_GRID = ("magnitude", "wanda", "ria", "sparsegpt", DEFAULT, f"{DEFAULT} + reconstruct", RECOVERED,
+               "sparsegpt + recover")
+GRIDS = {"smollm2-135m": REQUIRED, "gemma3-270m": GEMMA3_GRID}
+
+
 def why_missing(name: str, table) -> str:
     """Why a required row has not run, from the times of the rows of the same recipe that have."""
     if not name.startswith("sparsefw published"):
@@ -420,10 +426,11 @@ def why_missing(name: str, table) -> str:
             "minutes on a GPU")
 
 
-def missing(table):
-    """The required rows not in ``table``: one line per method, with its settings and the reason."""
+def missing(table, model=DEFAULT_MODEL):
+    """The rows of ``model``'s grid (:data:`GRIDS`) not in ``table``: one line per method, with its
+    settings and, where known, the reason."""
     lines = []
-    for name in REQUIRED:
+    for name in GRIDS[model]:
         absent = [setting for setting in SETTINGS if f"{name} @ {setting}" not in table]
         if absent:
             why = why_missing(name, table)

@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fw_jax.models import CheckpointError, WriteError
+    from fw_jax.models import BrokenInstallError, CheckpointError, WriteError
     from fw_jax.pipeline.distributed import PeerLost
     from fw_jax.pipeline.finetune import FinetuneInterrupted
     from fw_jax.pipeline.prune import PruneInterrupted
@@ -665,6 +665,9 @@ def _run(args: argparse.Namespace) -> int:
     except WriteError as e:
         print(f"fw-jax {args.command}: {e}; nothing half-written was kept as finished, and the blocks "
               "already pruned are kept: run the same command again to resume", file=sys.stderr)
+        return FAILED
+    except BrokenInstallError as e:  # the environment, not the user's files or options
+        print(f"fw-jax {args.command}: {e}", file=sys.stderr)
         return FAILED
     except KeyboardInterrupt:
         print(f"fw-jax {args.command}: stopped by Ctrl-C; nothing was lost (a prune run resumes where it stopped).",

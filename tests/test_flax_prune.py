@@ -432,3 +432,14 @@ def test_a_broken_transformers_install_is_not_reported_as_a_bad_config(tmp_path,
                                           r"Either a revision .* not of the model") as raised:
         read_hf_config(tmp_path)
     assert not isinstance(raised.value, CheckpointError)
+    # On the command line: the message, exit 1 (the environment, not a usage error), no traceback.
+    import contextlib
+    import io
+
+    from fw_jax.cli import main as cli_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["prune", str(tmp_path), "--out", str(tmp_path / "out"), "--calib", "pydoc-calib"])
+    assert code == 1 and "cannot import its llama configuration" in err.getvalue(), err.getvalue()
+    assert "Traceback" not in err.getvalue() and not (tmp_path / "out").exists()

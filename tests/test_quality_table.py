@@ -211,6 +211,9 @@ def test_another_model_gets_its_own_file_and_title_and_keeps_the_intro(tmp_path)
     assert text.startswith("# Perplexity of pruned Gemma 3 270M")
     assert "started 2026-12-07T17:40:54+0000, 10 min" in text and "the 126 pruned layers" in text
     assert "BOS starts every calibration and evaluation window" in text
+    # its own grid of rows: no published recipe, but SparseGPT with recovery
+    assert "- wanda @ 60%, 70%, 2:4" in text and "- sparsegpt + recover @ 50%, 60%, 70%, 2:4" in text
+    assert "sparsefw published" not in text and "sparsefw published" in "\n".join(q.missing(table))
     # a paragraph written by hand between the intro markers survives every rewrite
     out.with_suffix(".md").write_text(f"# old title\n\n{q.INTRO_START}\nBy hand.\n{q.INTRO_END}\n\nold body\n")
     q.write(out, table, commands, _args("gemma3-270m", out))

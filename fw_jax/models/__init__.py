@@ -31,7 +31,7 @@ from ._calibration import (
     num_blocks,
     run_block,
 )
-from ._errors import CheckpointError, CheckpointNote, UnsupportedModelError
+from ._errors import BrokenInstallError, CheckpointError, CheckpointNote, UnsupportedModelError
 from ._eval import perplexity
 from ._gemma2 import Gemma2ForCausalLM, Gemma2Spec
 from ._gemma3 import Gemma3ForCausalLM, Gemma3Spec
@@ -78,6 +78,7 @@ from ._params import (
 )
 
 __all__ = [
+    "BrokenInstallError",
     "Blocks",
     "LoadedBlocks",
     "as_blocks",

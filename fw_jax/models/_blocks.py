@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._calibration import LinearLayer, block_linears, embed, num_blocks, run_block
-from ._loaded import LoadedModel, load_block, round_to, unload_block, unload_rest
+from ._loaded import LoadedModel, round_to, unload_rest
 from ._moe import expert_tokens, fallback_experts, has_experts, with_expert_fallback
 from ._params import set_linear_weights
 from ._shards import read_block_shard, write_block_shard
@@ -36,8 +36,19 @@ __all__ = ["Blocks", "LoadedBlocks", "as_blocks"]
 class Blocks(Protocol):
     """A model as the pruning engine sees it: a sequence of blocks run one after another.
 
+    The engine calls ``first_inputs`` once, then, per block inside ``resident(b)``: ``linears``,
+    ``grams``, ``set_weights`` and ``run``.
+
     Attributes:
       source: what the model is (a path, a class name), for messages and the run record.
+
+    A front-end may also provide (the engine looks for them): ``read_shard(b, path)`` and
+    ``write_shard(b, path)`` (per-block checkpoints: needed for ``work_dir``, so for resuming),
+    ``dtype`` (the dtype the model is written in, for the run record), ``streamed`` (blocks
+    live only in their checkpoints once pruned: ``work_dir`` required), ``max_positions`` (the
+    longest sequence), ``token_count(hidden)`` (to compute errors from the inputs when there are
+    fewer tokens than inputs), ``layer_notes(b)`` (``{layer name: fields}`` added to the layer
+    records, e.g. an expert's routed ``tokens`` and ``fallback``).
     """
 
     source: str
@@ -62,15 +73,6 @@ class Blocks(Protocol):
 
     def run(self, b: int, hidden) -> Any:
         """Block ``b``'s outputs (with its current weights): the next block's ``hidden``."""
-
-    def read_shard(self, b: int, path) -> dict:
-        """Block ``b``'s checkpoint written by :meth:`write_shard`, checked
-        (:class:`~fw_jax.models.CheckpointError` names the file when it cannot be used)."""
-        return read_block_shard(self.loaded, path, b)
-
-    def write_shard(self, b: int, path) -> None:
-        """Block ``b``'s shard of the output (every tensor of the block, in its output dtype)."""
-        write_block_shard(self.loaded, b, path)
 
     def set_weights(self, b: int, weights: dict) -> None:
         """Write ``{layer name: (d_out, d_in)}`` pruned weights into block ``b``."""
@@ -114,11 +116,13 @@ class LoadedBlocks:
 
     @contextlib.contextmanager
     def resident(self, b: int, tensors: Optional[dict] = None) -> Iterator[None]:
-        load_block(self.loaded, b, tensors)
+        from fw_jax import models  # the public functions, looked up when called (tests watch them)
+
+        models.load_block(self.loaded, b, tensors)
         try:
             yield
         finally:
-            unload_block(self.loaded, b)
+            models.unload_block(self.loaded, b)
 
     def linears(self, b: int) -> list[LinearLayer]:
         return block_linears(self.model, b)

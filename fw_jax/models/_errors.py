@@ -27,6 +27,13 @@ def config_problem(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+class BrokenInstallError(ImportError):
+    """An installed package fw_jax relies on fails to import (for example a transformers release
+    that does not support the version of one of its own dependencies that pip left installed).
+    The message names the package, the installed versions and the fix; the user's files are not
+    at fault."""
+
+
 class CheckpointNote(UserWarning):
     """Something about a checkpoint the user should know, though it was loaded as asked: e.g. a
     config that says the head is tied over a checkpoint that stores its own, kept and used."""

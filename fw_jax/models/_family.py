@@ -1,6 +1,7 @@
 """One record per model family: what fw_jax needs to know about it, in one place.
 
-A family's model file (``_llama.py``, ``_gpt2.py``, ``_gemma3.py``) ends with its ``FAMILY``
+A family's model file (``_llama.py``, ``_gpt2.py``, ``_gemma2.py``, ``_gemma3.py``, ``_phi3.py``,
+``_mixtral.py``, ``_qwen3_moe.py``) ends with its ``FAMILY``
 record; :data:`FAMILIES` in ``_loaded.py`` lists them. Adding a family is a new model file with
 its record, and its name in that list.
 """
@@ -16,7 +17,7 @@ class Family:
     """What fw_jax needs to know about one model family.
 
     Attributes:
-      name: ``"llama"``, ``"gpt2"``, ``"gemma3"``.
+      name: ``"llama"``, ``"gpt2"``, ``"gemma3"``, ... (the keys of :data:`FAMILIES`).
       architectures: ``{model_type: transformers class}`` for every ``transformers`` config type
         this family's model runs (the class is written to a saved ``config.json``).
       spec: the dataclass read from a config (``spec.from_hf(config)``).

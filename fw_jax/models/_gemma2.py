@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from ._family import Family
-from ._gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM, Gemma3MLP, Gemma3Spec, GemmaRMSNorm
+from ._gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM, Gemma3Spec, GemmaRMSNorm
 from ._layers import LlamaLayoutLM, LlamaLayoutModel, RopeAttention, rope_inverse_frequencies
 
 GEMMA2_MODEL_TYPES = ("gemma2",)
@@ -83,15 +83,7 @@ class Gemma2Attention(RopeAttention):
 class Gemma2DecoderLayer(Gemma3DecoderLayer):
     """Gemma 3's block (and its ``forward``) with :class:`Gemma2Attention`."""
 
-    def __init__(self, spec: Gemma2Spec, layer_type: str):
-        self.layer_type = layer_type
-        d, eps = spec.hidden_size, spec.rms_norm_eps
-        self.input_layernorm = GemmaRMSNorm(d, eps)
-        self.self_attn = Gemma2Attention(spec, layer_type)
-        self.post_attention_layernorm = GemmaRMSNorm(d, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(d, eps)
-        self.mlp = Gemma3MLP(spec)
-        self.post_feedforward_layernorm = GemmaRMSNorm(d, eps)
+    attention = Gemma2Attention
 
 
 class Gemma2Model(LlamaLayoutModel):

@@ -104,12 +104,13 @@ class Gemma3DecoderLayer(nnx.Module):
     """A pre-norm block whose attention and MLP outputs are normed too before the residual sum."""
 
     LINEAR_GROUPS = ROPE_GATED_LINEAR_GROUPS
+    attention = Gemma3Attention  #: the attention class (Gemma 2's block differs only there)
 
     def __init__(self, spec: Gemma3Spec, layer_type: str):
         self.layer_type = layer_type
         d, eps = spec.hidden_size, spec.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(d, eps)
-        self.self_attn = Gemma3Attention(spec, layer_type)
+        self.self_attn = self.attention(spec, layer_type)
         self.post_attention_layernorm = GemmaRMSNorm(d, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(d, eps)
         self.mlp = Gemma3MLP(spec)

@@ -19,7 +19,7 @@ import numpy as np
 
 from fw_jax._files import new_folder_beside, replace_folder
 
-from ._errors import CheckpointError, UnsupportedModelError, config_problem
+from ._errors import BrokenInstallError, CheckpointError, UnsupportedModelError, config_problem
 from ._loaded import (
     HF_ARCHITECTURES,
     LazyTensor,
@@ -88,7 +88,7 @@ def config_class(model_type: str):
     except KeyError:
         raise
     except Exception as e:
-        raise ImportError(_broken_transformers(f"its {model_type} configuration", e)) from e
+        raise BrokenInstallError(_broken_transformers(f"its {model_type} configuration", e)) from e
 
 
 def _broken_transformers(what: str, error: Exception) -> str:
