@@ -146,6 +146,7 @@ def _kill_and_check_survivor(runs, victim, work_dir, saved):
     assert "Traceback" not in err and not NATIVE_DUMP.search(err), err[-3000:]
 
 
+@pytest.mark.slow  # two runs of two processes each, minutes; the lost-process message is also tested in test_reliability
 def test_a_killed_process_is_named_and_every_process_resumes(three_blocks, one_process, tmp_path):
     out = tmp_path / "many"
     work_dir = os.path.realpath(out) + ".partial"

@@ -172,14 +172,20 @@ def calib_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma2", "phi3"])
-def test_cli_prune_keeps_names_dtypes_and_exact_row_budgets(name, calib_file, tmp_path, capsys):
+@pytest.mark.parametrize("name, methods", [
+    ("qwen3", ("wanda", "sparsefw")), ("gemma2", ("wanda",)), ("phi3", ("wanda",)),
+    pytest.param("gemma2", ("sparsefw",), marks=pytest.mark.slow, id="gemma2-sparsefw"),
+    pytest.param("phi3", ("sparsefw",), marks=pytest.mark.slow, id="phi3-sparsefw"),
+])
+def test_cli_prune_keeps_names_dtypes_and_exact_row_budgets(name, methods, calib_file, tmp_path, capsys):
+    """Every family through the command line (sparsefw's solve is the same for all: one family
+    in the default run, the others with -m slow)."""
     folder = tmp_path / "dense"
     torch_model = random_torch_model(config_2026(name), seed=6)
     torch_model.to(torch.bfloat16).save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     dense = folder_tensors(folder)
-    for method, extra in [("wanda", []), ("sparsefw", ["--max-iter", "5"])]:
+    for method, extra in [(m, ["--max-iter", "5"] if m == "sparsefw" else []) for m in methods]:
         out = tmp_path / method
         code = cli_main(["prune", str(folder), "--method", method, "--sparsity", "0.5", "--out", str(out),
                          "--calib", calib_file, "--nsamples", "4", "--seqlen", "16", "-q", *extra])
