@@ -437,7 +437,7 @@ def _write(args, source: str, data: str, check: dict, rows: list) -> None:
                           f"diagonals differ by at most {f['noise']:.1g} relative) {', '.join(f['layers'])}, largest "
                           f"relative score gap of a differing row {f.get('gap', 0):.2g}; after it "
                           f"{len(cmp['layers_differing']) - len(f['layers'])} more layers differ, calibrated on "
-                          f"inputs that already differ ({shown}).")
+                          f"inputs that already differ (all layers with differences: {shown}).")
         else:
             notes.append(f"- {method}: every layer's mask is identical.")
         common = sorted(set(t["errors"]) & set(e["errors"]))
