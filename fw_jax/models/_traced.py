@@ -569,13 +569,14 @@ class TracedBlocks:
                 if w.routed:
                     used = masks[w.contraction.index][w.batch_index]
                     x = x * used[:, None].astype(x.dtype)
-                    counts[key] = counts.get(key, 0) + int(jnp.sum(used))
+                    counts[key] = counts.get(key, 0) + jnp.sum(used, dtype=jnp.int32)  # read once, after the batches
                     if return_inputs:
                         inputs[key].append(np.asarray(x)[np.asarray(used)])
                 elif return_inputs:
                     inputs[key].append(np.asarray(x))
                 gram = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
                 grams[key] = gram if key not in grams else grams[key] + gram
+        counts = {key: int(n) for key, n in counts.items()}
         for key, (w, names) in by_key.items():
             if w.routed:
                 for name in names:
