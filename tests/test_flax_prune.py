@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 import fw_jax
-from fw_jax.models._traced import NO_TOKENS_FALLBACK, TracedBlocks
+from fw_jax.models._experts import OWN_FALLBACK, SHARED_FALLBACK
+from fw_jax.models._traced import TracedBlocks
 
 D, N, H, F, E, V, T = 16, 2, 8, 24, 4, 32, 6
 
@@ -145,7 +146,7 @@ def test_every_contracted_weight_at_its_budget_and_nothing_else_changed(method):
 
 def test_grams_equal_an_independent_computation_of_the_activations():
     model = Tiny()
-    batches = _batches()
+    batches = _batches(6)
     blocks = TracedBlocks(model)
     hidden = blocks.first_inputs(batches)
     for b in range(2):
@@ -169,12 +170,23 @@ def test_grams_equal_an_independent_computation_of_the_activations():
         np.testing.assert_allclose(grams[layers[f"layers.{b}.up.kernel"].input_key], gram(up_x), rtol=1e-5, atol=1e-5)
         assert layers[f"layers.{b}.up.kernel"].input_key != layers[f"layers.{b}.attn.q"].input_key
         assert layers[f"layers.{b}.attn.q"].input_key == layers[f"layers.{b}.attn.v"].input_key  # one input
-        for e in range(E):  # the routed tokens only, though every expert sees every token
-            np.testing.assert_allclose(grams[layers[f"layers.{b}.moe.w_in[{e}]"].input_key], gram(w_in_x[e]),
+        # The routed tokens only, though every expert sees every token; an expert that fewer
+        # tokens than D reached gets the fallback: the mean of the experts' input matrices, and
+        # the mean diagonal entry of their hidden ones times the identity.
+        own_in, own_out = ([gram(parts[e]) for e in range(E)] for parts in (w_in_x, w_out_x))
+        level = np.mean([np.mean(np.diag(g)) for g in own_out])
+        counts = [len(np.concatenate(w_in_x[e])) for e in range(E)]
+        assert min(counts) < D <= max(counts), counts  # both cases are checked
+        for e in range(E):
+            few = counts[e] < D
+            want_in, want_out = (np.mean(own_in, axis=0), level * np.eye(F)) if few else (own_in[e], own_out[e])
+            np.testing.assert_allclose(grams[layers[f"layers.{b}.moe.w_in[{e}]"].input_key], want_in,
                                        rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(grams[layers[f"layers.{b}.moe.w_out[{e}]"].input_key], gram(w_out_x[e]),
+            np.testing.assert_allclose(grams[layers[f"layers.{b}.moe.w_out[{e}]"].input_key], want_out,
                                        rtol=1e-5, atol=1e-5)
-            assert blocks.expert_tokens[f"layers.{b}.moe.w_in[{e}]"] == len(np.concatenate(w_in_x[e]))
+            assert blocks.expert_tokens[f"layers.{b}.moe.w_in[{e}]"] == counts[e]
+            assert blocks.fallbacks.get(f"layers.{b}.moe.w_in[{e}]") == (SHARED_FALLBACK if few else None)
+            assert blocks.fallbacks.get(f"layers.{b}.moe.w_out[{e}]") == (OWN_FALLBACK if few else None)
         hidden = blocks.run(b, hidden)
         for call, batch in zip(hidden, batches):  # what the next block receives
             x = model.embed(batch)
@@ -231,21 +243,25 @@ def test_sequential_calibrates_on_the_pruned_blocks_and_not_sequential_on_the_de
     assert second[True] != second[False]
 
 
-def test_an_expert_with_no_tokens_is_pruned_by_magnitude_and_reported():
+def test_an_expert_with_no_tokens_is_pruned_on_the_fallback_and_reported():
     model = Tiny(never=3)
     before = _params(model)
-    report = fw_jax.prune(model, _batches(), method="wanda", progress=False)
+    report = fw_jax.prune(model, _batches(8), method="wanda", progress=False)
     records = {r["name"]: r for r in report.layers}
     for b in range(2):
-        for name in (f"layers.{b}.moe.w_in[3]", f"layers.{b}.moe.w_out[3]"):
-            assert records[name]["tokens"] == 0 and records[name]["fallback"] == NO_TOKENS_FALLBACK
-            dense = _views(before, b)[name]
-            new = _views(_params(model), b)[name]
-            keep = round(dense.shape[1] * 0.5)
-            magnitude = np.zeros(dense.shape, bool)
-            np.put_along_axis(magnitude, np.argsort(-np.abs(dense), axis=1)[:, :keep], True, axis=1)
-            np.testing.assert_array_equal(new != 0, magnitude, err_msg=name)
-        assert "fallback" not in records[f"layers.{b}.moe.w_in[0]"]
+        w_in, w_out = f"layers.{b}.moe.w_in[3]", f"layers.{b}.moe.w_out[3]"
+        assert records[w_in]["tokens"] == records[w_out]["tokens"] == 0
+        assert records[w_in]["fallback"] == SHARED_FALLBACK and records[w_out]["fallback"] == OWN_FALLBACK
+        # Its down projection keeps each row's largest weights (an identity Gram matrix).
+        dense, new = _views(before, b)[w_out], _views(_params(model), b)[w_out]
+        keep = round(dense.shape[1] * 0.5)
+        magnitude = np.zeros(dense.shape, bool)
+        np.put_along_axis(magnitude, np.argsort(-np.abs(dense), axis=1)[:, :keep], True, axis=1)
+        np.testing.assert_array_equal(new != 0, magnitude, err_msg=w_out)
+        for e in range(3):  # the live experts, 48 tokens each on average, have their own
+            if records[f"layers.{b}.moe.w_in[{e}]"]["tokens"] >= D:
+                assert "fallback" not in records[f"layers.{b}.moe.w_in[{e}]"]
+    assert any(records[f"layers.{b}.moe.w_in[{e}]"]["tokens"] >= D for b in range(2) for e in range(3))
 
 
 def test_targets_and_exclude_choose_the_weights():

@@ -25,7 +25,8 @@ import numpy as np
 
 from ._calibration import LinearLayer, block_linears, embed, num_blocks, run_block
 from ._loaded import LoadedModel, round_to, unload_rest
-from ._moe import expert_tokens, fallback_experts, has_experts, with_expert_fallback
+from ._experts import fallback
+from ._moe import expert_layer
 from ._params import set_linear_weights
 from ._shards import read_block_shard, write_block_shard
 
@@ -98,6 +99,7 @@ class LoadedBlocks:
         #: fallback Gram matrices (too few tokens)
         self.expert_tokens: dict[int, dict[str, int]] = {}
         self.fallbacks: dict[int, dict[str, int]] = {}
+        self._fallback_notes: dict[int, dict[str, str]] = {}  # {block: {input key: fallback note}}
         config = loaded.config
         #: the longest sequence the model takes, or ``None``
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -133,27 +135,27 @@ class LoadedBlocks:
         :attr:`fallbacks` records it: ``{b: {expert name: tokens}}``."""
         from fw_jax.pipeline import distributed  # the pipeline's process group (imports models)
 
-        if not has_experts(self.model, b):
+        layer = expert_layer(self.model, b)
+        if layer is None:
             return distributed.block_grams(self.model, b, hidden, return_inputs=return_inputs)
         out = distributed.block_grams(self.model, b, hidden, return_inputs=return_inputs, return_counts=True)
         grams, counts = out[0], out[-1]
-        self.expert_tokens[b] = expert_tokens(self.model, b, counts)
-        self.fallbacks[b] = fallback_experts(self.model, b, counts)
-        grams = with_expert_fallback(self.model, b, grams, counts)
+        self.expert_tokens[b] = layer.tokens(counts)
+        self.fallbacks[b] = layer.falling_back(counts)
+        grams, self._fallback_notes[b] = fallback(layer, grams, counts)
         return (grams, out[1]) if return_inputs else grams
 
     def layer_notes(self, b: int) -> dict[str, dict]:
         """``{layer name: fields}`` the engine adds to block ``b``'s layer records: for an expert's
         layers, the calibration ``tokens`` routed to it and, if it had too few, its ``fallback``."""
         notes = {}
+        fell_back = self._fallback_notes.get(b, {})
         for layer in self.linears(b):
             for expert, tokens in self.expert_tokens.get(b, {}).items():
                 if layer.name.startswith(expert + "."):
                     notes[layer.name] = {"tokens": tokens}
-                    if expert in self.fallbacks.get(b, {}):
-                        notes[layer.name]["fallback"] = (
-                            "identity Gram matrix (each row keeps its largest weights)" if layer.input_key.endswith(".mid")
-                            else "Gram matrix of every token entering the layer")
+                    if layer.input_key in fell_back:
+                        notes[layer.name]["fallback"] = fell_back[layer.input_key]
         return notes
 
     def token_count(self, hidden) -> int:

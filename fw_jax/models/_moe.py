@@ -23,16 +23,12 @@ many tokens each expert received. The router is not pruned (it is no member of a
 
 **Fallback for an expert that received too few tokens.** An expert that fewer calibration
 tokens were routed to than it has inputs (the model's hidden size ``d``) has a singular input
-Gram matrix that says little about it (nothing at all with zero tokens: every mask is then as good
-as any other). :func:`with_expert_fallback` replaces its two matrices, once the Gram matrices are
-summed over every calibration sample:
-
-- gate and up projections: the mean of the block's experts' input Gram matrices. Every token
-  goes to exactly ``k`` distinct experts, so ``Σ_e G_e = k Σ_t x_t x_tᵀ``: this is the Gram matrix
-  of *every* token entering the MoE layer, scaled by ``k/E`` (an average expert's share of them).
-- down projection: ``c·I``, with ``c`` the mean diagonal entry of the block's experts' ``mid``
-  Gram matrices. Its input over the tokens it was not given is unknown without running it on
-  them, so every input counts the same: each method then keeps the largest weights of a row.
+Gram matrix that says little about it. :func:`with_expert_fallback` replaces its two matrices by
+the rule of ``_experts.py`` (the same for ``fw_jax.prune``'s experts), once the Gram matrices are
+summed over every calibration sample: gate and up projections get the mean of the block's
+experts' input matrices (every token entering the layer, scaled by ``k/E``), the down projection
+``c·I`` (``c`` the mean diagonal entry of the experts' ``mid`` matrices: a row keeps its largest
+weights).
 
 Measured on a tiny random Mixtral block (d=64, experts of width 256, 4 experts, top 2; 50% of
 each row; the error ``‖(W − Ŵ)X‖²`` over 4,096 held-out tokens, those routed to the expert, as a
@@ -63,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ._experts import ExpertLayer, Stage, fallback
 from ._layers import (F32, ROPE_GATED_LINEAR_GROUPS, DecoderSpec, GatedMLP, Linear, LlamaLayoutLM, LlamaLayoutModel,
     RMSNorm, RopeAttention, pre_norm_block, rope_cos_sin, rope_inverse_frequencies)
 
@@ -236,14 +233,23 @@ def _expert_at(model: nnx.Module, b: int, moe: SparseMoE, e: int) -> str:
     return f"{model.block_path}.{b}.{moe.name}.experts.{e}"
 
 
+def expert_layer(model: nnx.Module, b: int) -> ExpertLayer | None:
+    """Block ``b``'s experts as :class:`~fw_jax.models._experts.ExpertLayer` (``None`` without
+    experts): the stages ``<expert>.in`` (shared by its gate and up projections) and
+    ``<expert>.mid`` (its down projection's), the threshold the hidden size."""
+    moe = _moe_of(model, b)
+    if moe is None:
+        return None
+    experts = tuple(_expert_at(model, b, moe, e) for e in range(len(moe.experts)))
+    return ExpertLayer(experts, (Stage(tuple(f"{x}.in" for x in experts), shared=True),
+                                 Stage(tuple(f"{x}.mid" for x in experts), shared=False)), moe.gate.d_in)
+
+
 def expert_tokens(model: nnx.Module, b: int, counts: Mapping[str, int]) -> dict[str, int]:
     """``{expert name: calibration tokens routed to it}`` for block ``b`` (empty without experts),
     from the counts of ``block_grams(..., return_counts=True)``."""
-    moe = _moe_of(model, b)
-    if moe is None:
-        return {}
-    return {_expert_at(model, b, moe, e): int(counts[_expert_at(model, b, moe, e) + ".in"])
-            for e in range(len(moe.experts))}
+    layer = expert_layer(model, b)
+    return {} if layer is None else layer.tokens(counts)
 
 
 def has_experts(model: nnx.Module, b: int) -> bool:
@@ -280,25 +286,15 @@ def fallback_experts(model: nnx.Module, b: int, counts: Mapping[str, int], *,
         for expert, tokens in models.fallback_experts(model, b, counts).items():
             print(f"{expert}: {tokens} tokens, pruned on the fallback Gram matrices")
     """
-    moe = _moe_of(model, b)
-    if moe is None:
-        return {}
-    if min_tokens is None:
-        min_tokens = moe.gate.d_in
-    found = {}
-    for e in range(len(moe.experts)):
-        key = _expert_at(model, b, moe, e) + ".in"
-        if key not in counts:
-            raise KeyError(f"no token count for {key!r}: pass the counts of block_grams(..., return_counts=True)")
-        if int(counts[key]) < min_tokens:
-            found[_expert_at(model, b, moe, e)] = int(counts[key])
-    return found
+    layer = expert_layer(model, b)
+    return {} if layer is None else layer.falling_back(counts, min_tokens)
 
 
 def with_expert_fallback(model: nnx.Module, b: int, grams: Mapping[str, jax.Array], counts: Mapping[str, int], *,
                          min_tokens: int | None = None) -> dict[str, jax.Array]:
     """Block ``b``'s Gram matrices with the fallback for each expert that too few calibration
-    tokens were routed to (:func:`fallback_experts`; the module's text measures it).
+    tokens were routed to (:func:`fallback_experts`; the rule is
+    :func:`fw_jax.models._experts.fallback`'s, the measurement behind it in this module's text).
 
     Such an expert's gate/up matrix becomes the mean of the block's experts' input matrices (the
     Gram matrix of every token entering the layer, scaled by ``k/E``), its down matrix ``c·I``
@@ -319,20 +315,10 @@ def with_expert_fallback(model: nnx.Module, b: int, grams: Mapping[str, jax.Arra
     Returns:
       A new dict with the same keys.
     """
-    grams = dict(grams)
-    fallback = fallback_experts(model, b, counts, min_tokens=min_tokens)
-    if not fallback:
-        return grams
-    moe = _moe_of(model, b)
-    experts = [_expert_at(model, b, moe, e) for e in range(len(moe.experts))]
-    inputs = sum(grams[f"{name}.in"] for name in experts) / len(experts)
-    level = sum(jnp.mean(jnp.diagonal(grams[f"{name}.mid"])) for name in experts) / len(experts)
-    mid = grams[f"{experts[0]}.mid"]
-    diagonal = jnp.eye(mid.shape[0], dtype=mid.dtype) * jnp.where(level > 0, level, 1).astype(mid.dtype)
-    for name in fallback:
-        grams[f"{name}.in"] = inputs.astype(grams[f"{name}.in"].dtype)
-        grams[f"{name}.mid"] = diagonal
-    return grams
+    layer = expert_layer(model, b)
+    if layer is None:
+        return dict(grams)
+    return fallback(layer, grams, counts, min_tokens=min_tokens)[0]
 
 
 #: What transformers keeps in memory and writes with ``save_pretrained(save_original_format=False)``:

@@ -37,10 +37,13 @@ zeroed before the expert, gets a zero gradient). This is exact for top-k routing
 densely and masked before or after the expert. It cannot tell a routing weight that is small but
 not zero (dense soft routing: every token counts), and it is applied only to weights that are
 slices or batch indices of an array: experts kept as separate modules are calibrated on every
-token they are applied to. An expert that received no token is pruned by magnitude: its Gram
-matrix is replaced by the identity, for which Wanda's and the Frank-Wolfe masks are the
-magnitude mask; :attr:`TracedBlocks.expert_tokens` records each expert's tokens and
-:attr:`TracedBlocks.fallbacks` the experts that used it.
+token they are applied to. An expert that fewer tokens reached than the block's hidden size is
+pruned on fallback Gram matrices, by the rule the mixture-of-experts families read from folders
+use (``_experts.py``): the experts of one module (``layers.3.mlp``) with the same index in each of
+its stacked parameters form an expert; a parameter reading the block's hidden width gets the mean
+of its experts' matrices (every token entering the layer), any other ``c·I`` (a row keeps its
+largest weights). :attr:`TracedBlocks.expert_tokens` records each expert weight's tokens and
+:attr:`TracedBlocks.fallbacks` the weights that used the fallback, and which.
 """
 
 from __future__ import annotations
@@ -60,13 +63,11 @@ import numpy as np
 from flax import nnx
 
 from ._calibration import LinearLayer
+from ._experts import ExpertLayer, Stage, fallback
 from ._contractions import Contraction, Traced, evaluate, find_contractions, operand_to_view, view_to_operand
 from ._contractions import _bind  # one evaluation rule for both passes
 
 __all__ = ["TracedBlocks"]
-
-NO_TOKENS_FALLBACK = "magnitude (no routed tokens: identity Gram matrix)"
-
 
 class _Call(NamedTuple):
     """The arguments one block was called with, for one batch."""
@@ -240,6 +241,34 @@ class _Plan:
             return rows, masks
 
         return jax.jit(fn)
+
+
+def _expert_layers(by_key: dict, width: int) -> list[ExpertLayer]:
+    """The routed weights among ``{input key: (weight, names)}`` as expert layers: grouped by the
+    module holding the parameter (its path without the last part), each parameter a stage, an
+    expert the same index (``[e]``) in every stage; a stage is shared when it reads ``width``
+    inputs (the block's hidden size, the tokens entering the layer). A stage whose experts differ
+    from its module's others is a layer of its own."""
+    modules: dict = collections.defaultdict(lambda: collections.defaultdict(dict))
+    for key, (w, names) in by_key.items():
+        if w.routed:
+            path = names[0][:len(names[0]) - len(w.suffix)]
+            modules[path.rpartition(".")[0]][path][w.suffix] = (key, w.contraction.d_in == width)
+    layers = []
+    for module, stages in modules.items():
+        by_experts = collections.defaultdict(list)
+        for path, experts in stages.items():
+            by_experts[tuple(sorted(experts, key=_natural))].append(experts)
+        for suffixes, group in by_experts.items():
+            group.sort(key=lambda experts: not next(iter(experts.values()))[1])  # shared stages first
+            layers.append(ExpertLayer(tuple(module + s for s in suffixes),
+                                      tuple(Stage(tuple(experts[s][0] for s in suffixes), next(iter(experts.values()))[1])
+                                            for experts in group), width))
+    return layers
+
+
+def _natural(suffix: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", suffix)]
 
 
 def _expert_index(c: Contraction, shape: tuple) -> Optional[int]:
@@ -577,15 +606,18 @@ class TracedBlocks:
                 gram = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
                 grams[key] = gram if key not in grams else grams[key] + gram
         counts = {key: int(n) for key, n in counts.items()}
+        width = hidden[0].args[0].shape[-1]
+        for layer in _expert_layers(by_key, width):
+            grams, notes = fallback(layer, grams, counts)
+            for key, note in notes.items():
+                for name in by_key[key][1]:
+                    self.fallbacks[name] = note
+                if return_inputs and not counts[key]:  # no token: report the weights' own error
+                    inputs[key] = [np.eye(grams[key].shape[0], dtype=np.float32)]
         for key, (w, names) in by_key.items():
             if w.routed:
                 for name in names:
                     self.expert_tokens[name] = counts[key]
-                if counts[key] == 0:  # nothing routed to it: magnitude, through an identity Gram matrix
-                    grams[key] = jnp.eye(w.contraction.d_in, dtype=jnp.float32)
-                    inputs[key] = [np.eye(w.contraction.d_in, dtype=np.float32)]
-                    for name in names:
-                        self.fallbacks[name] = NO_TOKENS_FALLBACK
         if return_inputs:
             return grams, {key: jnp.asarray(np.concatenate(parts)) for key, parts in inputs.items()}
         return grams
