@@ -459,3 +459,102 @@ def test_a_broken_transformers_install_is_not_reported_as_a_bad_config(tmp_path,
         code = cli_main(["prune", str(tmp_path), "--out", str(tmp_path / "out"), "--calib", "pydoc-calib"])
     assert code == 1 and "cannot import its llama configuration" in err.getvalue(), err.getvalue()
     assert "Traceback" not in err.getvalue() and not (tmp_path / "out").exists()
+
+
+# --- A linen (module, params) pair -------------------------------------------------------------
+
+from flax import linen as nn  # noqa: E402
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(F, name="up")(nn.LayerNorm(name="norm")(x)))
+        w = self.param("proj", nn.initializers.normal(0.3), (F, N, H))  # an einsum kernel
+        return x + jnp.einsum("btf,fnh->btnh", h, w).reshape(x.shape)
+
+
+class LinenTiny(nn.Module):
+    def setup(self):
+        self.embed = nn.Embed(V, D)
+        self.layers = [LinenBlock() for _ in range(3)]
+        self.head = nn.Dense(V)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _wanda_kept(weight, x, keep):
+    """The Wanda mask of ``weight`` (d_out, d_in) on inputs ``x`` (n, d_in), by hand."""
+    scores = np.abs(weight) * np.linalg.norm(x, axis=0)[None]
+    kept = np.zeros(weight.shape, bool)
+    np.put_along_axis(kept, np.argsort(-scores, axis=1)[:, :keep], True, axis=1)
+    return kept
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_linen_pair_is_pruned_into_new_params_sequentially(wrapped):
+    assert D == N * H  # the einsum kernel's output is the hidden state
+    module = LinenTiny()
+    variables = module.init(jax.random.key(1), jnp.zeros((2, T), jnp.int32))
+    given = variables if wrapped else variables["params"]
+    before = jax.tree.map(np.array, given)
+    batches = _batches(4)
+    new, report = fw_jax.prune((module, given), batches, method="wanda", progress=False)
+    assert [r["name"] for r in report.layers] == [f"layers.{b}.{w}" for b in range(3) for w in ("up.kernel", "proj")]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, given), before)  # the input is unchanged
+    assert ("params" in new) == wrapped
+    new_p, old_p = (new["params"], before["params"]) if wrapped else (new, before)
+    for name in ("embed", "head"):
+        jax.tree.map(np.testing.assert_array_equal, new_p[name], old_p[name])
+    # Independently: each block's Wanda masks from the activations of the blocks pruned before it.
+    x = jnp.concatenate([module.apply({"params": new_p}, t, method=lambda m, t: m.embed(t)) for t in batches])
+    for b in range(3):
+        old, cur = old_p[f"layers_{b}"], new_p[f"layers_{b}"]
+        jax.tree.map(np.testing.assert_array_equal, cur["norm"], old["norm"])
+        np.testing.assert_array_equal(cur["up"]["bias"], old["up"]["bias"])
+        normed = nn.LayerNorm().apply({"params": cur["norm"]}, x)
+        up_in = np.asarray(normed, np.float64).reshape(-1, D)
+        hidden = nn.gelu(normed @ old["up"]["kernel"] + old["up"]["bias"])  # a block's layers: its dense inputs
+        proj_in = np.asarray(hidden, np.float64).reshape(-1, F)
+        for weight, now, inputs in ((old["up"]["kernel"].T, cur["up"]["kernel"].T, up_in),
+                                    (old["proj"].reshape(F, D).T, cur["proj"].reshape(F, D).T, proj_in)):
+            kept = _wanda_kept(weight, inputs, weight.shape[1] // 2)
+            np.testing.assert_array_equal(np.asarray(now) != 0, kept, err_msg=f"block {b}, {weight.shape}")
+            np.testing.assert_array_equal(now, np.where(kept, weight, 0))
+        x = LinenBlock().apply({"params": cur}, x)
+
+
+def test_a_linen_model_without_indexed_blocks_says_to_name_them():
+    class Flat(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            return nn.Dense(V)(nn.Embed(V, D)(tokens))
+
+    module = Flat()
+    params = module.init(jax.random.key(0), jnp.zeros((2, T), jnp.int32))
+    with pytest.raises(ValueError, match="blocks='prefix'"):
+        fw_jax.prune((module, params), _batches(1), method="wanda", progress=False)
+    module = LinenTiny()
+    params = module.init(jax.random.key(0), jnp.zeros((2, T), jnp.int32))
+    with pytest.raises(ValueError, match=r"blocks='decoder'.*layers"):
+        fw_jax.prune((module, params), _batches(1), blocks="decoder", method="wanda", progress=False)
+    new, report = fw_jax.prune((module, params), _batches(1), blocks="layers", method="wanda", progress=False)
+    assert len(report.layers) == 6
+
+    class Compact(nn.Module):  # unnamed blocks are LinenBlock_0, LinenBlock_1, ...; their Dense are not blocks
+        @nn.compact
+        def __call__(self, tokens):
+            x = nn.Embed(V, D)(tokens)
+            for _ in range(2):
+                x = LinenBlock()(x)
+            return nn.Dense(V)(x)
+
+    module = Compact()
+    params = module.init(jax.random.key(0), jnp.zeros((2, T), jnp.int32))
+    new, report = fw_jax.prune((module, params), _batches(1), method="wanda", progress=False)
+    assert [r["name"] for r in report.layers][:2] == ["LinenBlock.0.up.kernel", "LinenBlock.0.proj"]
+    assert np.mean(np.asarray(new["params"]["LinenBlock_1"]["up"]["kernel"]) == 0) == 0.5

@@ -306,9 +306,8 @@ class TracedBlocks:
     def __init__(self, model, forward: Optional[Callable] = None, *, blocks: Optional[str] = None,
                  targets: Optional[str] = None, exclude: Optional[str] = None, sequential: bool = True):
         if isinstance(model, tuple) and len(model) == 2:
-            raise TypeError("a linen (module, params) pair is not supported yet: fw_jax.prune takes a Flax NNX "
-                            "module (flax.nnx.Module); a linen model's Dense kernels can be calibrated with "
-                            "fw_jax.models.linen_grams")
+            raise TypeError("TracedBlocks takes a Flax NNX module; for a linen (module, params) pair call "
+                            "fw_jax.prune((module, params), batches), which returns the new params")
         if not isinstance(model, nnx.Module):
             raise TypeError(f"expected a Flax NNX module (flax.nnx.Module), got {type(model).__name__}")
         self.model = model
@@ -694,7 +693,8 @@ class TracedBlocks:
                 c = next(iter(batch.values()))[0]
                 view = operand_to_view(c, c.replay(param))
                 for bi, (_, value) in batch.items():
-                    view = view.at[bi].set(jnp.asarray(value).astype(param.dtype))
+                    value, kept = jnp.asarray(value), view[bi]  # a weight kept as it was stays bit for bit
+                    view = view.at[bi].set(jnp.where(value == kept.astype(value.dtype), kept, value.astype(param.dtype)))
                 _, pullback = jax.vjp(c.replay, param)
                 (scattered,) = pullback(view_to_operand(c, view))
                 if not c.selects:  # a bijection: the whole parameter
