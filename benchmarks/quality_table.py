@@ -41,6 +41,7 @@ from fw_jax.pipeline import (  # noqa: E402
     Allocation, PruneSettings, RecoverSettings, atomic_write, evaluate_perplexity, format_table, load_documents, prune_to_folder,
 )
 from fw_jax.pipeline.tasks import evaluate_tasks, load_task  # noqa: E402
+from fw_jax.solver import SolverOptions  # noqa: E402
 from real_layers import calibration_books  # noqa: E402
 
 METHODS = {
@@ -60,6 +61,9 @@ METHODS = {
     "sparsefw published + reconstruct": dict(method="sparsefw-published", reconstruct=True),
     "sparsefw α=0.9 ρ=0.5": dict(method="sparsefw", alpha=0.9, shrinkage=0.5),
     "sparsefw α=0 ρ=0.5": dict(method="sparsefw", alpha=0.0, shrinkage=0.5),
+    # the Frank-Wolfe loop's products in bfloat16 (float32 sums): a candidate default
+    "sparsefw α=0.9 ρ=0.5 (bf16 products)": dict(method="sparsefw", alpha=0.9, shrinkage=0.5,
+                                                 options=SolverOptions(precision="bfloat16")),
     "sparsefw α=0.9 ρ=0.5 + reconstruct": dict(method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True),
     # issue 20: block-wise recovery (RecoverSettings' defaults) and OWL's allocation
     "sparsefw α=0.9 ρ=0.5 + reconstruct + recover": dict(method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True,
