@@ -8,6 +8,7 @@ independently (from the modules' own outputs, in numpy) and compared with what t
 """
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,7 @@ def test_every_contracted_weight_at_its_budget_and_nothing_else_changed(method):
         if not _contracted(name):  # embedding, norms, routers, biases, head: bit-identical
             np.testing.assert_array_equal(after[name], value, err_msg=name)
     assert set(report.left_dense) == {"layers.0.moe.router.kernel", "layers.1.moe.router.kernel"}
+    assert json.loads(json.dumps(report.to_json()))["left_dense"] == report.left_dense
     tokens = {r["name"]: r["tokens"] for r in report.layers if "moe.w_" in r["name"]}
     for b in range(2):  # every token goes to one expert
         assert sum(tokens[f"layers.{b}.moe.w_in[{e}]"] for e in range(E)) == 3 * 2 * T

@@ -64,6 +64,8 @@ class PruneReport:
     history: Optional[dict] = None
     resumed_blocks: int = 0  #: blocks taken from an interrupted run's checkpoints
     allocation: Optional[dict] = None  #: with ``settings.allocation``: its scores, block sparsities, budgets
+    #: ``fw_jax.prune``: ``{parameter: why}`` for those used with the activations but not pruned
+    left_dense: Optional[dict] = None
 
     def to_json(self) -> dict:
         return {
@@ -74,7 +76,8 @@ class PruneReport:
             "processes": distributed.process_count(),  # the samples and layers were shared out
             "layers": self.layers,
             "summary": self.summary(),
-        } | ({"allocation": self.allocation} if self.allocation is not None else {})
+        } | ({"allocation": self.allocation} if self.allocation is not None else {}) | (
+            {"left_dense": self.left_dense} if self.left_dense is not None else {})
 
     def summary(self) -> dict:
         errors = np.array([r["error"] for r in self.layers])
