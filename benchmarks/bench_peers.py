@@ -129,6 +129,8 @@ def _texts(tiny: bool, work: pathlib.Path) -> dict:
     books = sorted(p for p in CORPORA.glob("austen_*.txt") if p.name != HELD_OUT)
     persuasion = CORPORA / HELD_OUT
     missing = [str(p) for p in [persuasion] if not p.is_file()] + ([] if books else [str(CORPORA / "austen_*.txt")])
+    if missing and tiny:  # a clone without the shared corpora beside it (CI): CPython's pydoc topics instead
+        return _pydoc_texts(work)
     if missing:
         raise FileNotFoundError(f"the benchmark's texts are missing: {', '.join(missing)} (expected the Austen "
                                 f"novels as UTF-8 .txt files in {CORPORA})")
@@ -144,6 +146,21 @@ def _texts(tiny: bool, work: pathlib.Path) -> dict:
         short.write_text(persuasion.read_text(encoding="utf-8")[:TINY_TEXT_CHARS], encoding="utf-8")
         persuasion = short
     return {"Persuasion": str(persuasion), "pydoc-eval": "pydoc-eval"}
+
+
+def _pydoc_texts(work: pathlib.Path) -> dict:
+    """``--tiny`` without the Austen novels: three calibration texts and a held-out one cut from
+    CPython's pydoc topics (``pydoc_data``, installed with Python)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    calib = work / "calib"
+    calib.mkdir()
+    for i in range(3):
+        (calib / f"pydoc_{i}.txt").write_text(text[i * TINY_TEXT_CHARS:(i + 1) * TINY_TEXT_CHARS], encoding="utf-8")
+    held_out = work / "eval-persuasion.txt"
+    held_out.write_text(text[3 * TINY_TEXT_CHARS:4 * TINY_TEXT_CHARS], encoding="utf-8")
+    return {"Persuasion": str(held_out), "pydoc-eval": "pydoc-eval"}
 
 
 def _calibration(work: pathlib.Path, calib: pathlib.Path, args) -> np.ndarray:
