@@ -28,7 +28,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Optional
 
-import jax
 from flax import linen as nn
 from flax import nnx
 
@@ -134,16 +133,14 @@ class LinenBlocks(nnx.Module):
             raise RuntimeError(f"forward(module, variables, batch) raised {type(e).__name__} on the first "
                                f"calibration batch: {e}") from e
         runs: dict = {}
-        for path, module in seen.items():
-            match = _INDEXED.match(path[-1]) if path else None
-            if match:
-                key = (*path[:-1], match.group(1), type(module))
-                runs.setdefault(key, []).append((int(match.group(2)), path, module))
+        for key, index, path, module in _indexed(seen):
+            runs.setdefault(key, []).append((index, path, module))
+        runs_all = set(runs)
         if prefix is not None:
             wanted = tuple(prefix.split("/"))
             runs = {k: v for k, v in runs.items() if k[:-1] == wanted}
             if not runs:
-                names = sorted({"/".join(k[:-1]) for k in _indexed(seen)})
+                names = sorted({"/".join(k[:-1]) for k in runs_all})
                 raise ValueError(f"blocks={prefix!r}: {type(self._module).__name__} called no submodules named "
                                  f"{prefix}_0, {prefix}_1, ... (indexed submodules it called: "
                                  f"{', '.join(names) or 'none'})")
@@ -189,10 +186,12 @@ class LinenBlocks(nnx.Module):
 
 
 def _indexed(seen: dict):
+    """``(run key, index, path, module)`` for every called submodule named ``<prefix>_<index>``;
+    the run key is the parent path, the prefix and the module's type."""
     for path, module in seen.items():
         match = _INDEXED.match(path[-1]) if path else None
         if match:
-            yield (*path[:-1], match.group(1), type(module))
+            yield (*path[:-1], match.group(1), type(module)), int(match.group(2)), path, module
 
 
 def _subtree(tree: dict, path: tuple) -> dict:
@@ -201,7 +200,7 @@ def _subtree(tree: dict, path: tuple) -> dict:
             raise ValueError(f"the parameters have no entry {'/'.join(path)} for the block of that name: pass "
                              "the params the module was initialized with")
         tree = tree[name]
-    return jax.tree.map(lambda x: x, tree)
+    return tree
 
 
 def _replaced(tree: dict, path: tuple, value: dict) -> dict:
