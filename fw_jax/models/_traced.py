@@ -63,9 +63,16 @@ import numpy as np
 from flax import nnx
 
 from ._calibration import LinearLayer
+from ._contractions import (
+    Contraction,
+    Traced,
+    _bind,  # one evaluation rule for both passes
+    evaluate,
+    find_contractions,
+    operand_to_view,
+    view_to_operand,
+)
 from ._experts import ExpertLayer, Stage, fallback
-from ._contractions import Contraction, Traced, evaluate, find_contractions, operand_to_view, view_to_operand
-from ._contractions import _bind  # one evaluation rule for both passes
 
 __all__ = ["TracedBlocks"]
 
