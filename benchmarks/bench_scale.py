@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=32, help="blocks of the wanda checkpoint")
     p.add_argument("--sparsefw-blocks", type=int, default=2, help="blocks of the checkpoint sparsefw prunes")
     p.add_argument("--sparsefw-iter", type=int, default=5, help="sparsefw --max-iter (a few: this is a CPU)")
+    p.add_argument("--methods", nargs="+", choices=("wanda", "sparsefw"), default=("wanda", "sparsefw"),
+                   help="which runs (the saved rows of the others are kept)")
     p.add_argument("--nsamples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--smollm2", action="store_true", help="instead: SmolLM2-135M wanda, whole model")
@@ -184,14 +186,20 @@ def main(argv=None) -> int:
         shape = "tiny" if args.tiny else "7b"
         for method, blocks, extra in (("wanda", args.blocks, []),
                                       ("sparsefw", args.sparsefw_blocks, ["--max-iter", str(args.sparsefw_iter)])):
+            if method not in args.methods:
+                continue
             folder = make_checkpoint(work / f"{shape}-{blocks}blocks", shape, blocks)
             row = run_prune(str(folder), work / f"{shape}-{blocks}-{method}", method, common + extra)
             rows.append({"model": f"LLaMA-2-7B-shaped bf16, {blocks} blocks" if shape == "7b" else f"tiny, {blocks} blocks",
-                         "input_gb": _folder_size(folder) / 1e9, "input_dtypes": _dtypes(folder), **row})
+                         "input_gb": _folder_size(folder) / 1e9, "input_dtypes": _dtypes(folder),
+                         "date": time.strftime("%Y-%m-%d"), "commit": _commit(), **row})
             print(json.dumps(rows[-1]), flush=True)
     results = pathlib.Path(args.results)
     existing = json.loads(results.read_text()) if results.exists() else {}
     key = "smollm2" if args.smollm2 else ("tiny" if args.tiny else "7b")
+    if not args.smollm2 and key in existing:  # rows of the methods not run this time stay
+        rows = [r for r in existing[key]["rows"] if r["method"] not in args.methods] + rows
+        rows.sort(key=lambda r: ("wanda", "sparsefw").index(r["method"]) if r["method"] in ("wanda", "sparsefw") else 9)
     existing[key] = {"rows": rows, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                      "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_scale.py " + " ".join(argv or sys.argv[1:])}
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -200,24 +208,48 @@ def main(argv=None) -> int:
     return 0
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+HEADER = ("# Scale: pruning out of core, in the checkpoint's dtype\n\n"
+          "Written by `benchmarks/bench_scale.py` (see its docstring) and `benchmarks/profile_block.py` (the "
+          "per-phase profile); every number below was measured by them.\n")
+
+
 def _write_markdown(results: dict, path: pathlib.Path) -> None:
-    lines = ["# Scale: pruning out of core, in the checkpoint's dtype", "",
-             "Written by `benchmarks/bench_scale.py` (see its docstring); every number below was measured by it.", ""]
+    """This benchmark's sections of ``path``, each replaced in place or appended; other sections
+    (``profile_block.py``'s) are kept."""
+    text = path.read_text() if path.exists() else HEADER
     for key, title in (("7b", "LLaMA-2-7B-shaped bfloat16 checkpoint"), ("smollm2", "SmolLM2-135M"),
                        ("tiny", "tiny (the test suite's run)")):
         if key not in results:
             continue
         block = results[key]
-        lines += [f"## {title}", "", f"`{block['command']}` on {block['machine']}, {block['date']}.", "",
-                  "| model | version | method | blocks | wall (s) | s/block | peak RSS (GB) | input (GB) | output (GB) | output dtypes |",
-                  "|:--|:--|:--|--:|--:|--:|--:|--:|--:|:--|"]
+        lines = [f"## {title}", "", f"`{block['command']}` on {block['machine']}, {block['date']} (the last run; each "
+                 "row's own date and fw_jax commit are under 'version': `--methods` reruns some rows only).", "",
+                 "| model | version | method | blocks | wall (s) | s/block | peak RSS (GB) | input (GB) | output (GB) | output dtypes |",
+                 "|:--|:--|:--|--:|--:|--:|--:|--:|--:|:--|"]
         for r in block["rows"]:
-            lines.append(f"| {r['model']} | {r.get('version', '')} | {r['method']} | {r['blocks']} | {r['wall_seconds']:.0f} | "
+            version = r.get("version") or (f"{r['date']}, {r['commit']}" if "commit" in r else "")
+            lines.append(f"| {r['model']} | {version} | {r['method']} | {r['blocks']} | {r['wall_seconds']:.0f} | "
                          f"{r['seconds_per_block']:.1f} | {r['peak_rss_gb']:.2f} | "
                          f"{format(r['input_gb'], '.2f') if 'input_gb' in r else '-'} | "
                          f"{r['output_gb']:.2f} | {', '.join(r['output_dtypes'])} |")
-        lines.append("")
-    path.write_text("\n".join(lines))
+        text = with_section(text, f"## {title}", "\n".join(lines) + "\n")
+    path.write_text(text)
+
+
+def with_section(text: str, title: str, section: str) -> str:
+    """``text`` with the section headed ``title`` replaced by ``section`` (appended if absent)."""
+    lines = text.split("\n")
+    if title in lines:
+        start = lines.index(title)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        before, rest = "\n".join(lines[:start]), "\n".join(lines[end:])
+        return (before + "\n" if start else "") + section + ("\n" + rest if rest else "")
+    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
 
 
 if __name__ == "__main__":

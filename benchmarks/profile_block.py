@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import pathlib
 import platform
@@ -57,17 +58,17 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_scale import make_checkpoint  # noqa: E402
+from bench_scale import make_checkpoint, with_section  # noqa: E402
 from fw_jax import models  # noqa: E402
 from fw_jax.pipeline import PruneSettings, SparseFW, atomic_write  # noqa: E402
 from fw_jax.pipeline.checkpoints import save_block  # noqa: E402
+from fw_jax.pipeline.methods.sparsefw import history_every  # noqa: E402
 from fw_jax.pipeline.data import calibration_tokens, load_documents, needs_bos_per_window  # noqa: E402
 from fw_jax.pipeline.prune import _calibrate, prune_layer  # noqa: E402
 from fw_jax.solver import SolverOptions, inputs_error, saliency_mask, saliency_scores, weights_error  # noqa: E402
 from fw_jax.solver._frank_wolfe import frank_wolfe, full_polytope_bound, gram_matmul  # noqa: E402
-from fw_jax.solver._objective import row_errors  # noqa: E402
 from fw_jax.solver._psd import check_gram_psd  # noqa: E402
-from fw_jax.solver._solve import _mask_lower_bound  # noqa: E402
+from fw_jax.solver._solve import _mask_lower_bound, _residual_product  # noqa: E402
 from fw_jax.solver._steps import as_step_rule  # noqa: E402
 from fw_jax.solver._validation import check_layer_inputs  # noqa: E402
 
@@ -84,16 +85,16 @@ ROWS = [
     ("shrink", "shrunk Gram matrix (ρ = 0.5)", "layer"),
     ("input_checks", "input checks: finite, symmetric (2 per layer)", "layer"),
     ("psd_checks", "PSD checks, Lanczos (2 per layer)", "layer"),
-    ("warm_start", "warm start: Wanda mask and fixed entries (2 per-row sorts)", "layer"),
+    ("warm_start", "warm start: Wanda mask (also the comparison's) and fixed entries (2 per-row sorts)", "layer"),
     ("fw_fixed", "Frank-Wolfe fixed costs (3 GEMMs, final oracle)", "layer"),
     ("fw_iterations", "Frank-Wolfe iterations (extrapolated)", "layer"),
     ("rounding", "rounding (a 3-key per-row sort)", "layer"),
-    ("row_errors", "row errors in the solve (3 GEMMs)", "layer"),
-    ("swaps", "1-swaps", "layer"),
-    ("solve_bounds", "lower bounds in the solve (2 full-polytope bounds)", "layer"),
+    ("row_errors", "row errors in the solve (2 GEMMs: warm and rounded masks)", "layer"),
+    ("swaps", "1-swaps (and the final mask's product)", "layer"),
+    ("solve_bounds", "lower bounds in the solve (2 full-polytope bounds, from products already there)", "layer"),
     ("bound_on_G", "lower bound on G (`mask_lower_bound`)", "layer"),
     ("report_errors", "errors for the report (from the inputs)", "layer"),
-    ("wanda", "Wanda comparison (a per-row sort and an error)", "layer"),
+    ("wanda", "Wanda comparison (an error: the mask is the warm start's)", "layer"),
     ("save", "write back and save the block (shard, SHA-256, record)", "block"),
     ("forward", "forward pass for the next block's inputs", "block"),
 ]
@@ -101,17 +102,15 @@ ROWS = [
 # suggestion, not measured here).
 GROUPS = [
     ("1-swaps", ("swaps",),
-     "fewer passes per swap step (every step passes over every row several times, rows that have "
-     "stopped included, and recomputes every row's error) or fewer steps (the loop runs until the last "
-     "row stops)"),
+     "steps only over the rows still improving (the loop runs until the last row stops, and rows that "
+     "have stopped still pass through every step)"),
     ("the per-row sorts (warm start, rounding, Wanda comparison)", ("warm_start", "rounding", "wanda"),
      "threshold selection (the oracle's counting search, ties broken only at the threshold) instead of "
-     "full lexsorts, and the warm-start mask reused for the Wanda comparison (it is Wanda's mask: "
-     "shrinkage keeps the diagonal)"),
+     "full lexsorts"),
     ("the products outside the loop (its fixed costs, the row errors, the lower bounds in the solve and "
      "on G)", ("fw_fixed", "row_errors", "solve_bounds", "bound_on_G"),
-     "W·G and (M⊙W)·G computed once and shared, or products with the inputs X instead of G "
-     "(G = XXᵀ, n ≪ d_in)"),
+     "products with the inputs X instead of G (G = XXᵀ, n ≪ d_in), and the bound on G from the solve's "
+     "products (G and its shrinkage differ only on the diagonal)"),
     ("the checks (shrinking, input and PSD checks)", ("shrink", "input_checks", "psd_checks"),
      "one check per distinct Gram matrix (q, k, v share one, gate and up another) and none of the shrunk "
      "one, which is PSD whenever G is"),
@@ -190,10 +189,12 @@ class Timer:
 
 # The parts of fw_jax.solver._solve._solve, each as it is written there.
 
-def _warm_start(weight, gram, alpha, *, budget, saliency):
-    gram = (gram + gram.T) / 2
+def _warm_start(weight, gram, fitted, alpha, *, budget, saliency):
+    # prune_layer's Wanda mask on G (the warm start and the report's comparison), then the solve's
+    # symmetrised Gram matrix, scores and fixed entries
+    warm = saliency_mask(saliency_scores("wanda", weight, gram), budget)
+    gram = (fitted + fitted.T) / 2
     scores = saliency_scores(saliency, weight, gram)
-    warm = budget.round((scores,))
     fixed = budget.round((warm, scores), count=budget.fixed_count(alpha)) & warm
     return gram, scores, warm, fixed
 
@@ -216,25 +217,29 @@ def _rounding(fixed, relaxed_units, scores, *, budget):
 
 
 def _choose(weight, gram, warm, rounded, *, budget):
-    warm_rows, rounded_rows = row_errors(weight, gram, warm), row_errors(weight, gram, rounded)
-    better = budget.rows_of_units(budget.unit_totals(rounded_rows) <= budget.unit_totals(warm_rows))
-    return jnp.where(jnp.reshape(better, (-1, 1)), rounded, warm)
+    warm_product, rounded_product = _residual_product(weight, gram, warm), _residual_product(weight, gram, rounded)
+    warm_rows = jnp.sum(weight * ~warm * warm_product, axis=-1)
+    rounded_rows = jnp.sum(weight * ~rounded * rounded_product, axis=-1)
+    better = jnp.reshape(
+        budget.rows_of_units(budget.unit_totals(rounded_rows) <= budget.unit_totals(warm_rows)), (-1, 1))
+    return jnp.where(better, rounded, warm), jnp.where(better, rounded_product, warm_product)
 
 
-def _swaps(weight, gram, mask, fixed, *, budget, options):
-    refined = budget.refine(weight, gram, mask, fixed, options.max_swaps, refresh_every=options.refresh_every)
-    return refined.mask, refined.swaps
+def _swaps(weight, gram, mask, fixed, product, *, budget, options):
+    refined = budget.refine(weight, gram, mask, fixed, options.max_swaps, refresh_every=options.refresh_every,
+                            product=product)
+    return refined.mask, refined.swaps, refined.product
 
 
-def _final_rows(weight, gram, mask):
-    return row_errors(weight, gram, mask)
+def _final_rows(weight, mask, product):
+    return jnp.sum(weight * ~mask * product, axis=-1)
 
 
-def _solve_bounds(weight, gram, relaxed_units, fw_bound, fixed, mask, *, budget, options):
+def _solve_bounds(weight, residual, relaxed_units, fw_bound, fixed, mask, product, *, budget, options):
     lmo, units = budget.oracle(options.lmo_method), budget.units(weight)
     unit_has_fixed = jnp.any(budget.units(fixed).reshape(fw_bound.shape[0], -1), axis=-1)
-    bounds = [full_polytope_bound(units, gram, relaxed_units, lmo),
-              full_polytope_bound(units, gram, budget.units(mask.astype(weight.dtype)), lmo),
+    bounds = [full_polytope_bound(units, residual, relaxed_units, lmo),
+              full_polytope_bound(units, budget.units(product), budget.units(mask.astype(weight.dtype)), lmo),
               jnp.where(unit_has_fixed, 0, fw_bound)]
     return jnp.sum(functools.reduce(jnp.maximum, bounds))
 
@@ -266,7 +271,7 @@ def profile_layer(timer: Timer, name: str, weight, gram, inputs, settings: Prune
         phases[f"psd_check_{tag}"], _ = timer.call(say(f"PSD check ({tag})"), lambda m=matrix: check_gram_psd(m))
     alpha, tol = jnp.asarray(method.alpha, jnp.float32), jnp.asarray(method.tol, jnp.float32)
     phases["warm_start"], (sym, scores, warm, fixed) = timer.jitted(
-        say("warm start"), _warm_start, (weight, fitted, alpha), budget=budget, saliency=method.warm_start)
+        say("warm start"), _warm_start, (weight, gram, fitted, alpha), budget=budget, saliency=method.warm_start)
     loop = dict(budget=budget, options=options, history=False)
     fw_args = (weight, sym, warm, fixed, scores, tol)
     fw["t0"], _ = timer.jitted(say("FW 0 it"), _frank_wolfe, fw_args, max_iter=0, **loop)
@@ -287,14 +292,17 @@ def profile_layer(timer: Timer, name: str, weight, gram, inputs, settings: Prune
     phases["fw_chain"] = fw["tA"]
     phases["rounding"], rounded = timer.jitted(say("rounding"), _rounding, (fixed, result.relaxed_mask, scores),
                                                budget=budget)
-    phases["choose"], mask = timer.jitted(say("row errors: warm, rounded"), _choose, (weight, sym, warm, rounded),
-                                          budget=budget)
-    phases["swaps"], (mask, row_swaps) = timer.jitted(say("1-swaps"), _swaps, (weight, sym, mask, fixed),
-                                                      budget=budget, options=options)
-    phases["final_rows"], _ = timer.jitted(say("row errors: final"), _final_rows, (weight, sym, mask))
+    phases["choose"], (mask, product) = timer.jitted(say("row errors: warm, rounded"), _choose,
+                                                     (weight, sym, warm, rounded), budget=budget)
+    phases["swaps"], (mask, row_swaps, product) = timer.jitted(say("1-swaps"), _swaps,
+                                                               (weight, sym, mask, fixed, product),
+                                                               budget=budget, options=options)
+    phases["final_rows"], _ = timer.jitted(say("row errors: final"), _final_rows, (weight, mask, product))
     phases["solve_bounds"], _ = timer.jitted(
-        say("bounds in the solve"), _solve_bounds, (weight, sym, result.relaxed_mask, result.lower_bound, fixed, mask),
+        say("bounds in the solve"), _solve_bounds,
+        (weight, result.residual, result.relaxed_mask, result.lower_bound, fixed, mask, product),
         budget=budget, options=options)
+    del product
     relaxed = budget.from_units(result.relaxed_mask)
     phases["bound_on_G"], _ = timer.jitted(say("bound on G"), _bound_on_gram,
                                            (weight, gram, (relaxed, mask.astype(jnp.float32))), budget=budget)
@@ -310,9 +318,8 @@ def profile_layer(timer: Timer, name: str, weight, gram, inputs, settings: Prune
         int(jnp.sum(kept))
         return new_weight
 
-    def wanda():
-        wanda_mask = saliency_mask(saliency_scores("wanda", weight, gram), budget)
-        return error_of(jnp.where(wanda_mask, weight, 0))
+    def wanda():  # the error of the warm start's mask (prune_layer computes Wanda's mask once)
+        return error_of(jnp.where(warm, weight, 0))
 
     phases["report_errors"], _ = timer.call(say("errors for the report"), report_errors)
     phases["wanda"], _ = timer.call(say("Wanda comparison"), wanda)
@@ -433,7 +440,11 @@ def run(args) -> dict:
         wall_seconds=time.perf_counter() - timer.started,
         load_average=dict(start=load_at_start, end=os.getloadavg()[1]))  # 5-minute averages: what else ran
     if layers and "history_per_iteration_seconds" in layers[0]["frank_wolfe"]:
-        result["history_seconds"] = DEFAULT_ITER * layers[0]["frank_wolfe"]["history_per_iteration_seconds"]
+        # what the CLI records: the rounded error every N-th iteration, each a rounding and a product
+        every = history_every(DEFAULT_ITER)
+        result["history_every"] = every
+        result["history_seconds"] = (math.ceil(DEFAULT_ITER / every)
+                                     * layers[0]["frank_wolfe"]["history_per_iteration_seconds"])
     result["summary"] = summarize(result)
     return result
 
@@ -447,8 +458,8 @@ def _sec(x: float) -> str:
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}" if abs(x) >= 0.1 else f"{x:.2g}"
 
 
-def render(result: dict, title: str) -> str:
-    """The markdown section of one profile."""
+def render(result: dict, title: str, before: dict | None = None) -> str:
+    """The markdown section of one profile (``before``: an earlier profile, in two more columns)."""
     summary, n = result["summary"], result["summary"]["iterations"]
     s, shares = summary["seconds"], summary["shares"]
     labels = {key: label for key, label, _ in ROWS}
@@ -471,10 +482,19 @@ def render(result: dict, title: str) -> str:
              f"(over the iterations run, where every row converged sooner), "
              f"fixed costs = t(0 it); the {n} iterations are that per-iteration time × {n}, not run. The phases "
              f"after the loop ran on the mask of {m} iterations.", "",
-             "| phase | seconds | share of the block |", "|:--|--:|--:|"]
+             "| phase | seconds | share of the block |" + (" before: seconds | before: share |" if before else ""),
+             "|:--|--:|--:|" + ("--:|--:|" if before else "")]
+    old = before["summary"] if before else None
     for key, _, _ in ROWS:
-        lines.append(f"| {labels[key]} | {_sec(s[key])} | {_pct(shares[key])} |")
-    lines += [f"| **block** | **{_sec(summary['total'])}** | **100%** |", ""]
+        lines.append(f"| {labels[key]} | {_sec(s[key])} | {_pct(shares[key])} |"
+                     + (f" {_sec(old['seconds'][key])} | {_pct(old['shares'][key])} |" if old else ""))
+    lines += [f"| **block** | **{_sec(summary['total'])}** | **100%** |"
+              + (f" **{_sec(old['total'])}** | **100%** |" if old else ""), ""]
+    if before:
+        lines += [f"'Before': the same profile of fw_jax {before['commit']} ({before['date']}; "
+                  f"{before['wall_seconds'] / 60:.0f} min; `{before['command']}`; 5-minute load average "
+                  f"{before['load_average']['start']:.1f} at the start), kept in the JSON under "
+                  f"`{KEYS[{v: k for k, v in TITLES.items()}[title]]}_before`.", ""]
     lines += ["Per layer (the whole `prune_layer` call at the CLI's defaults except "
               f"`max_iter = {m}`, compile taken out, against the sum of its phases; 'same mask': the phases "
               "chained gave the mask `prune_layer` gave; GFLOP/s of one iteration counts its one product "
@@ -536,34 +556,34 @@ def reading(result: dict) -> str:
              + ", ".join(f"{name.split(' (')[0]} {_pct(sum(at_m[k] for k in keys) / total_m)}"
                          for name, keys, _ in GROUPS) + ".")
     if "history_seconds" in result:
+        every = result.get("history_every", 1)
         text += (f" Once per run, the Frank-Wolfe history the CLI records for the first layer (a rounding and a "
-                 f"product per iteration) adds {_sec(result['history_seconds'])} s at {n} iterations, "
+                 f"product {'per iteration' if every == 1 else f'every {every} iterations'}) adds "
+                 f"{_sec(result['history_seconds'])} s at {n} iterations, "
                  f"{_pct(result['history_seconds'] / summary['total'])} of a block.")
     return text
 
 
-def write_results(result: dict, shape: str, path: pathlib.Path) -> None:
-    """Add ``result`` under its key of the JSON (the rest kept) and its section to the markdown beside it."""
+def write_results(result: dict, shape: str, path: pathlib.Path, keep_as_before: bool = False) -> None:
+    """Add ``result`` under its key of the JSON (the rest kept; with ``keep_as_before`` the profile
+    it replaces moves to the 'before' key) and its section to the markdown beside it."""
     existing = json.loads(path.read_text()) if path.exists() else {}
     if not isinstance(existing, dict):
         raise SystemExit(f"{path} holds {type(existing).__name__}, not a JSON object of results; not overwriting it")
-    existing[KEYS[shape]] = result
+    key = KEYS[shape]
+    if keep_as_before:
+        if key not in existing:
+            raise SystemExit(f"--keep-as-before: {path} has no {key!r} profile to keep")
+        existing[key + "_before"] = existing[key]
+    existing[key] = result
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(existing, indent=1))
     markdown = path.with_suffix(".md")
     text = markdown.read_text() if markdown.exists() else ""
-    atomic_write(markdown, with_section(text, TITLES[shape], render(result, TITLES[shape])))
-
-
-def with_section(text: str, title: str, section: str) -> str:
-    """``text`` with the section headed ``title`` replaced by ``section`` (appended if absent)."""
-    lines = text.split("\n")
-    if title in lines:
-        start = lines.index(title)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        before, rest = "\n".join(lines[:start]), "\n".join(lines[end:])
-        return (before + "\n" if start else "") + section + ("\n" + rest if rest else "")
-    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
+    before = existing.get(key + "_before")
+    if before is not None:
+        before["summary"] = summarize(before)
+    atomic_write(markdown, with_section(text, TITLES[shape], render(result, TITLES[shape], before)))
 
 
 def main(argv=None) -> int:
@@ -582,6 +602,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-history", action="store_true", help="skip timing the first layer's Frank-Wolfe history")
     p.add_argument("--machine-note", default="", help="added to the machine's description (other jobs, ...)")
     p.add_argument("--render", action="store_true", help="only rewrite the markdown from the saved JSON")
+    p.add_argument("--keep-as-before", action="store_true", help="move the profile saved for this shape to the "
+                   "table's 'before' columns (and the JSON's '<key>_before') instead of dropping it")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     shape = "tiny" if args.tiny else "7b"
@@ -601,8 +623,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--more-iter ({args.more_iter}) must be above --max-iter ({args.max_iter}), both ≥ 0")
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    saved = json.loads(results.read_text()) if results.exists() else {}
+    if args.keep_as_before and KEYS[shape] not in saved:  # refused before an hour of profiling, not after
+        raise SystemExit(f"--keep-as-before: {results} has no {KEYS[shape]!r} profile to keep")
     result = run(args)
-    write_results(result, shape, results)
+    write_results(result, shape, results, keep_as_before=args.keep_as_before)
     print(render(result, TITLES[shape]))
     return 0
 

@@ -21,3 +21,13 @@ def test_the_scale_benchmark_runs_tiny(tmp_path):
         assert 0.5 < r["output_gb"] / r["input_gb"] < 1.1 and r["peak_rss_gb"] > 0
     table = results.with_suffix(".md").read_text()
     assert "| tiny, 2 blocks |" in table and "bfloat16" in table
+    # a rerun of one method keeps the other's row, and other sections of the markdown (the profile's) stay
+    results.with_suffix(".md").write_text(table + "\n## Where a tiny block's time goes\n\nkept\n")
+    wanda = rows[0]
+    assert bench_scale.main(["--tiny", "--out", str(tmp_path / "work"), "--results", str(results), "--blocks", "2",
+                             "--sparsefw-blocks", "1", "--sparsefw-iter", "2", "--nsamples", "2",
+                             "--seqlen", "16", "--methods", "sparsefw"]) == 0
+    rerun = json.loads(results.read_text())["tiny"]["rows"]
+    assert [r["method"] for r in rerun] == ["wanda", "sparsefw"] and rerun[0] == wanda
+    again = results.with_suffix(".md").read_text()
+    assert again.count("## tiny (the test suite's run)") == 1 and again.endswith("## Where a tiny block's time goes\n\nkept\n")

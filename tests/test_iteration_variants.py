@@ -54,9 +54,9 @@ def test_refresh_every_reaches_the_swaps(monkeypatch):
     seen = []
     original = _budgets.PerRow.refine
 
-    def spy(self, weight, gram, mask, frozen, max_swaps, refresh_every):
+    def spy(self, weight, gram, mask, frozen, max_swaps, refresh_every, product=None):
         seen.append(refresh_every)
-        return original(self, weight, gram, mask, frozen, max_swaps, refresh_every)
+        return original(self, weight, gram, mask, frozen, max_swaps, refresh_every, product)
 
     monkeypatch.setattr(_budgets.PerRow, "refine", spy)
     # periods no other test uses, so that both calls trace (and so call refine) afresh

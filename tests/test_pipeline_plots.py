@@ -182,6 +182,15 @@ def test_convergence_figure_names_the_matrix_of_every_line():
     assert ax_err.get_title() == "layer"
 
 
+def test_a_rounded_error_recorded_every_few_iterations_is_drawn_through_its_points():
+    history = convergence_history(stop=120)
+    history["rounded_loss"][np.arange(len(history["rounded_loss"])) % 4 != 0] = np.nan
+    relaxed, rounded = _convergence_figure(history, "layer").axes[0].lines
+    assert np.asarray(rounded.get_xdata()).tolist() == list(range(0, 120, 4))
+    assert rounded.get_marker() == "o" and "every few iterations" in rounded.get_label()
+    assert relaxed.get_marker() in (None, "None", "") and len(relaxed.get_xdata()) == 120
+
+
 def test_convergence_figure_on_g_by_default():
     ax_err, ax_gap = _convergence_figure(convergence_history(), "layer", {"lower bound": 0.9}).axes
     assert ax_err.get_ylabel().startswith("layer error on G")

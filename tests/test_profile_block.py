@@ -80,3 +80,22 @@ def test_a_section_is_replaced_in_place_and_appended_when_absent():
     assert again.count(title) == 1 and "old" not in again and "new" in again
     assert again.startswith(EARLIER) and again.endswith("## Later\n\nkept\n")
     assert profile_block.with_section("", title, f"{title}\n") == f"{title}\n"
+
+
+def test_keep_as_before_moves_the_saved_profile_into_the_before_columns(profiled, tmp_path):
+    profile = json.loads(profiled.read_text())["profile_block_tiny"]
+    results = tmp_path / "scale.json"
+    results.write_text(json.dumps({"profile_block_tiny": profile}))
+    newer = dict(profile, commit="newer", summary=dict(profile["summary"], total=profile["summary"]["total"] / 2))
+    profile_block.write_results(newer, "tiny", results, keep_as_before=True)
+    saved = json.loads(results.read_text())
+    assert saved["profile_block_tiny"]["commit"] == "newer"
+    assert saved["profile_block_tiny_before"]["commit"] == profile["commit"]
+    text = results.with_suffix(".md").read_text()
+    header = next(line for line in text.split("\n") if line.startswith("| phase |"))
+    assert "before: seconds" in header and "before: share" in header
+    block = next(line for line in text.split("\n") if line.startswith("| **block** |"))
+    assert block.count("**100%**") == 2
+    assert f"fw_jax {profile['commit']}" in text  # the 'before' profile is named
+    with pytest.raises(SystemExit, match="no 'profile_block_tiny' profile"):
+        profile_block.write_results(newer, "tiny", tmp_path / "empty.json", keep_as_before=True)

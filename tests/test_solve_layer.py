@@ -224,6 +224,22 @@ def test_step_rules_and_history(rule):
     assert float(sol.relaxed_loss) < relaxed[0]
 
 
+def test_a_history_every_n_iterations_rounds_only_there_and_agrees_with_the_full_one():
+    weight, gram = correlated_problem(np.random.default_rng(8), 6, 12)
+    full = fw_jax.solve_layer(weight, gram, 6, tol=0.0, options=SolverOptions(max_iter=20, history=True))
+    every = fw_jax.solve_layer(weight, gram, 6, tol=0.0, options=SolverOptions(max_iter=20, history=3))
+    rounded, recorded = np.asarray(every.history.rounded_loss), np.arange(20) % 3 == 0
+    assert np.all(np.isfinite(rounded[recorded])) and np.all(np.isnan(rounded[~recorded]))
+    np.testing.assert_allclose(rounded[recorded], np.asarray(full.history.rounded_loss)[recorded], rtol=1e-6)
+    for key in ("relaxed_loss", "gap"):  # free: always recorded
+        np.testing.assert_allclose(np.asarray(getattr(every.history, key)), np.asarray(getattr(full.history, key)),
+                                   rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(every.mask), np.asarray(full.mask))
+    for bad in (0, -2, 1.5, "3"):
+        with pytest.raises(ValueError, match="SolverOptions.history"):
+            SolverOptions(history=bad)
+
+
 def test_pairwise_exact_beats_open_loop_at_equal_iterations():
     """Pairwise steps (``pairwise_frank_wolfe``, on the hypersimplex) against the published
     open-loop vanilla steps, from the same magnitude warm start."""

@@ -470,8 +470,11 @@ def _convergence_figure(history: Mapping[str, Any] | Any, title: str,
     FigureCanvasAgg(fig)
     ax_err, ax_gap = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     for key, label in (("relaxed_loss", "relaxed mask (continuous)"), ("rounded_loss", "rounded mask (binary)")):
-        ax_err.plot(iterations, _positive(series[key][: len(iterations)]), "-", label=f"{label} on {symbol}",
-                    linewidth=1.6)
+        values = _positive(series[key][: len(iterations)])
+        recorded = np.isfinite(values)  # the rounded error may be recorded every N-th iteration only
+        sparse = recorded.sum() < len(values)
+        ax_err.plot(iterations[recorded], values[recorded], "-", marker="o" if sparse else None, markersize=3,
+                    label=f"{label} on {symbol}" + (" (every few iterations)" if sparse else ""), linewidth=1.6)
     for i, (label, value) in enumerate((references or {}).items()):
         if math.isfinite(value) and value > 0:
             ax_err.axhline(value, linestyle="--", linewidth=1.2, color=_PALETTE[(i + 2) % len(_PALETTE)],

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -117,8 +118,9 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False,
     mask_error_of = lambda mask: error_of(jnp.where(mask, weight, 0))  # noqa: E731
     start = time.perf_counter()
     target = settings.fitted_gram(gram)  # the Gram matrix the method fits; errors below are always for ``gram``
+    wanda = functools.cache(lambda: saliency_mask(saliency_scores("wanda", weight, gram), budget))
     pruned = settings.method.prune(Layer(weight, gram, target, budget, settings.effective_shrinkage, history,
-                                         mask_error_of))
+                                         mask_error_of, wanda))
     record: dict[str, Any] = dict(pruned.record or {})
     mask, new_weight = pruned.mask, pruned.weight
     mask = jnp.asarray(mask, bool)
@@ -130,8 +132,7 @@ def prune_layer(weight, gram, settings: PruneSettings, *, history: bool = False,
     new_weight = jnp.where(mask, new_weight, 0).astype(jnp.float32)
     error = error_of(new_weight)
     if settings.compares_with_wanda:  # else the method's mask is Wanda's: one error product, not two
-        wanda = saliency_mask(saliency_scores("wanda", weight, gram), budget)
-        wanda_error = mask_error_of(wanda)
+        wanda_error = mask_error_of(wanda())
     else:
         wanda_error = error
     record.update(

@@ -111,8 +111,9 @@ class Budget(abc.ABC):
 
     @abc.abstractmethod
     def refine(self, weight: Array, gram: Array, mask: Array, frozen: Array, max_swaps: int,
-               refresh_every: int) -> SwapResult:
-        """1-swap refinement inside the budget (``_swaps.py``); ``frozen`` entries stay kept."""
+               refresh_every: int, product: Optional[Array] = None) -> SwapResult:
+        """1-swap refinement inside the budget (``_swaps.py``); ``frozen`` entries stay kept;
+        ``product``: ``(W ⊙ (1 − mask)) G`` if the caller has it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +170,8 @@ class PerRow(_KeepK):
                 f"expected exactly k = {self.k} per row ({bad.size} rows differ)."
             )
 
-    def refine(self, weight, gram, mask, frozen, max_swaps, refresh_every):
-        return refine_rows(weight, gram, mask, frozen, max_swaps, refresh_every)
+    def refine(self, weight, gram, mask, frozen, max_swaps, refresh_every, product=None):
+        return refine_rows(weight, gram, mask, frozen, max_swaps, refresh_every, product)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +243,8 @@ class NM(Budget):
                 f"{counts[row, block]}, expected exactly n = {self.n} of every m = {self.m}."
             )
 
-    def refine(self, weight, gram, mask, frozen, max_swaps, refresh_every):
-        return refine_blocks(weight, gram, mask, frozen, self.m, max_swaps, refresh_every)
+    def refine(self, weight, gram, mask, frozen, max_swaps, refresh_every, product=None):
+        return refine_blocks(weight, gram, mask, frozen, self.m, max_swaps, refresh_every, product)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +285,8 @@ class LayerBudget(_KeepK):
                 f"expected exactly K = {self.k} in the layer."
             )
 
-    def refine(self, weight, gram, mask, frozen, max_swaps, refresh_every):
-        return refine_whole(weight, gram, mask, frozen, max_swaps, refresh_every)
+    def refine(self, weight, gram, mask, frozen, max_swaps, refresh_every, product=None):
+        return refine_whole(weight, gram, mask, frozen, max_swaps, refresh_every, product)
 
 
 def as_budget(budget: Union[int, tuple[int, int], str, Budget]) -> Budget:
@@ -341,7 +342,8 @@ def swap_refine(
       refresh_every: static; how often ``c = G r`` is recomputed densely.
 
     Returns:
-      :class:`~fw_jax.solver.SwapResult` with the refined mask (never worse per unit) and swap counts.
+      :class:`~fw_jax.solver.SwapResult` with the refined mask (never worse per unit), swap counts
+      and the product ``(W ⊙ (1 − mask)) G`` of the refined mask.
     """
     mask = mask.astype(bool)
     frozen = jnp.zeros(mask.shape, bool) if frozen is None else frozen.astype(bool)

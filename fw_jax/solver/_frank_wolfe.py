@@ -53,6 +53,7 @@ class FWResult(NamedTuple):
     iterations: Array  #: (units,) iterations taken by each unit.
     converged: Array  #: (units,) gap ≤ tol · loss reached.
     history: Optional[FWHistory]
+    residual: Array  #: (units, *unit_shape) ``(W ⊙ (1 − M)) G`` at the final iterate, from a fresh product.
 
 
 class _State(NamedTuple):
@@ -98,6 +99,7 @@ def _loop(
     refresh_every: int = 64,
     pairwise: bool = False,
     round_units: Optional[Callable[[Array], Array]] = None,
+    round_every: int = 1,
     precision: str = "default",
 ) -> FWResult:
     """The loop behind :func:`frank_wolfe` and :func:`pairwise_frank_wolfe`."""
@@ -157,8 +159,11 @@ def _loop(
         eta_b = eta.reshape((units,) + (1,) * (weight.ndim - 1))
         new_history = state.history
         if history is not None:
-            rounded = round_units(mask)
-            rounded_loss = jnp.sum(loss_and_rg(rounded, product_of(rounded))[0])
+            def rounded_loss():
+                rounded = round_units(mask)
+                return jnp.sum(loss_and_rg(rounded, product_of(rounded))[0])
+
+            rounded_loss = lax.cond(t % round_every == 0, rounded_loss, lambda: jnp.full((), jnp.nan, dtype))
             new_history = FWHistory(
                 state.history.relaxed_loss.at[t].set(jnp.sum(loss)),
                 state.history.rounded_loss.at[t].set(rounded_loss),
@@ -209,6 +214,7 @@ def _loop(
         iterations=state.iterations,
         converged=gap <= tol * loss,
         history=state.history,
+        residual=rg,
     )
 
 
@@ -232,6 +238,8 @@ def frank_wolfe(weight: Array, gram: Array, init_mask: Array, fixed: Array, lmo:
       refresh_every: static; dense recomputation period of ``P``.
       round_units: if given, also record the per-iteration error of the rounded iterate
         (costs a rounding and a GEMM per iteration: for plots only).
+      round_every: static; record the rounded error only every this many iterations (NaN
+        between; the relaxed error and the gap cost nothing and are always recorded).
       precision: static; precision of the iteration's matrix products (see
         :func:`gram_matmul`). The final certificate is always recomputed at ``"highest"``.
 
@@ -251,10 +259,10 @@ def pairwise_frank_wolfe(weight: Array, gram: Array, init_mask: Array, fixed: Ar
     polytope. Same arguments as :func:`frank_wolfe`."""
     return _loop(weight, gram, init_mask, fixed, lmo, step_rule, pairwise=True, **options)
 
-def full_polytope_bound(weight: Array, gram: Array, mask: Array, lmo) -> Array:
+def full_polytope_bound(weight: Array, rg: Array, mask: Array, lmo) -> Array:
     """Lower bound ``L(M) − gap(M)`` on the error of every mask in the *unrestricted* budget
-    polytope (no fixed entries), at a point ``M`` of that polytope. Per unit, clipped at 0."""
-    rg = weight @ gram - (weight * mask) @ gram
+    polytope (no fixed entries), at a point ``M`` of that polytope, from ``rg = (W ⊙ (1 − M)) G``
+    (the caller usually has it already). Per unit, clipped at 0."""
     vertex = vertices(lmo, -2 * weight * rg, jnp.zeros(weight.shape, bool))
     loss = unit_sum(weight * (1 - mask) * rg)
     gap = 2 * unit_sum(weight * (vertex - mask) * rg)

@@ -10,7 +10,7 @@ one frozen, hashable object, which is part of the compiled solver's static confi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Union
 
 from fw_jax._checks import check_int
 from fw_jax.solver._frank_wolfe import PRECISIONS
@@ -38,8 +38,10 @@ class SolverOptions:
       precision: of the loop's products: ``"default"`` (JAX's: full float32 on CPU, TF32 on
         recent GPUs), ``"highest"`` or ``"bfloat16"`` (bfloat16 inputs, float32 sums). The
         errors, swaps and lower bound never use bfloat16 products.
-      history: record per-iteration relaxed error, rounded error and gap (a rounding and a
-        product more per iteration; for plots).
+      history: record per-iteration relaxed error, rounded error and gap (for plots). ``True``
+        rounds every iteration (a rounding and a product more each); an int ``N ≥ 1`` records
+        the rounded error every ``N``-th iteration only (NaN between), a cheaper history for
+        large layers.
 
     Example:
       >>> opts = fw_jax.SolverOptions(max_iter=300, step_rule="open_loop")
@@ -53,7 +55,7 @@ class SolverOptions:
     lmo_method: str = "search"
     refresh_every: int = 64
     precision: str = "default"
-    history: bool = False
+    history: Union[bool, int] = False
 
     def __post_init__(self):
         for name, least in (("max_iter", 0), ("max_swaps", 0), ("refresh_every", 1)):
@@ -64,9 +66,16 @@ class SolverOptions:
             raise ValueError(f"SolverOptions.lmo_method must be one of {', '.join(LMO_METHODS)}, got {self.lmo_method!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"SolverOptions.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("swaps", "history"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"SolverOptions.{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.swaps, bool):
+            raise ValueError(f"SolverOptions.swaps must be True or False, got {self.swaps!r}")
+        if not isinstance(self.history, bool):
+            object.__setattr__(self, "history", check_int(
+                "SolverOptions.history (True, False or every how many iterations to round)", self.history, 1))
+
+    @property
+    def round_every(self) -> int:
+        """Every how many iterations the history records the rounded error (1 unless ``history`` is an int)."""
+        return 1 if isinstance(self.history, bool) else self.history
 
     def replace(self, **changes) -> "SolverOptions":
         """A copy with ``changes`` (validated)."""

@@ -23,7 +23,6 @@ from jax import Array
 
 from fw_jax.solver._budgets import Budget, as_budget
 from fw_jax.solver._frank_wolfe import FWHistory, frank_wolfe, full_polytope_bound
-from fw_jax.solver._objective import row_errors
 from fw_jax.solver._options import SolverOptions
 from fw_jax.solver._psd import PSD_TOLERANCE, negative_curvature
 from fw_jax.solver._saliency import saliency_scores
@@ -105,6 +104,11 @@ class _Config:
     check_psd: bool = False  # in the compiled call: the Gram matrix was traced, not checked before
 
 
+def _residual_product(weight, gram, mask):
+    """``(W ⊙ (1 − M)) G``: the residual's product with the Gram matrix (``M`` binary or relaxed)."""
+    return (weight * (1 - mask.astype(weight.dtype))) @ gram
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolution:
     budget, options = config.budget, config.options
@@ -134,28 +138,35 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
         gram_norm=gram_norm,
         refresh_every=options.refresh_every,
         round_units=round_units,
+        round_every=options.round_every,
         precision=options.precision,
     )
     relaxed = budget.from_units(fw.relaxed_mask)
     rounded = budget.round(round_keys(relaxed))
 
-    warm_rows = row_errors(weight, gram, warm)
-    rounded_rows = row_errors(weight, gram, rounded)
-    better = budget.rows_of_units(budget.unit_totals(rounded_rows) <= budget.unit_totals(warm_rows))
-    mask = jnp.where(jnp.reshape(better, (-1, 1)), rounded, warm)
+    # One product (W ⊙ (1 − M)) G per binary mask, shared by its row errors, the swaps and the bound.
+    warm_product, rounded_product = _residual_product(weight, gram, warm), _residual_product(weight, gram, rounded)
+    warm_rows = jnp.sum(weight * ~warm * warm_product, axis=-1)
+    rounded_rows = jnp.sum(weight * ~rounded * rounded_product, axis=-1)
+    better = jnp.reshape(
+        budget.rows_of_units(budget.unit_totals(rounded_rows) <= budget.unit_totals(warm_rows)), (-1, 1)
+    )
+    mask = jnp.where(better, rounded, warm)
+    product = jnp.where(better, rounded_product, warm_product)
     swaps = jnp.zeros((), jnp.int32)
     if options.swaps:
-        refined = budget.refine(weight, gram, mask, fixed, options.max_swaps, refresh_every=options.refresh_every)
-        mask, swaps = refined.mask, jnp.sum(refined.swaps)
-    mask_rows = row_errors(weight, gram, mask)
+        refined = budget.refine(weight, gram, mask, fixed, options.max_swaps, refresh_every=options.refresh_every,
+                                product=product)
+        mask, swaps, product = refined.mask, jnp.sum(refined.swaps), refined.product
+    mask_rows = jnp.sum(weight * ~mask * product, axis=-1)
 
     # Lower bounds on the unrestricted problem. Frank-Wolfe's own bound is valid only where no
     # entry was fixed; every point of the polytope gives one more (L − gap with the full LMO).
     weight_units = budget.units(weight)
     unit_has_fixed = jnp.any(budget.units(fixed).reshape(fw.loss.shape[0], -1), axis=-1)
     bounds = [
-        full_polytope_bound(weight_units, gram, fw.relaxed_mask, lmo),
-        full_polytope_bound(weight_units, gram, budget.units(mask.astype(dtype)), lmo),
+        full_polytope_bound(weight_units, fw.residual, fw.relaxed_mask, lmo),
+        full_polytope_bound(weight_units, budget.units(product), budget.units(mask.astype(dtype)), lmo),
         jnp.where(unit_has_fixed, 0, fw.lower_bound),
     ]
     lower_bound = jnp.sum(functools.reduce(jnp.maximum, bounds))
@@ -296,7 +307,8 @@ def _mask_lower_bound(weight, gram, points, *, budget, check_psd=False):
     gram = (gram + gram.T) / 2
     lmo = budget.oracle()
     units = budget.units(weight)
-    bounds = [full_polytope_bound(units, gram, budget.units(p), lmo) for p in points]
+    bounds = [full_polytope_bound(units, budget.units(_residual_product(weight, gram, p)), budget.units(p), lmo)
+              for p in points]
     bound = jnp.sum(functools.reduce(jnp.maximum, bounds))
     proved = jnp.isfinite(bound)
     if check_psd:  # a traced G was not checked by check_layer_inputs

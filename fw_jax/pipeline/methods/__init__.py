@@ -37,6 +37,7 @@ class Layer(NamedTuple):
     shrinkage: float  #: ρ of ``fitted = (1 − ρ) gram + ρ diag(gram)``.
     history: bool  #: record the solver's per-iteration history (plots).
     mask_error: Callable[[jax.Array], float]  #: ``‖WX − (M⊙W)X‖²`` of a mask, on ``gram``.
+    wanda: Callable[[], jax.Array]  #: Wanda's mask on ``gram`` (computed once, shared with the report's comparison).
 
 
 class Pruned(NamedTuple):
