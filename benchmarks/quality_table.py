@@ -83,9 +83,10 @@ METHODS = {
 }
 # The models the table is made for: the title its results file names it by, and where it goes.
 MODELS = {
-    "smollm2-135m": dict(title="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", out="quality", runs="quality"),
+    "smollm2-135m": dict(title="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", out="quality", runs="quality",
+                         short="SmolLM2-135M"),
     "gemma3-270m": dict(title="Gemma 3 270M (Q4_K_M GGUF, dequantized)", out="quality-gemma3",
-                        runs="quality-gemma3"),
+                        runs="quality-gemma3", short="Gemma 3 270M"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7), "2:4": dict(pattern=(2, 4))}
@@ -122,9 +123,15 @@ def main() -> None:
     parser.add_argument("--readme", default="",
                         help="a Markdown file whose quality section (between the quality:start/end markers) is "
                              "rewritten after every row; none by default (README.md holds a short table by hand)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help=f"only rewrite {SIDE_BY_SIDE.relative_to(ROOT)} (both models, one table per setting) "
+                             "from the results' JSON files; run nothing")
     parser.add_argument("--rewrite-only", action="store_true",
                         help="only rewrite --out's markdown and the README section from --out's JSON; run nothing")
     args = parser.parse_args()
+    if args.side_by_side:
+        write_side_by_side()
+        return
     args.runs = args.runs or str(ROOT / "runs" / MODELS[args.model]["runs"])
     args.out = args.out or str(ROOT / "results" / MODELS[args.model]["out"])
     if args.readme and args.model != DEFAULT_MODEL:
@@ -317,6 +324,8 @@ def write(out, table, commands, args):
         *missing(table, model),
     ])
     atomic_write(out.with_suffix(".md"), text)
+    if out.parent == SIDE_BY_SIDE.parent:  # the repository's results: keep the side-by-side page current
+        write_side_by_side()
     if args.readme:
         update_readme(pathlib.Path(args.readme), table, commands)
     print(text, flush=True)
@@ -383,6 +392,39 @@ def pivot(table, model=DEFAULT_MODEL):
         label = f"**{name}** (fw_jax default)" if name == DEFAULT else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+SIDE_BY_SIDE = ROOT / "results" / "quality-models.md"
+
+
+def side_by_side(tables: dict) -> str:
+    """Both models' seed-0 perplexity, one table per setting (``tables``: model → its table): the
+    methods of Gemma 3's grid, the rows the two models share."""
+    names = ["dense", *GEMMA3_GRID]
+    lines = ["# Both models side by side", "",
+             "Perplexity on held-out *Persuasion* / pydoc (lower is better), seed 0, from "
+             "[the SmolLM2-135M table](quality.md) and [the Gemma 3 270M table](quality-gemma3.md) (same protocol; "
+             "each page has its commands, times and memory). Written by `python benchmarks/quality_table.py "
+             "--side-by-side` from their JSON files; 'not run': not measured yet.", ""]
+    for setting in SETTINGS:
+        lines += [f"## {setting}", "", "| method | " + " | ".join(MODELS[m]["short"] for m in tables) + " |",
+                  "|---|" + "---|" * len(tables)]
+        for name in names:
+            cells = []
+            for table in tables.values():
+                row = table.get("dense" if name == "dense" else f"{name} @ {setting}")
+                cells.append(f"{row['Persuasion ppl']:.1f} / {row['pydoc-eval ppl']:.1f}" if row else "not run")
+            label = f"**{name}** (fw_jax default)" if name == DEFAULT else name
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_side_by_side(path: pathlib.Path = SIDE_BY_SIDE) -> None:
+    """Rewrite ``path`` from every model's JSON in ``results/`` (nothing if one is missing)."""
+    files = {m: ROOT / "results" / f"{MODELS[m]['out']}.json" for m in MODELS}
+    if all(f.exists() for f in files.values()):
+        atomic_write(path, side_by_side({m: json.loads(f.read_text())["table"] for m, f in files.items()}))
 
 
 def accuracy_pivot(table):

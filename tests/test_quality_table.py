@@ -1,5 +1,6 @@
 """The quality table's computed sections: bars per seed and the rows of the grid not yet run."""
 
+import json
 import pathlib
 import sys
 
@@ -229,3 +230,15 @@ def test_another_model_gets_its_own_file_and_title_and_keeps_the_intro(tmp_path)
     assert smollm2.with_suffix(".md").read_text().startswith("# Perplexity of pruned SmolLM2-135M-Instruct")
     with pytest.raises(SystemExit, match="holds smollm2-135m's rows, not gemma3-270m's"):
         q.check_model_of(smollm2, "gemma3-270m")
+
+
+def test_the_side_by_side_page_is_what_both_models_json_gives():
+    """results/quality-models.md is rendered from the two tables' JSON files: never edited by hand
+    out of step with them (quality_table.py rewrites it after every row)."""
+    import quality_table as q
+
+    tables = {m: json.loads((ROOT / "results" / f"{q.MODELS[m]['out']}.json").read_text())["table"] for m in q.MODELS}
+    page = q.SIDE_BY_SIDE.read_text()
+    assert page == q.side_by_side(tables)
+    default_50 = tables["gemma3-270m"][f"{q.DEFAULT} @ 50%"]
+    assert f"{default_50['Persuasion ppl']:.1f} / {default_50['pydoc-eval ppl']:.1f}" in page.split("## 60%")[0]
