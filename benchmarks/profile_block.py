@@ -85,10 +85,10 @@ ROWS = [
     ("shrink", "shrunk Gram matrix (ρ = 0.5)", "layer"),
     ("input_checks", "input checks: finite, symmetric (2 per layer)", "layer"),
     ("psd_checks", "PSD checks, Lanczos (2 per layer)", "layer"),
-    ("warm_start", "warm start: Wanda mask (also the comparison's) and fixed entries (2 per-row sorts)", "layer"),
+    ("warm_start", "warm start: Wanda mask (also the comparison's) and fixed entries (2 per-row selections)", "layer"),
     ("fw_fixed", "Frank-Wolfe fixed costs (3 GEMMs, final oracle)", "layer"),
     ("fw_iterations", "Frank-Wolfe iterations (extrapolated)", "layer"),
-    ("rounding", "rounding (a 3-key per-row sort)", "layer"),
+    ("rounding", "rounding (a 3-key per-row selection)", "layer"),
     ("row_errors", "row errors in the solve (2 GEMMs: warm and rounded masks)", "layer"),
     ("swaps", "1-swaps (and the final mask's product)", "layer"),
     ("solve_bounds", "lower bounds in the solve (2 full-polytope bounds, from products already there)", "layer"),
@@ -104,9 +104,8 @@ GROUPS = [
     ("1-swaps", ("swaps",),
      "steps only over the rows still improving (the loop runs until the last row stops, and rows that "
      "have stopped still pass through every step)"),
-    ("the per-row sorts (warm start, rounding, Wanda comparison)", ("warm_start", "rounding", "wanda"),
-     "threshold selection (the oracle's counting search, ties broken only at the threshold) instead of "
-     "full lexsorts"),
+    ("the per-row selections (warm start, rounding, Wanda comparison)", ("warm_start", "rounding", "wanda"),
+     None),
     ("the products outside the loop (its fixed costs, the row errors, the lower bounds in the solve and "
      "on G)", ("fw_fixed", "row_errors", "solve_bounds", "bound_on_G"),
      "products with the inputs X instead of G (G = XXᵀ, n ≪ d_in), and the bound on G from the solve's "
@@ -386,6 +385,8 @@ def summarize(result: dict) -> dict:
 def run(args) -> dict:
     shape = "tiny" if args.tiny else "7b"
     timer = Timer(args.repeats, args.long_call)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # the code measured: read before the hour of profiling
     load_at_start = os.getloadavg()[1]
     work = pathlib.Path(args.out)
     folder = make_checkpoint(work / f"{shape}-1block", shape, 1)
@@ -426,8 +427,6 @@ def run(args) -> dict:
         finally:
             shutil.rmtree(save_dir)
         block["forward"], _ = timer.call("forward", lambda: blocks.run(0, hidden))
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     result = dict(
         command=shlex.join(["python", "benchmarks/profile_block.py", *args.argv]), date=time.strftime("%Y-%m-%d"),
         machine=f"{platform.machine()}, {os.cpu_count()} cores, {args.machine_note}".rstrip(", "),

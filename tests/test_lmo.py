@@ -280,3 +280,34 @@ def test_oracle_state_does_not_change_the_vertices():
             np.testing.assert_array_equal(np.asarray(vertex), np.asarray(cold(gj, fixed, ())[0]))
     with pytest.raises(ValueError, match="method"):
         TopKLMO(3, "sort")
+
+
+def _lexicographic_top(keys, count):
+    """Independent reference: per unit, Python's tuple order (larger first, then lower index)."""
+    units, n = keys[0].shape
+    out = np.zeros((units, n), bool)
+    for u in range(units):
+        order = sorted(range(n), key=lambda j: tuple(-float(k[u, j]) for k in keys) + (j,))
+        out[u, order[:count]] = True
+    return out
+
+
+@pytest.mark.parametrize("method", ["search", "bisect"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_threshold_top_count_equals_the_lexicographic_order_with_ties(method, dtype):
+    """The rounding's selection (``top_count_units``, no sort) keeps what a lexicographic order
+    keeps, ties broken by the next key and then the lower index, −0.0 tied with 0.0, booleans
+    as keys, the count traced under jit."""
+    from fw_jax.solver._select import top_count_units
+
+    rng = np.random.default_rng(3)
+    units, n = 4, 23
+    fixed = rng.random((units, n)) < 0.3
+    relaxed = (np.round(rng.random((units, n)) * 2) / 2 * np.where(rng.random((units, n)) < 0.5, 1, -1)).astype(dtype)
+    scores = np.round(rng.random((units, n)) * 4).astype(dtype)  # many exact ties left for the index
+    keys = (fixed, relaxed, scores)
+    select = jax.jit(lambda k, c: top_count_units(k, c, method))
+    for count in (0, 1, 7, 11, 23):
+        for used in (keys[:1], keys[1:], keys):
+            got = np.asarray(select(tuple(jnp.asarray(k) for k in used), jnp.asarray(count)))
+            np.testing.assert_array_equal(got, _lexicographic_top(used, count), err_msg=f"count {count}, {len(used)} keys")

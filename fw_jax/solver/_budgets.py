@@ -37,7 +37,7 @@ from jax import Array
 
 from fw_jax._checks import check_int
 from fw_jax.solver._lmo import NMLMO, TopKLMO
-from fw_jax.solver._select import group_ranks, lexicographic_better, top_count_lexsort
+from fw_jax.solver._select import group_ranks, lexicographic_better, top_count_units
 from fw_jax.solver._swaps import SwapResult, refine_blocks, refine_rows, refine_whole
 
 __all__ = ["Budget", "PerRow", "NM", "LayerBudget", "as_budget", "round_to_budget", "swap_refine"]
@@ -158,8 +158,7 @@ class PerRow(_KeepK):
         return self.k * d_out
 
     def round(self, keys, count=None):
-        count = self.k if count is None else count
-        return jax.vmap(lambda *row: top_count_lexsort(row, count))(*_bool_keys(keys))
+        return top_count_units(tuple(keys), self.k if count is None else count)
 
     def check_mask(self, kept, what="mask"):
         counts = kept.sum(axis=1)
@@ -276,7 +275,7 @@ class LayerBudget(_KeepK):
         return unit_values[0]
 
     def round(self, keys, count=None):
-        return top_count_lexsort(_bool_keys(keys), self.k if count is None else count)
+        return top_count_units(tuple(jnp.asarray(k)[None] for k in keys), self.k if count is None else count)[0]
 
     def check_mask(self, kept, what="mask"):
         if int(kept.sum()) != self.k:
