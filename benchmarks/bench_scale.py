@@ -189,10 +189,11 @@ def main(argv=None) -> int:
             if method not in args.methods:
                 continue
             folder = make_checkpoint(work / f"{shape}-{blocks}blocks", shape, blocks)
+            commit = _commit()  # the code the child imports: read before it starts, not after
             row = run_prune(str(folder), work / f"{shape}-{blocks}-{method}", method, common + extra)
             rows.append({"model": f"LLaMA-2-7B-shaped bf16, {blocks} blocks" if shape == "7b" else f"tiny, {blocks} blocks",
                          "input_gb": _folder_size(folder) / 1e9, "input_dtypes": _dtypes(folder),
-                         "date": time.strftime("%Y-%m-%d"), "commit": _commit(), **row})
+                         "date": time.strftime("%Y-%m-%d"), "commit": commit, **row})
             print(json.dumps(rows[-1]), flush=True)
     results = pathlib.Path(args.results)
     existing = json.loads(results.read_text()) if results.exists() else {}
@@ -214,8 +215,8 @@ def _commit() -> str:
 
 
 HEADER = ("# Scale: pruning out of core, in the checkpoint's dtype\n\n"
-          "Written by `benchmarks/bench_scale.py` (see its docstring) and `benchmarks/profile_block.py` (the "
-          "per-phase profile); every number below was measured by them.\n")
+          "Written by `benchmarks/bench_scale.py` (the runs), `benchmarks/profile_block.py` (the per-phase profile) "
+          "and `benchmarks/bench_rounding.py` (the per-row selections); every number below was measured by them.\n")
 
 
 def _write_markdown(results: dict, path: pathlib.Path) -> None:
