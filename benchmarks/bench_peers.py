@@ -96,14 +96,9 @@ def _write_tiny_model(folder: pathlib.Path) -> str:
               "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
               "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
               "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
-    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
-    for b in range(layers):
-        p = f"model.layers.{b}."
-        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                       p + "self_attn.q_proj.weight": (heads * hd, d), p + "self_attn.k_proj.weight": (kv * hd, d),
-                       p + "self_attn.v_proj.weight": (kv * hd, d), p + "self_attn.o_proj.weight": (d, heads * hd),
-                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                       p + "mlp.down_proj.weight": (d, f)})
+    from bench_tunix import llama_shapes  # the same tiny LLaMA layout
+
+    shapes = llama_shapes(d, f, heads, kv, hd, layers, vocab)
     rng = np.random.default_rng(0)
     tensors = {n: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.2 * rng.standard_normal(s)).astype(np.float32)
                for n, s in shapes.items()}

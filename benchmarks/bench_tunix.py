@@ -61,6 +61,19 @@ def _key(name: str):
 
 # --- the weights ---------------------------------------------------------------------------------
 
+def llama_shapes(d: int, f: int, heads: int, kv: int, hd: int, layers: int, vocab: int) -> dict:
+    """``{tensor name: shape}`` of a Hugging Face LLaMA with tied embeddings (the tiny benchmark models)."""
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+    for b in range(layers):
+        p = f"model.layers.{b}."
+        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                       p + "self_attn.q_proj.weight": (heads * hd, d), p + "self_attn.k_proj.weight": (kv * hd, d),
+                       p + "self_attn.v_proj.weight": (kv * hd, d), p + "self_attn.o_proj.weight": (d, heads * hd),
+                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                       p + "mlp.down_proj.weight": (d, f)})
+    return shapes
+
+
 def _write_tiny_llama(folder: pathlib.Path) -> None:
     """A random 2-block LLaMA (tied embeddings, grouped-query attention) as a Hugging Face folder."""
     from safetensors.numpy import save_file
@@ -73,14 +86,7 @@ def _write_tiny_llama(folder: pathlib.Path) -> None:
               "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
               "bos_token_id": 1, "eos_token_id": 2}
     rng = np.random.default_rng(0)
-    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
-    for b in range(layers):
-        p = f"model.layers.{b}."
-        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                       p + "self_attn.q_proj.weight": (heads * hd, d), p + "self_attn.k_proj.weight": (kv * hd, d),
-                       p + "self_attn.v_proj.weight": (kv * hd, d), p + "self_attn.o_proj.weight": (d, heads * hd),
-                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                       p + "mlp.down_proj.weight": (d, f)})
+    shapes = llama_shapes(d, f, heads, kv, hd, layers, vocab)
     tensors = {n: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.2 * rng.standard_normal(s)).astype(np.float32)
                for n, s in shapes.items()}
     folder.mkdir(parents=True)
