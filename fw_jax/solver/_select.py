@@ -301,8 +301,8 @@ def top_count_units(keys: tuple[Array, ...], count: Array, method: str = "search
     among the entries still tied on the keys before it; entries strictly better are kept, those
     at the threshold go on to the next key, and the last key's ties go to the lower index. Each
     search is a few counting passes (:func:`smallest_mask_units`), so this streams where a
-    lexicographic sort moves and copies every key: about 10× faster on CPU and a few
-    ``(units, n)`` temporaries instead of the sort's.
+    lexicographic sort moves and copies every key: 5–20× faster on CPU at 7B shapes
+    (``benchmarks/bench_rounding.py``), with about the sort's temporary memory.
 
     Args:
       keys: same-shape arrays ``(units, ...)``, most important first, larger is better; booleans

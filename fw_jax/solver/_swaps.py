@@ -146,13 +146,11 @@ def _refine_units(weight, mask, frozen, gram, best_swap, max_swaps, refresh_ever
         error = error + jnp.where(accept, delta, 0)
         return step + 1, flat_mask.reshape(mask.shape), corr, error, accept, swaps + accept
 
-    corr = product
-    before = errors(mask, corr)
     init = (
         jnp.array(0, jnp.int32),
         mask,
-        corr,
-        before,
+        product,
+        errors(mask, product),
         jnp.ones((units,), bool),
         jnp.zeros((units,), jnp.int32),
     )
@@ -199,9 +197,9 @@ def _per_row(weight, gram, mask, frozen, best, max_swaps, refresh_every, product
         return _refine_units(*group[:3], gram, best, max_swaps, refresh_every, group[3])
 
     refined, swaps = lax.map(one, (split(weight), split(mask), split(frozen), split(product)))
-    rows = (weight[:, None], mask[:, None], product[:, None])  # the guard's product: one GEMM for the layer
-    refined, swaps, final = _guard(rows[0], gram, rows[1], rows[2], refined.reshape(d_out + pad, 1, d_in)[:d_out],
-                                   swaps.reshape(-1)[:d_out])
+    # the guard on the whole layer: its fresh product is one GEMM, not one per group
+    refined, swaps, final = _guard(weight[:, None], gram, mask[:, None], product[:, None],
+                                   refined.reshape(-1, 1, d_in)[:d_out], swaps.reshape(-1)[:d_out])
     return SwapResult(refined[:, 0], swaps, final[:, 0])
 
 
