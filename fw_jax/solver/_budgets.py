@@ -56,9 +56,12 @@ class Budget(abc.ABC):
         (``NM``) or per layer (``LayerBudget``). ``α`` fixes ``⌊α·per_unit⌋`` of them.
       pattern: ``(n, m)`` for an n:m structure (SparseGPT prunes such budgets group by group),
         else ``None``.
+      separable_rows: every unit lies inside one row, so rows can be solved apart (in chunks,
+        bounding the solve's memory; ``SolverOptions.row_chunk``).
     """
 
     pattern = None  # (n, m) for n:m budgets
+    separable_rows = False
 
     @property
     @abc.abstractmethod
@@ -151,6 +154,8 @@ class PerRow(_KeepK):
       >>> fw_jax.solve_layer(W, G, fw_jax.PerRow(W.shape[1] // 2))  # the same as passing the int
     """
 
+    separable_rows = True
+
     def _k_range(self, d_out, d_in):
         return d_in, "d_in", ": the number of weights kept per row must be at least 1 and at most the row length"
 
@@ -185,6 +190,7 @@ class NM(Budget):
 
     n: int
     m: int
+    separable_rows = True
 
     @classmethod
     def parse(cls, text: str) -> "NM":

@@ -10,7 +10,7 @@ one frozen, hashable object, which is part of the compiled solver's static confi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from fw_jax._checks import check_int
 from fw_jax.solver._frank_wolfe import PRECISIONS
@@ -18,6 +18,7 @@ from fw_jax.solver._steps import as_step_rule
 
 __all__ = ["SolverOptions", "LMO_METHODS"]
 
+CHUNK_WEIGHTS = 1 << 22  #: weights of a row chunk that ``row_chunk=None`` aims at (16 MiB in float32)
 LMO_METHODS = ("search", "bisect", "top_k")  #: threshold searches of the top-k oracle (same vertices)
 
 
@@ -56,6 +57,7 @@ class SolverOptions:
     refresh_every: int = 64
     precision: str = "default"
     history: Union[bool, int] = False
+    row_chunk: Optional[int] = None
 
     def __post_init__(self):
         for name, least in (("max_iter", 0), ("max_swaps", 0), ("refresh_every", 1)):
@@ -68,6 +70,8 @@ class SolverOptions:
             raise ValueError(f"SolverOptions.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.swaps, bool):
             raise ValueError(f"SolverOptions.swaps must be True or False, got {self.swaps!r}")
+        if self.row_chunk is not None:
+            object.__setattr__(self, "row_chunk", check_int("SolverOptions.row_chunk", self.row_chunk, 1))
         if not isinstance(self.history, bool):
             object.__setattr__(self, "history", check_int(
                 "SolverOptions.history (True, False or every how many iterations to round)", self.history, 1))
@@ -76,6 +80,19 @@ class SolverOptions:
     def round_every(self) -> int:
         """Every how many iterations the history records the rounded error (1 unless ``history`` is an int)."""
         return 1 if isinstance(self.history, bool) else self.history
+
+    def rows_per_chunk(self, d_out: int, d_in: int) -> int:
+        """Rows of a ``(d_out, d_in)`` layer solved at a time (``d_out``: whole), see ``row_chunk``."""
+        if self.history:
+            return d_out
+        wanted = self.row_chunk
+        if wanted is None:
+            if d_out * d_in <= 2 * CHUNK_WEIGHTS:
+                return d_out
+            wanted = max(1, CHUNK_WEIGHTS // d_in)
+        wanted = min(wanted, d_out)
+        rows = max(r for r in range(1, wanted + 1) if d_out % r == 0)
+        return rows if self.row_chunk is not None or 4 * rows >= wanted else d_out
 
     def replace(self, **changes) -> "SolverOptions":
         """A copy with ``changes`` (validated)."""

@@ -109,18 +109,32 @@ def _residual_product(weight, gram, mask):
     return (weight * (1 - mask.astype(weight.dtype))) @ gram
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolution:
+class _Rows(NamedTuple):
+    """What :func:`_solve_rows` finds for some rows of a layer (the whole layer, or a chunk of it)."""
+
+    mask: Array
+    warm: Array
+    fixed: Array
+    relaxed: Array
+    mask_rows: Array  #: per-row error of ``mask``
+    warm_rows: Array  #: per-row error of ``warm``
+    lower_bound: Array  #: summed over the units
+    gap: Array  #: summed over the units
+    relaxed_loss: Array  #: summed over the units
+    iterations: Array  #: the most any unit took
+    swaps: Array
+    converged: Array  #: every unit
+    history: Optional[FWHistory]
+
+
+def _solve_rows(weight, scores, gram, warm_mask, alpha, tol, gram_norm, config: _Config) -> _Rows:
+    """Steps 1-5 of the module docstring, and the lower bound, on ``weight``'s rows."""
     budget, options = config.budget, config.options
-    step_rule = as_step_rule(options.step_rule)
     dtype = weight.dtype
-    gram = (gram + gram.T) / 2
-    scores = saliency_scores(config.saliency, weight, gram)
     warm = budget.round((scores,)) if warm_mask is None else warm_mask
     # Fixed entries: the top ⌊α·k⌋ saliency entries inside the warm mask, per budget unit.
     fixed = budget.round((warm, scores), count=budget.fixed_count(alpha)) & warm
 
-    gram_norm = jnp.linalg.eigvalsh(gram)[-1] if getattr(step_rule, "needs_gram_norm", False) else jnp.ones((), dtype)
     round_keys = lambda relaxed: (fixed, relaxed, scores)  # noqa: E731
     round_units = None
     if options.history:
@@ -132,7 +146,7 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
         budget.units(warm.astype(dtype)),
         budget.units(fixed),
         lmo,
-        step_rule,
+        as_step_rule(options.step_rule),
         max_iter=options.max_iter,
         tol=tol,
         gram_norm=gram_norm,
@@ -169,42 +183,76 @@ def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolu
         full_polytope_bound(weight_units, budget.units(product), budget.units(mask.astype(dtype)), lmo),
         jnp.where(unit_has_fixed, 0, fw.lower_bound),
     ]
-    lower_bound = jnp.sum(functools.reduce(jnp.maximum, bounds))
+    return _Rows(mask=mask, warm=warm, fixed=fixed, relaxed=relaxed, mask_rows=mask_rows, warm_rows=warm_rows,
+                 lower_bound=jnp.sum(functools.reduce(jnp.maximum, bounds)), gap=jnp.sum(fw.gap),
+                 relaxed_loss=jnp.sum(fw.loss), iterations=jnp.max(fw.iterations), swaps=swaps,
+                 converged=jnp.all(fw.converged), history=fw.history)
+
+
+def _solve_in_chunks(weight, scores, gram, warm_mask, alpha, tol, gram_norm, config: _Config, rows: int) -> _Rows:
+    """:func:`_solve_rows` on chunks of ``rows`` rows in turn (one compiled body, ``lax.map``), so
+    that every temporary is a chunk's size; the results put back together as one layer's."""
+    d_out, d_in = weight.shape
+    chunked = lambda x: None if x is None else x.reshape(d_out // rows, rows, d_in)  # noqa: E731
+    parts = jax.lax.map(lambda c: _solve_rows(c[0], c[1], gram, c[2], alpha, tol, gram_norm, config),
+                        (chunked(weight), chunked(scores), chunked(warm_mask)))
+    whole = lambda x: x.reshape(d_out, *x.shape[2:])  # noqa: E731
+    return _Rows(mask=whole(parts.mask), warm=whole(parts.warm), fixed=whole(parts.fixed),
+                 relaxed=whole(parts.relaxed), mask_rows=whole(parts.mask_rows), warm_rows=whole(parts.warm_rows),
+                 lower_bound=jnp.sum(parts.lower_bound), gap=jnp.sum(parts.gap),
+                 relaxed_loss=jnp.sum(parts.relaxed_loss), iterations=jnp.max(parts.iterations),
+                 swaps=jnp.sum(parts.swaps), converged=jnp.all(parts.converged), history=None)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _solve(weight, gram, warm_mask, alpha, tol, *, config: _Config) -> LayerSolution:
+    budget, options = config.budget, config.options
+    step_rule = as_step_rule(options.step_rule)
+    dtype = weight.dtype
+    gram = (gram + gram.T) / 2
+    scores = saliency_scores(config.saliency, weight, gram)  # of the whole layer (RIA's sums run over all rows)
+    gram_norm = jnp.linalg.eigvalsh(gram)[-1] if getattr(step_rule, "needs_gram_norm", False) else jnp.ones((), dtype)
+    rows = options.rows_per_chunk(*weight.shape) if budget.separable_rows else weight.shape[0]
+    if rows < weight.shape[0]:
+        found = _solve_in_chunks(weight, scores, gram, warm_mask, alpha, tol, gram_norm, config, rows)
+    else:
+        found = _solve_rows(weight, scores, gram, warm_mask, alpha, tol, gram_norm, config)
+
+    lower_bound = found.lower_bound
     indefinite = jnp.zeros((), bool)
     if config.check_psd:  # a traced G was not checked by check_layer_inputs: never claim a bound on it
         smallest, largest = negative_curvature(gram)
         indefinite = smallest < -PSD_TOLERANCE * jnp.maximum(largest, 0)
         lower_bound = jnp.where(indefinite, -jnp.inf, lower_bound)
 
-    loss = jnp.sum(mask_rows)
-    warm_loss = jnp.sum(warm_rows)
+    loss = jnp.sum(found.mask_rows)
+    warm_loss = jnp.sum(found.warm_rows)
     # (an indefinite G's "bound" is -inf by design, not a non-finite failure)
-    finite = jnp.isfinite(loss) & (jnp.isfinite(lower_bound) | indefinite) & jnp.all(jnp.isfinite(relaxed))
+    finite = jnp.isfinite(loss) & (jnp.isfinite(lower_bound) | indefinite) & jnp.all(jnp.isfinite(found.relaxed))
     status = jnp.where(
         indefinite,
         Status.INDEFINITE,
         jnp.where(
             ~finite,
             Status.NONFINITE,
-            jnp.where(jnp.all(fw.converged), Status.CONVERGED, Status.MAX_ITERATIONS),
+            jnp.where(found.converged, Status.CONVERGED, Status.MAX_ITERATIONS),
         ),
     ).astype(jnp.int32)
-    mask = jnp.where(finite, mask, warm)
     proved = finite & ~indefinite  # elsewhere no bound holds: -inf, and NaN gap and certificate
     return LayerSolution(
-        mask=mask,
+        mask=jnp.where(finite, found.mask, found.warm),
         loss=jnp.where(finite, loss, warm_loss),
         warm_loss=warm_loss,
         lower_bound=jnp.where(proved, jnp.minimum(lower_bound, loss), -jnp.inf),
-        gap=jnp.where(proved, jnp.sum(fw.gap), jnp.nan),
-        relaxed_loss=jnp.sum(fw.loss),
-        relaxed_mask=relaxed,
-        fixed=fixed,
-        row_loss=jnp.where(finite, mask_rows, warm_rows),
-        iterations=jnp.max(fw.iterations),
-        swaps=swaps,
+        gap=jnp.where(proved, found.gap, jnp.nan),
+        relaxed_loss=found.relaxed_loss,
+        relaxed_mask=found.relaxed,
+        fixed=found.fixed,
+        row_loss=jnp.where(finite, found.mask_rows, found.warm_rows),
+        iterations=found.iterations,
+        swaps=found.swaps,
         status=status,
-        history=fw.history,
+        history=found.history,
     )
 
 
