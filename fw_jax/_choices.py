@@ -26,7 +26,7 @@ METHODS = {
 }
 WARM_STARTS = ("wanda", "ria", "magnitude")  #: ``fw_jax.pipeline.methods.sparsefw.WARM_STARTS``
 STEP_RULES = ("exact", "open_loop", "short")  #: the names of ``fw_jax.solver.STEP_RULES``
-RECOVER_LOSSES = ("block", "token", "normed")  #: ``fw_jax.pipeline.recover.LOSSES``
+RECOVER_LOSSES = ("block", "token")  #: ``fw_jax.pipeline.recover.LOSSES``
 ALLOCATIONS = ("owl", "error")  #: ``fw_jax.pipeline.allocation.ALLOCATIONS``
 BUILTIN_TASKS = ("pydoc-next-sentence", "persuasion-next-sentence", "pydoc-cloze",
                  "persuasion-cloze")  #: ``fw_jax.pipeline.tasks.BUILTIN_TASKS``

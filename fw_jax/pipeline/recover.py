@@ -37,7 +37,7 @@ from ._training import check_fields, linear_weights_filter, masked_update, nonze
 
 __all__ = ["LOSSES", "RecoverSettings", "recover_block"]
 
-LOSSES = ("block", "token", "normed")
+LOSSES = ("block", "token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,12 +147,6 @@ def distance_to_dense(weights, dense) -> jax.Array:
     return sum(parts) / len(parts)
 
 
-def rms_normed(x: jax.Array) -> jax.Array:
-    """Each position (the last axis) divided by its root mean square: what a pre-norm block's
-    RMSNorm passes on before its weight (``"normed"`` loss)."""
-    return x * jax.lax.rsqrt(jnp.mean(x**2, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).tiny)
-
-
 def _forward(graphdef, weights, rest, h, context):
     return nnx.merge(graphdef, weights, rest).forward(h, context)[0]
 
@@ -166,12 +160,9 @@ def _compiled(graphdef, settings: RecoverSettings):
     tiny = jnp.finfo(jnp.float32).tiny
 
     def parts(out, target):  # per window: the loss's numerator and denominator
-        if settings.loss == "normed":  # each position as the next RMSNorm sees it, before its weight
-            out, target = rms_normed(out), rms_normed(target)
         err, energy = jnp.sum((out - target) ** 2, axis=-1), jnp.sum(target**2, axis=-1)  # (windows, positions)
         if settings.loss == "block":
             return err.sum(1), energy.sum(1)
-        # token, normed: every position weighs alike
         return (err / jnp.maximum(energy, tiny)).sum(1), jnp.full(err.shape[:1], err.shape[1], err.dtype)
 
     def relative_loss(weights, rest, h, target, context):
