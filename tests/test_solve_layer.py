@@ -189,6 +189,50 @@ def test_works_under_jit_and_vmap():
         np.testing.assert_allclose(float(batched.lower_bound[i]), float(single.lower_bound), rtol=1e-8)
 
 
+@pytest.mark.parametrize("budget", [fw_jax.PerRow(6), fw_jax.NM(2, 4)], ids=str)
+@pytest.mark.parametrize("warm", ["wanda", "ria", "given"])
+def test_rows_in_chunks_give_the_whole_layer_s_solution(budget, warm):
+    """Per-row and n:m budgets solved 4 rows at a time (``row_chunk``): the same mask, errors,
+    bound and counts as the layer whole, in float64 (RIA's scores need every row: computed whole),
+    also under ``jit`` and ``vmap``."""
+    rng = np.random.default_rng(11)
+    weight, gram = correlated_problem(rng, 12, 16)
+    if warm == "given":
+        warm = np.asarray(fw_jax.solve_layer(weight, gram, budget, options=SolverOptions(max_iter=0, swaps=False)).mask)
+    solve = lambda w, g, chunk: fw_jax.solve_layer(  # noqa: E731
+        w, g, budget, warm_start=warm, alpha=0.5, options=SolverOptions(max_iter=30, row_chunk=chunk))
+    assert SolverOptions(row_chunk=4).rows_per_chunk(12, 16) == 4
+    whole, chunked = solve(weight, gram, None), solve(weight, gram, 4)
+    np.testing.assert_array_equal(np.asarray(chunked.mask), np.asarray(whole.mask))
+    np.testing.assert_array_equal(np.asarray(chunked.fixed), np.asarray(whole.fixed))
+    for field in ("loss", "warm_loss", "lower_bound", "gap", "relaxed_loss", "row_loss", "relaxed_mask"):
+        np.testing.assert_allclose(np.asarray(getattr(chunked, field)), np.asarray(getattr(whole, field)),
+                                   rtol=1e-9, atol=1e-12, err_msg=field)
+    assert int(chunked.swaps) == int(whole.swaps) and int(chunked.iterations) == int(whole.iterations)
+    assert chunked.status_name == whole.status_name
+    batched = jax.jit(jax.vmap(lambda w, g: solve(w, g, 4)))(jnp.stack([weight, weight]), jnp.stack([gram, gram]))
+    np.testing.assert_array_equal(np.asarray(batched.mask[1]), np.asarray(whole.mask))
+
+
+def test_how_rows_are_chunked():
+    """The default chunk is the largest divisor of d_out within 2²² weights, for layers over twice
+    that; a layer budget, a history, or no divisor near enough solve the layer whole."""
+    auto = SolverOptions()
+    assert auto.rows_per_chunk(4096, 11008) == 256 and auto.rows_per_chunk(11008, 4096) == 688
+    assert auto.rows_per_chunk(4096, 4096) == 1024 and auto.rows_per_chunk(2048, 2048) == 2048
+    assert auto.rows_per_chunk(4099, 4096) == 4099  # prime: a chunk of 1 row is too far from 1024
+    assert SolverOptions(history=5).rows_per_chunk(4096, 11008) == 4096
+    assert SolverOptions(row_chunk=100).rows_per_chunk(64, 48) == 64
+    assert SolverOptions(row_chunk=10).rows_per_chunk(64, 48) == 8
+    assert not fw_jax.LayerBudget(4).separable_rows and fw_jax.PerRow(4).separable_rows
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="SolverOptions.row_chunk"):
+            SolverOptions(row_chunk=bad)
+    weight, gram = correlated_problem(np.random.default_rng(12), 8, 12)
+    layer = fw_jax.solve_layer(weight, gram, fw_jax.LayerBudget(40), options=SolverOptions(row_chunk=2))
+    assert int(np.asarray(layer.mask).sum()) == 40
+
+
 def test_float32_bfloat16_and_float64_agree():
     rng = np.random.default_rng(6)
     weight, gram = correlated_problem(rng, 8, 16)
