@@ -619,12 +619,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fw_jax.models._errors import CheckpointNote
     from fw_jax.pipeline.data import CalibrationWarning
+    from fw_jax.pipeline.recover import RecoveryWarning
 
     with warnings.catch_warnings():
         plain = warnings.showwarning
 
         def show(message, category, *rest, **kw):  # ours on one line, to stderr
-            if issubclass(category, CalibrationWarning):
+            if issubclass(category, (CalibrationWarning, RecoveryWarning)):
                 print(f"fw-jax: warning: {message}", file=sys.stderr, flush=True)
             elif issubclass(category, CheckpointNote):
                 print(f"fw-jax: note: {message}", file=sys.stderr, flush=True)
@@ -632,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                 plain(message, category, *rest, **kw)
 
         warnings.simplefilter("always", CalibrationWarning)
+        warnings.simplefilter("always", RecoveryWarning)
         warnings.simplefilter("always", CheckpointNote)
         warnings.showwarning = show
         return _run(args)

@@ -287,3 +287,21 @@ def test_the_pipeline_pulls_toward_the_checkpoints_own_weights(tiny_folder, monk
     prune_model(loaded, tokens, PruneSettings(method="wanda", reconstruct=True, recover=RecoverSettings(
         steps=4, batch_size=2, dense_pull=1.0)), progress=False)
     assert seen == list(range(models.num_blocks(loaded.model)))
+
+
+def test_recovery_warns_on_a_family_it_is_known_to_harm(tmp_path, tiny_folder, recwarn):  # noqa: F811
+    """Gemma 3 (``Family.recover_warning``): a RecoveryWarning naming the model and the measured
+    harm. A LLaMA-family model gets none."""
+    import warnings
+
+    from fw_jax.pipeline.recover import RecoveryWarning
+    from models_fixtures import random_torch_model, tiny_config
+
+    folder = tmp_path / "gemma"
+    random_torch_model(tiny_config("gemma3"), seed=2).save_pretrained(folder, safe_serialization=True)
+    settings = PruneSettings(method="wanda", recover=RecoverSettings(steps=2, batch_size=2, eval_every=1))
+    with pytest.warns(RecoveryWarning, match=r"--recover on .*gemma.*results/recover_gemma3\.md"):
+        prune_model(models.load_model(str(folder)), calib_tokens(n=4), settings, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecoveryWarning)
+        prune_model(models.load_model(tiny_folder), calib_tokens(n=4), settings, progress=False)

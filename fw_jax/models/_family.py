@@ -31,6 +31,8 @@ class Family:
         derives from its config (RoPE frequencies, GPT-2's causal mask), which ``transformers``
         ignores when loading too. They are not read, and are written back unchanged.
       embedding: our name of the token embedding (what a tied head computes with).
+      recover_warning: why ``--recover`` is known to harm this family (``""``: not known to); the
+        pipeline warns with it when recovery is asked for.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Family:
     optional_prefix: str = ""
     buffers: tuple[str, ...] = ("rotary_emb.inv_freq",)
     embedding: str = "model.embed_tokens.weight"
+    recover_warning: str = ""
 
     @property
     def model_types(self) -> tuple[str, ...]:

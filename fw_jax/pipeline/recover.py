@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Optional
 
 import jax
@@ -35,9 +36,13 @@ from flax import nnx
 from ._training import check_fields, linear_weights_filter, masked_update, nonzero_masks, train_masked
 
 
-__all__ = ["LOSSES", "RecoverSettings", "recover_block"]
+__all__ = ["LOSSES", "RecoverSettings", "RecoveryWarning", "recover_block"]
 
 LOSSES = ("block", "token")
+
+
+class RecoveryWarning(UserWarning):
+    """Recovery was asked for on a model family it is known to harm (``Family.recover_warning``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +298,11 @@ class Recovery:
             raise ValueError("recover trains a block of a model fw_jax loaded (fw_jax.models.load_model); "
                              f"{blocks.source} is not one")
         self.blocks, self.settings, self.dense = blocks, settings, None
+        from fw_jax.models import FAMILIES
+
+        family = FAMILIES.get(blocks.loaded.family)
+        if family is not None and family.recover_warning:
+            warnings.warn(f"--recover on {blocks.source}: {family.recover_warning}", RecoveryWarning, stacklevel=2)
 
     def start(self, hidden) -> None:
         """The dense model's block-0 inputs: the pruned model's, before anything is pruned."""
