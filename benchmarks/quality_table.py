@@ -70,6 +70,8 @@ METHODS = {
                                                          recover=RecoverSettings()),
     "sparsefw α=0.9 ρ=0.5 + reconstruct + recover (token loss)": dict(
         method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True, recover=RecoverSettings(loss="token")),
+    "sparsefw α=0.9 ρ=0.5 + reconstruct + recover (lr 3e-4)": dict(  # Gemma: results/recover_gemma3.md
+        method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True, recover=RecoverSettings(learning_rate=3e-4)),
     "sparsefw α=0.9 ρ=0.5 + reconstruct + recover (100 steps)": dict(
         method="sparsefw", alpha=0.9, shrinkage=0.5, reconstruct=True, recover=RecoverSettings(steps=100)),
     "sparsefw α=0.9 ρ=0.75 + reconstruct + recover": dict(method="sparsefw", alpha=0.9, shrinkage=0.75, reconstruct=True,
