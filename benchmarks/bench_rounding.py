@@ -37,8 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_scale import with_section  # noqa: E402
-from fw_jax.pipeline import atomic_write  # noqa: E402
+from bench_scale import save_section  # noqa: E402
 from fw_jax.solver._select import top_count_lexsort, top_count_units  # noqa: E402
 
 SHAPES = {"7b": {"q_proj, k_proj, v_proj, o_proj": (4096, 4096), "gate_proj, up_proj": (11008, 4096),
@@ -153,14 +152,9 @@ def main(argv=None) -> int:
     result.update(command=shlex.join(["python", "benchmarks/bench_rounding.py", *argv]), date=time.strftime("%Y-%m-%d"),
                   machine=f"{platform.machine()}, {os.cpu_count()} cores", commit=commit, jax=jax.__version__,
                   repeats=args.repeats, load_average=os.getloadavg()[1])
-    existing = json.loads(results.read_text()) if results.exists() else {}
-    existing[KEYS[shape]] = result
-    results.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(results, json.dumps(existing, indent=1))
-    markdown = results.with_suffix(".md")
-    text = markdown.read_text() if markdown.exists() else ""
-    section = render(result, shape, existing.get(PROFILE_KEYS[shape]))
-    atomic_write(markdown, with_section(text, TITLES[shape], section))
+    profile = json.loads(results.read_text()).get(PROFILE_KEYS[shape]) if results.exists() else None
+    section = render(result, shape, profile)
+    save_section(results, KEYS[shape], result, TITLES[shape], section)
     print(section)
     return 0 if all(r["same_selection"] for r in result["rows"]) else 1
 

@@ -242,6 +242,20 @@ def _write_markdown(results: dict, path: pathlib.Path) -> None:
     path.write_text(text)
 
 
+def save_section(results: pathlib.Path, key: str, result: dict, title: str, section: str) -> None:
+    """``result`` under ``key`` of the JSON ``results`` (its other keys kept), and ``section`` under
+    ``title`` of the markdown beside it (its other sections kept)."""
+    from fw_jax.pipeline import atomic_write
+
+    existing = json.loads(results.read_text()) if results.exists() else {}
+    existing[key] = result
+    results.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(results, json.dumps(existing, indent=1))
+    markdown = results.with_suffix(".md")
+    text = markdown.read_text() if markdown.exists() else ""
+    atomic_write(markdown, with_section(text, title, section))
+
+
 def with_section(text: str, title: str, section: str) -> str:
     """``text`` with the section headed ``title`` replaced by ``section`` (appended if absent)."""
     lines = text.split("\n")

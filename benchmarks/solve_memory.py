@@ -35,9 +35,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_rounding import LAYERS_PER_BLOCK, SHAPES  # noqa: E402
-from bench_scale import with_section  # noqa: E402
+from bench_scale import save_section  # noqa: E402
 from fw_jax import PerRow, SolverOptions  # noqa: E402
-from fw_jax.pipeline import atomic_write  # noqa: E402
 from fw_jax.solver._solve import _Config, _solve  # noqa: E402
 
 KEYS = {"7b": "solve_memory", "tiny": "solve_memory_tiny"}
@@ -121,14 +120,8 @@ def main(argv=None) -> int:
     result.update(command=shlex.join(["python", "benchmarks/solve_memory.py", *argv]), date=time.strftime("%Y-%m-%d"),
                   machine=f"{platform.machine()}, {os.cpu_count()} cores", commit=commit, jax=jax.__version__,
                   max_iter=args.max_iter, load_average=os.getloadavg()[1])
-    existing = json.loads(results.read_text()) if results.exists() else {}
-    existing[KEYS[shape]] = result
-    results.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(results, json.dumps(existing, indent=1))
-    markdown = results.with_suffix(".md")
-    text = markdown.read_text() if markdown.exists() else ""
     section = render(result, shape)
-    atomic_write(markdown, with_section(text, TITLES[shape], section))
+    save_section(results, KEYS[shape], result, TITLES[shape], section)
     print(section)
     return 0
 
