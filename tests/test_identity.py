@@ -18,12 +18,12 @@ from fw_jax.pipeline import SparseFW
 #: The fields each record version holds. A setting added, removed or renamed changes every run
 #: record: bump identity.RUN_VERSION (earlier checkpoints are then refused) and pin it here.
 PINNED = {
-    4: {
+    5: {
         "PruneSettings": ("method", "sparsity", "pattern", "reconstruct", "recover", "allocation", "shrinkage"),
         "Magnitude": (), "Wanda": (), "RIA": (), "SparseGPT": (), "SparseFWPublished": (),
         "SparseFW": ("warm_start", "alpha", "tol", "options", "certify_iter"),
         "SolverOptions": ("max_iter", "step_rule", "swaps", "max_swaps", "lmo_method", "refresh_every", "precision",
-                          "history"),
+                          "history", "row_chunk"),
         "RecoverSettings": ("steps", "learning_rate", "weight_decay", "batch_size", "holdout", "eval_every",
                             "patience", "seed", "loss", "proximal", "dense_pull"),
         "Allocation": ("method", "lam", "outlier"),
@@ -45,16 +45,16 @@ OTHER = {
     "SparseFW.options": SolverOptions(max_iter=7), "SparseFW.certify_iter": 5,
     "SolverOptions.max_iter": 7, "SolverOptions.step_rule": "open_loop", "SolverOptions.swaps": False,
     "SolverOptions.max_swaps": 9, "SolverOptions.lmo_method": "bisect", "SolverOptions.refresh_every": 3,
-    "SolverOptions.precision": "highest", "SolverOptions.history": True,
+    "SolverOptions.precision": "highest", "SolverOptions.history": True, "SolverOptions.row_chunk": 64,
     "RecoverSettings.steps": 7, "RecoverSettings.learning_rate": 1e-3, "RecoverSettings.weight_decay": 0.1,
     "RecoverSettings.batch_size": 3, "RecoverSettings.holdout": 0.25, "RecoverSettings.eval_every": 3,
     "RecoverSettings.patience": 5, "RecoverSettings.seed": 1, "RecoverSettings.loss": "token",
     "RecoverSettings.proximal": 0.5, "RecoverSettings.dense_pull": 0.5,
     "Allocation.method": "error", "Allocation.lam": 0.05, "Allocation.outlier": 3.0,
-    "run.version": 5, "run.source": "/elsewhere/model", "run.calibration": {"source": "other.txt", "seed": 0},
+    "run.version": 6, "run.source": "/elsewhere/model", "run.calibration": {"source": "other.txt", "seed": 0},
     "run.tokens_sha256": TOKENS[::-1], "run.settings": PruneSettings(sparsity=0.6),
     "run.dtype": "bfloat16",
-    "request.version": 5, "request.model": "/elsewhere/model", "request.settings": PruneSettings(sparsity=0.6),
+    "request.version": 6, "request.model": "/elsewhere/model", "request.settings": PruneSettings(sparsity=0.6),
     "request.calib": "other.txt", "request.text_sha256": ["other text"], "request.nsamples": 64,
     "request.seqlen": 512, "request.seed": 1, "request.dtype": "bfloat16", "request.format": "flax",
     "request.hidden_dtype": "bfloat16",

@@ -35,8 +35,9 @@ __all__ = ["RUN_VERSION", "ResumeMismatch", "calibration_record", "check_same_ru
 #: block's shard of the output in the output dtype (``block_0003.safetensors``), recorded as
 #: ``checkpoint_format``; 3: every setting recorded, at its default too, and ``version`` in both
 #: records; 4: methods are objects that own their settings, and a run records only its method's
-#: (``sparsefw``'s five, none for the others). A run record of another version is never resumed.
-RUN_VERSION = 4
+#: (``sparsefw``'s five, none for the others); 5: ``SolverOptions.row_chunk`` (large layers solved in
+#: row chunks by default). A run record of another version is never resumed.
+RUN_VERSION = 5
 
 
 class ResumeMismatch(ValueError):
