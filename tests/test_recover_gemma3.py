@@ -31,7 +31,14 @@ def test_the_three_readings_of_an_error():
     assert channel > 10 * block  # the massive channel hides the others' error from the block loss
 
 
-def test_the_benchmark_runs_on_a_tiny_model(tiny_folder, tmp_path):  # noqa: F811
+def test_the_benchmark_runs_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):  # noqa: F811
+    """On texts of its own (a clone need not sit beside ``../shared/corpora``)."""
+    corpora = tmp_path / "corpora"
+    corpora.mkdir()
+    (corpora / "austen_emma.txt").write_text("Emma Woodhouse, handsome, clever, and rich. " * 60, encoding="utf-8")
+    (corpora / "austen_persuasion.txt").write_text("Sir Walter Elliot, of Kellynch Hall. " * 60, encoding="utf-8")
+    monkeypatch.setattr(recover_gemma3, "CORPORA", corpora)
+    monkeypatch.setattr(recover_gemma3, "calibration_books", lambda: [str(corpora / "austen_emma.txt")])
     loaded = models.load_model(tiny_folder)
     prune_model(loaded, calib_tokens(n=4), PruneSettings(method="wanda"), progress=False)
     pruned = tmp_path / "pruned"
