@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,7 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_scale import save_section  # noqa: E402
+from bench_scale import head_commit, run_fields, save_section  # noqa: E402
 from fw_jax.solver._select import top_count_lexsort, top_count_units  # noqa: E402
 
 SHAPES = {"7b": {"q_proj, k_proj, v_proj, o_proj": (4096, 4096), "gate_proj, up_proj": (11008, 4096),
@@ -145,13 +141,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     shape = "tiny" if args.tiny else "7b"
     results = pathlib.Path(args.results)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = head_commit()
     result = run(shape, args.repeats)
     argv = list(sys.argv[1:] if argv is None else argv)
-    result.update(command=shlex.join(["python", "benchmarks/bench_rounding.py", *argv]), date=time.strftime("%Y-%m-%d"),
-                  machine=f"{platform.machine()}, {os.cpu_count()} cores", commit=commit, jax=jax.__version__,
-                  repeats=args.repeats, load_average=os.getloadavg()[1])
+    result.update(run_fields("bench_rounding.py", argv, commit), repeats=args.repeats)
     profile = json.loads(results.read_text()).get(PROFILE_KEYS[shape]) if results.exists() else None
     section = render(result, shape, profile)
     save_section(results, KEYS[shape], result, TITLES[shape], section)

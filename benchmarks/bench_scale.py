@@ -19,6 +19,7 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -240,6 +241,21 @@ def _write_markdown(results: dict, path: pathlib.Path) -> None:
                          f"{r['output_gb']:.2f} | {', '.join(r['output_dtypes'])} |")
         text = with_section(text, f"## {title}", "\n".join(lines) + "\n")
     path.write_text(text)
+
+
+def head_commit() -> str:
+    """The checkout's commit, short (read before a benchmark runs: the code it measures)."""
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def run_fields(script: str, argv: list[str], commit: str) -> dict:
+    """What every section names its run by: command, date, machine, commit, jax, load average."""
+    import jax
+
+    return dict(command=shlex.join(["python", f"benchmarks/{script}", *argv]), date=time.strftime("%Y-%m-%d"),
+                machine=f"{platform.machine()}, {os.cpu_count()} cores", commit=commit, jax=jax.__version__,
+                load_average=os.getloadavg()[1])
 
 
 def save_section(results: pathlib.Path, key: str, result: dict, title: str, section: str) -> None:

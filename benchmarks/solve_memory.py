@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
-import shlex
-import subprocess
 import sys
 import time
 
@@ -35,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_rounding import LAYERS_PER_BLOCK, SHAPES  # noqa: E402
-from bench_scale import save_section  # noqa: E402
+from bench_scale import head_commit, run_fields, save_section  # noqa: E402
 from fw_jax import PerRow, SolverOptions  # noqa: E402
 from fw_jax.solver._solve import _Config, _solve  # noqa: E402
 
@@ -113,13 +109,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     shape = "tiny" if args.tiny else "7b"
     results = pathlib.Path(args.results)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = head_commit()
     result = run(shape, args.max_iter, not args.no_run)
     argv = list(sys.argv[1:] if argv is None else argv)
-    result.update(command=shlex.join(["python", "benchmarks/solve_memory.py", *argv]), date=time.strftime("%Y-%m-%d"),
-                  machine=f"{platform.machine()}, {os.cpu_count()} cores", commit=commit, jax=jax.__version__,
-                  max_iter=args.max_iter, load_average=os.getloadavg()[1])
+    result.update(run_fields("solve_memory.py", argv, commit), max_iter=args.max_iter)
     section = render(result, shape)
     save_section(results, KEYS[shape], result, TITLES[shape], section)
     print(section)
