@@ -43,6 +43,13 @@ class SolverOptions:
         rounds every iteration (a rounding and a product more each); an int ``N ≥ 1`` records
         the rounded error every ``N``-th iteration only (NaN between), a cheaper history for
         large layers.
+      row_chunk: rows solved at a time where the budget's units lie inside rows (per-row, n:m;
+        ``Budget.separable_rows``): every temporary of the solve is then a chunk's size, not the
+        layer's (one compiled body run over the chunks in turn; the same masks). ``None`` (the
+        default): the largest divisor of ``d_out`` whose chunk holds at most 2²² weights, for
+        layers of more than twice that, else the layer whole (also when no divisor comes within a
+        fourth of it); an int asks for chunks of at most that many rows (its largest divisor of
+        ``d_out``). A history solves the layer whole. Measured in ``results/scale.md``.
 
     Example:
       >>> opts = fw_jax.SolverOptions(max_iter=300, step_rule="open_loop")
