@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import platform
@@ -73,13 +74,12 @@ def errors(out, target) -> dict:
             "per position, RMS-normalised": relative(_unit(out), _unit(target))}
 
 
-def next_token_loss(model, tokens) -> float:
-    """Mean next-token loss over ``tokens``' windows (one window at a time: a 262k vocabulary)."""
-    losses = []
-    for window in np.asarray(tokens):
-        logits = model(jnp.asarray(window[None]))[0, :-1]
-        losses.append(float(jnp.mean(jax.nn.logsumexp(logits, -1) - logits[jnp.arange(len(window) - 1), window[1:]])))
-    return float(np.mean(losses))
+def next_token_loss(model, held: np.ndarray, bos) -> float:
+    """Mean next-token loss over the windows ``held`` (BOS first where ``bos`` is not ``None``), by
+    :func:`fw_jax.models.perplexity` one window at a time (a 262k vocabulary)."""
+    text = held[:, 1:] if bos is not None else held
+    return math.log(models.perplexity(model, text.reshape(-1), held.shape[1], bos_per_window=bos is not None,
+                                      bos_id=bos, batch_size=1))
 
 
 def norm_weights(model, b: int) -> dict:
@@ -103,7 +103,7 @@ def run(dense, pruned_path: str, b: int, lrs: list[float], nsamples: int, seqlen
                (("calibration", calib), ("Persuasion", held))}
     top = jnp.sort(jnp.sum(targets["calibration"] ** 2, axis=(0, 1)))
     result = {"block": b, "top4_energy_share": float(top[-4:].sum() / top.sum()),
-              "norm_weights": norm_weights(dense.model, b), "dense_loss": next_token_loss(dense.model, held), "rows": []}
+              "norm_weights": norm_weights(dense.model, b), "dense_loss": next_token_loss(dense.model, held, bos), "rows": []}
     for lr in lrs:
         pruned = models.load_model(pruned_path, dtype="auto")
         inputs = {name: stream_to(pruned.model, t, b) for name, t in (("calibration", calib), ("Persuasion", held))}
@@ -115,7 +115,7 @@ def run(dense, pruned_path: str, b: int, lrs: list[float], nsamples: int, seqlen
                 row["record"] = {k: v for k, v in record.items() if k != "seconds"}
             for name in inputs:
                 row[f"{name} {when}"] = errors(models.run_block(pruned.model, b, inputs[name]), targets[name])
-            row[f"next-token loss {when}"] = next_token_loss(pruned.model, held)
+            row[f"next-token loss {when}"] = next_token_loss(pruned.model, held, bos)
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
     return result
