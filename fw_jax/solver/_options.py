@@ -45,11 +45,12 @@ class SolverOptions:
         large layers.
       row_chunk: rows solved at a time where the budget's units lie inside rows (per-row, n:m;
         ``Budget.separable_rows``): every temporary of the solve is then a chunk's size, not the
-        layer's (one compiled body run over the chunks in turn; the same masks). ``None`` (the
-        default): the largest divisor of ``d_out`` whose chunk holds at most 2²² weights, for
-        layers of more than twice that, else the layer whole (also when no divisor comes within a
-        fourth of it); an int asks for chunks of at most that many rows (its largest divisor of
-        ``d_out``). A history solves the layer whole. Measured in ``results/scale.md``.
+        layer's (one compiled body run over the chunks in turn; each row solved as in the whole
+        layer, up to float rounding). ``None`` (the default): the largest divisor of ``d_out``
+        whose chunk holds at most 2²² weights, for layers of more than twice that, else the layer
+        whole (also when no divisor comes within a fourth of it); an int asks for chunks of at
+        most that many rows (its largest divisor of ``d_out``). A history solves the layer whole.
+        Measured in ``results/scale.md``.
 
     Example:
       >>> opts = fw_jax.SolverOptions(max_iter=300, step_rule="open_loop")
